@@ -1,0 +1,5 @@
+import sys
+
+from fastgpt2.cli import main
+
+sys.exit(main())

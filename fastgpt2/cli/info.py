@@ -1,0 +1,33 @@
+"""`fastgpt2 info`: config, parameter count and weight bytes of a model; presets need no weights at all."""
+from __future__ import annotations
+
+import torch
+
+from fastgpt2.engine.config import GPT2Config, canonical_preset
+
+
+def add_parser(sub):
+    p = sub.add_parser("info", help="print a model's config, parameter count and bytes of weights")
+    p.add_argument("--model", default="124M", help="preset (124M, gpt2-medium, ...) or a Hugging Face directory")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if canonical_preset(args.model) is not None:
+        config, source = GPT2Config.from_name(args.model), f"preset {canonical_preset(args.model)} (no weights read)"
+    else:
+        from fastgpt2.engine.weights import read_config, resolve_checkpoint_dir
+
+        directory = resolve_checkpoint_dir(args.model)
+        config, source = read_config(directory), str(directory)
+    n_params = config.num_parameters()
+    bytes_per = torch.finfo(getattr(torch, args.dtype)).bits // 8
+    print(f"model:        {args.model}  [{source}]")
+    for field in ("n_layer", "n_head", "n_embd", "head_dim", "n_positions", "vocab_size", "layer_norm_epsilon"):
+        print(f"{field + ':':<14}{getattr(config, field)}")
+    print(f"parameters:   {n_params:,} (output head tied to wte)")
+    print(f"weights:      {n_params * bytes_per:,} bytes in {args.dtype} ({n_params * bytes_per / 2**20:,.1f} MiB)")
+    kv_per_token = 2 * config.n_layer * config.n_embd * bytes_per
+    print(f"KV cache:     {kv_per_token:,} bytes per token in {args.dtype}")
+    return 0

@@ -1,0 +1,1 @@
+"""The serving engine: model, weights, tokenizer, KV cache, scheduler, sampler and the LLM API."""

@@ -1,0 +1,59 @@
+"""The attention seam: dense causal attention (reference and training path) and paged attention over the KV cache.
+
+The model calls `attention(q, k, v, kv_cache, metadata)`; with metadata=None it runs dense causal attention, otherwise
+it writes the new K/V into the block pool and attends through block tables (Triton on CUDA, torch on CPU).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fastgpt2.kernels import dispatch
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Per-step description of a packed batch: decode tokens first (one per sequence), then prefill chunks."""
+
+    slot_mapping: torch.Tensor  # (N,) int64 cache slot of every token (block_id * block_size + offset)
+    num_decode_tokens: int  # the first num_decode_tokens tokens are single-token decodes
+    decode_block_tables: torch.Tensor  # (num_decodes, max_blocks) int32
+    decode_seq_lens: torch.Tensor  # (num_decodes,) int32, context length including the new token
+    prefill_cu_seqlens_q: torch.Tensor  # (num_prefills + 1,) int32 cumulative query counts of the prefill chunks
+    prefill_seq_lens: torch.Tensor  # (num_prefills,) int32, cached prefix + chunk length
+    prefill_block_tables: torch.Tensor  # (num_prefills, max_blocks) int32
+    num_prefills: int
+    scale: float  # 1 / sqrt(head_dim)
+
+
+def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q, k, v: (B, nh, T, hs) -> (B, nh, T, hs); scaled by 1/sqrt(hs)."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
+
+
+def paged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
+) -> torch.Tensor:
+    """q, k, v: (N, nh, hs) packed tokens; kv_cache: (k_cache, v_cache) each (num_blocks, block_size, nh, hs).
+
+    Writes k, v into the cache at meta.slot_mapping, then attends. Returns (N, nh, hs).
+    """
+    k_cache, v_cache = kv_cache
+    device = q.device
+    dispatch.get("reshape_and_cache", device)(k, v, k_cache, v_cache, meta.slot_mapping)
+    nd = meta.num_decode_tokens
+    if meta.num_prefills == 0:
+        return dispatch.get("paged_decode_attention", device)(
+            q, k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, meta.scale
+        )
+    prefill_out = dispatch.get("prefill_attention", device)(
+        q[nd:], k_cache, v_cache, meta.prefill_cu_seqlens_q, meta.prefill_seq_lens, meta.prefill_block_tables, meta.scale
+    )
+    if nd == 0:
+        return prefill_out
+    decode_out = dispatch.get("paged_decode_attention", device)(
+        q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, meta.scale
+    )
+    return torch.cat([decode_out, prefill_out], dim=0)
