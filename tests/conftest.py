@@ -32,7 +32,13 @@ def make_hf_model(config: GPT2Config, seed: int = 0, margin: float = 30.0):
         # Random LayerNorm/bias parameters exercise every tensor the loader copies.
         for name, p in model.named_parameters():
             if "ln_" in name or name.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
+                p.add_(0.05 * torch.randn_like(p))
+            # At GPT-2's init the residual stream is mostly the input embedding, so greedy decoding would repeat one
+            # token; stronger attention and MLP weights make the next token depend on the context.
+            if name.endswith(("attn.c_attn.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")):
+                p.mul_(4.0)
+        # ln_f's bias would add the same vector to every position's logits; keep it out of the way of the margin.
+        model.transformer.ln_f.bias.zero_()
         model.transformer.ln_f.weight.mul_(margin)
     return model
 

@@ -1,0 +1,126 @@
+"""LLM: the Python API. `generate` for batches, `stream` for low-latency text deltas of one prompt."""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import torch
+
+from fastgpt2.engine.config import GPT2Config
+from fastgpt2.engine.llm_engine import LLMEngine
+from fastgpt2.engine.model import GPT2
+from fastgpt2.engine.outputs import RequestOutput
+from fastgpt2.engine.sampling_params import SamplingParams
+from fastgpt2.engine.tokenizer import Tokenizer
+
+
+class LLM:
+    """A GPT-2 served by the paged-KV engine.
+
+    Parameters
+    ----------
+    model : hub id ('gpt2', 'openai-community/gpt2-xl'), preset name ('124M'; official weights), local Hugging Face
+        directory, a GPT2Config (random weights) or a GPT2 module.
+    device, dtype : 'cpu'/'cuda' and 'float32'/'bfloat16'/'float16' (CUDA); chosen automatically when None.
+    seed : seed of the generator used by requests that have no seed of their own.
+    kv_cache_memory : bytes of KV cache (default: enough for max_num_seqs full contexts, at most 2 GiB on CPU or
+        80% of free GPU memory).
+    block_size : tokens per KV block. max_num_seqs, max_num_batched_tokens : the per-step batch limits.
+    """
+
+    def __init__(self, model="gpt2", *, device=None, dtype=None, seed: int = 0, kv_cache_memory: int | None = None,
+                 block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
+                 enable_prefix_caching: bool = True, tokenizer: Tokenizer | str | None = None):
+        if isinstance(model, GPT2):
+            self.model = model.eval()
+        else:
+            self.model = GPT2.from_pretrained(model, device=device, dtype=dtype)
+        if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+            source = tokenizer or getattr(self.model, "checkpoint_dir", None)
+            tokenizer = Tokenizer.from_pretrained(source)
+        self.tokenizer = tokenizer
+        self.engine = LLMEngine(self.model, tokenizer, seed=seed, kv_cache_memory=kv_cache_memory,
+                                block_size=block_size, max_num_seqs=max_num_seqs,
+                                max_num_batched_tokens=max_num_batched_tokens,
+                                enable_prefix_caching=enable_prefix_caching)
+
+    @property
+    def config(self) -> GPT2Config:
+        return self.model.config
+
+    def save_pretrained(self, directory) -> None:
+        self.model.save_pretrained(directory, self.tokenizer)
+
+    @staticmethod
+    def _normalise_prompts(prompts) -> list:
+        if isinstance(prompts, str):
+            return [prompts]
+        if isinstance(prompts, (list, tuple)):
+            if not prompts:
+                return []
+            if all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+                return [list(prompts)]  # one prompt of token ids
+            return list(prompts)
+        raise TypeError(f"prompts must be a str, a list of str, or (lists of) token ids, got {type(prompts).__name__}")
+
+    def generate(self, prompts, sampling_params: SamplingParams | list | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in input order. sampling_params: one for all prompts, or one per prompt."""
+        prompts = self._normalise_prompts(prompts)
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts; pass one "
+                                 f"SamplingParams or exactly one per prompt")
+            params = list(sampling_params)
+        else:
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        # Validate every prompt before any is queued, so a bad one leaves the engine untouched.
+        for p, sp in zip(prompts, params):
+            if not isinstance(sp, SamplingParams):
+                raise TypeError(f"sampling params must be SamplingParams, got {type(sp).__name__}")
+            _, ids = self.engine.encode_prompt(p)
+            self.engine._check_fits(len(ids), sp)
+        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        results: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm and len(prompts) > 1:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(prompts), desc="generate", unit="req", dynamic_ncols=True)
+        try:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    results[out.request_id] = out
+                    if bar is not None:
+                        bar.update(1)
+        except BaseException:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [results[rid] for rid in ids]
+
+    def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield text deltas of one completion as tokens arrive; UTF-8 safe, stop strings never shown."""
+        params = sampling_params or SamplingParams()
+        if params.n != 1:
+            raise ValueError("stream() yields one completion; use n=1 (or generate() for several samples)")
+        rid = self.engine.add_request(prompt, params)
+        seq = self.engine.requests[rid][1][0]
+        # Text that could still turn out to be the start of a stop string is held back.
+        hold = max((len(s) for s in params.stop), default=1) - 1
+        sent = 0
+        try:
+            while not seq.is_finished:
+                self.engine.step()
+                end = len(seq.output_text) if seq.is_finished else max(sent, len(seq.output_text) - hold)
+                if end > sent:
+                    yield seq.output_text[sent:end]
+                    sent = end
+        finally:
+            if not seq.is_finished:
+                self.engine.abort(rid)
+            else:
+                self.engine.requests.pop(rid, None)

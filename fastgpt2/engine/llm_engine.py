@@ -1,0 +1,216 @@
+"""LLMEngine: requests in, tokens out; owns the scheduler, the block manager, the model runner and the sampler."""
+from __future__ import annotations
+
+import itertools
+import time
+
+import torch
+
+from fastgpt2.engine.block_manager import BlockManager
+from fastgpt2.engine.model import GPT2
+from fastgpt2.engine.model_runner import ModelRunner, kv_bytes_per_block
+from fastgpt2.engine.outputs import CompletionOutput, RequestOutput
+from fastgpt2.engine.sampler import Sampler
+from fastgpt2.engine.sampling_params import SamplingParams
+from fastgpt2.engine.scheduler import Scheduler
+from fastgpt2.engine.sequence import Sequence
+from fastgpt2.engine.tokenizer import Tokenizer
+
+_DEFAULT_CPU_KV_BYTES = 2 << 30
+
+
+class LLMEngine:
+    def __init__(self, model: GPT2, tokenizer: Tokenizer, *, seed: int = 0, kv_cache_memory: int | None = None,
+                 block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
+                 enable_prefix_caching: bool = True):
+        for name, value, lo in (("block_size", block_size, 1), ("max_num_seqs", max_num_seqs, 1),
+                                ("max_num_batched_tokens", max_num_batched_tokens, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.block_size = block_size
+        bytes_per_block = kv_bytes_per_block(model, block_size)
+        if kv_cache_memory is None:
+            kv_cache_memory = self._default_kv_bytes(max_num_seqs, bytes_per_block)
+        if isinstance(kv_cache_memory, bool) or not isinstance(kv_cache_memory, int) or kv_cache_memory < bytes_per_block:
+            raise ValueError(f"kv_cache_memory must be an integer number of bytes >= {bytes_per_block:,} (one block of "
+                             f"{block_size} tokens for this model), got {kv_cache_memory!r}")
+        num_blocks = kv_cache_memory // bytes_per_block
+        self.bytes_per_block = bytes_per_block
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.runner = ModelRunner(model, num_blocks, block_size)
+        self.sampler = Sampler(tokenizer.eos_token_id, torch.Generator().manual_seed(seed))
+        self.requests: dict[str, tuple[RequestOutput, list[Sequence]]] = {}
+        self._ids = itertools.count()
+
+    def _default_kv_bytes(self, max_num_seqs: int, bytes_per_block: int) -> int:
+        # Enough for every sequence at full context, capped by 2 GiB on CPU / 80% of free memory on CUDA.
+        want = max_num_seqs * -(-self.config.n_positions // self.block_size) * bytes_per_block
+        device = self.model.wte.weight.device
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return min(want, int(free * 0.8))
+        return min(want, _DEFAULT_CPU_KV_BYTES)
+
+    # -- requests -------------------------------------------------------------------------------------------------
+    def encode_prompt(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+            text = prompt
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids, text = list(prompt), None
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token id {bad[0]} is out of range for a vocabulary of {self.config.vocab_size}")
+        else:
+            raise TypeError(f"a prompt must be a str or a list of int token ids, got {type(prompt).__name__}")
+        if not ids:  # unconditional generation starts from <|endoftext|>, as in GPT-2's paper
+            ids = [self.tokenizer.eos_token_id]
+        n_ctx = self.config.n_positions
+        if len(ids) >= n_ctx:
+            raise ValueError(f"the prompt has {len(ids)} tokens but the model's context is {n_ctx} tokens, which leaves "
+                             f"no room for new tokens; shorten the prompt to at most {n_ctx - 1} tokens")
+        return text, ids
+
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        text, ids = self.encode_prompt(prompt)
+        self._check_fits(len(ids), params)
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        seq = Sequence(request_id, ids, params, index=0)
+        self._attach(seq)
+        out = RequestOutput(request_id, text, ids, metrics={"arrival": time.perf_counter()})
+        self.requests[request_id] = (out, [seq])
+        self.scheduler.add(seq)
+        return request_id
+
+    def _check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        num_tokens = min(num_prompt_tokens + params.max_tokens, self.config.n_positions)
+        needed = self.block_manager.blocks_for(num_tokens)
+        have = self.block_manager.num_blocks
+        if needed > have:
+            raise ValueError(
+                f"this request needs {needed} KV blocks ({needed * self.bytes_per_block:,} bytes) for "
+                f"{num_tokens} tokens but the KV cache holds only {have} blocks ({have * self.bytes_per_block:,} "
+                f"bytes); raise kv_cache_memory or lower max_tokens")
+
+    def _attach(self, seq: Sequence) -> None:
+        if seq.params.seed is not None:
+            seq.generator = torch.Generator().manual_seed(seq.params.seed + seq.index)
+        seq.detok = self.tokenizer.incremental_decoder()
+        seq.arrival = time.perf_counter()
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- one step -------------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model, sample, and update sequences. Returns the requests that finished this step."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        sample_mask = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in zip(sched.seqs, sched.num_new_tokens)]
+        logits = self.runner.run(sched, sample_mask)
+        rows = []
+        for seq, n, sample in zip(sched.seqs, sched.num_new_tokens, sample_mask):
+            seq.num_computed_tokens += n
+            self.block_manager.commit(seq)
+            if sample:
+                rows.append(seq)
+        if not rows:
+            return []
+        rows, logits = self._fork(rows, logits)
+        result = self.sampler(logits, rows)
+        finished = []
+        now = time.perf_counter()
+        for seq, token, lp in zip(rows, result.token_ids, result.logprobs):
+            if self._append(seq, token, lp, now):
+                done = self._maybe_finish_request(seq.request_id)
+                if done is not None:
+                    finished.append(done)
+        return finished
+
+    def _fork(self, rows: list[Sequence], logits: torch.Tensor):
+        """A parent whose prompt was just prefilled gets n-1 siblings sharing its blocks; each samples its own token."""
+        if not any(s.needs_fork for s in rows):
+            return rows, logits
+        new_rows, index = [], []
+        for i, seq in enumerate(rows):
+            new_rows.append(seq)
+            index.append(i)
+            if seq.needs_fork:
+                seq.needs_fork = False
+                out, seqs = self.requests[seq.request_id]
+                for k in range(1, seq.params.n):
+                    child = Sequence(seq.request_id, seq.token_ids, seq.params, index=k)
+                    self._attach(child)
+                    self.block_manager.fork(seq, child)
+                    self.scheduler.add_running(child)
+                    seqs.append(child)
+                    new_rows.append(child)
+                    index.append(i)
+        return new_rows, logits[index]
+
+    def _append(self, seq: Sequence, token: int, lp, now: float) -> bool:
+        """Add a sampled token; finish the sequence on EOS, a stop token or string, max_tokens or the context end."""
+        p = seq.params
+        seq.token_ids.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        if lp is not None:
+            seq.cumulative_logprob += lp[0]
+            seq.logprobs.append({token: lp[0], **lp[1]})
+        reason, stopped_by_string = None, False
+        if (token == self.tokenizer.eos_token_id and not p.ignore_eos) or token in p.stop_token_ids:
+            reason = "stop"  # the token ends the text and is not part of it
+        else:
+            before = len(seq.output_text)
+            seq.output_text += seq.detok.push(token)
+            if p.stop and self._truncate_at_stop(seq, before):
+                reason, stopped_by_string = "stop", True
+        if reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.config.n_positions):
+            reason = "length"
+        if reason is None:
+            return False
+        if not stopped_by_string:
+            seq.output_text += seq.detok.flush()  # bytes of an unfinished character, as U+FFFD
+        seq.finish_time = now
+        self.scheduler.finish(seq, reason)
+        return True
+
+    @staticmethod
+    def _truncate_at_stop(seq: Sequence, before: int) -> bool:
+        longest = max(len(s) for s in seq.params.stop)
+        start = max(0, before - longest + 1)
+        hits = [i for i in (seq.output_text.find(s, start) for s in seq.params.stop) if i >= 0]
+        if not hits:
+            return False
+        seq.output_text = seq.output_text[:min(hits)]
+        return True
+
+    def _maybe_finish_request(self, request_id: str) -> RequestOutput | None:
+        out, seqs = self.requests[request_id]
+        if len(seqs) < seqs[0].params.n or not all(s.is_finished for s in seqs):
+            return None
+        del self.requests[request_id]
+        out.outputs = [
+            CompletionOutput(s.index, s.output_text, s.output_token_ids, s.finish_reason,
+                             s.cumulative_logprob if s.logprobs is not None else None, s.logprobs)
+            for s in sorted(seqs, key=lambda s: s.index)
+        ]
+        out.finished = True
+        out.metrics.update(first_token=min(s.first_token_time for s in seqs), finish=max(s.finish_time for s in seqs))
+        return out
+
+    def abort(self, request_id: str) -> None:
+        out, seqs = self.requests.pop(request_id, (None, []))
+        for seq in seqs:
+            if seq in self.scheduler.waiting:
+                self.scheduler.waiting.remove(seq)
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")

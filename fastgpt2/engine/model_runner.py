@@ -1,0 +1,82 @@
+"""ModelRunner: the one place that turns a scheduled batch into tensors and runs the model over the paged KV cache."""
+from __future__ import annotations
+
+import torch
+
+from fastgpt2.engine.attention import AttentionMetadata
+from fastgpt2.engine.model import GPT2
+from fastgpt2.engine.scheduler import SchedulerOutput
+
+
+def kv_bytes_per_block(model: GPT2, block_size: int) -> int:
+    c = model.config
+    return 2 * c.n_layer * block_size * c.n_embd * model.wte.weight.element_size()
+
+
+class ModelRunner:
+    def __init__(self, model: GPT2, num_blocks: int, block_size: int):
+        self.model = model
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        c = model.config
+        self.device = model.wte.weight.device
+        # One pool for every layer: (n_layer, 2, num_blocks, block_size, n_head, head_dim). Zero-filled so that the
+        # padding a gather may read past a sequence's end is never NaN.
+        self.kv_cache = torch.zeros(
+            c.n_layer, 2, num_blocks, block_size, c.n_head, c.head_dim, dtype=model.wte.weight.dtype, device=self.device
+        )
+        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(c.n_layer)]
+        self.scale = 1.0 / c.head_dim ** 0.5
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if copies:
+            src = torch.tensor([s for s, _ in copies], device=self.device)
+            dst = torch.tensor([d for _, d in copies], device=self.device)
+            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+
+    def prepare(self, sched: SchedulerOutput, sample_mask: list[bool]):
+        """Packed token ids (N,), positions (N,), attention metadata, and the packed index of each sampled row."""
+        bs = self.block_size
+        token_ids, positions, slots, logits_indices = [], [], [], []
+        q_lens, seq_lens, tables = [], [], []
+        for seq, n, sample in zip(sched.seqs, sched.num_new_tokens, sample_mask):
+            start = seq.num_computed_tokens
+            token_ids.extend(seq.token_ids[start:start + n])
+            positions.extend(range(start, start + n))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            if sample:
+                logits_indices.append(len(token_ids) - 1)
+            q_lens.append(n)
+            seq_lens.append(start + n)
+            tables.append(table)
+        nd = sched.num_decodes
+        dev = self.device
+        max_blocks = max(len(t) for t in tables)
+        table_tensor = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32, device=dev)
+        seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
+        cu = [0]
+        for n in q_lens[nd:]:
+            cu.append(cu[-1] + n)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            num_decode_tokens=nd,
+            decode_block_tables=table_tensor[:nd],
+            decode_seq_lens=seq_lens_t[:nd],
+            prefill_cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            prefill_seq_lens=seq_lens_t[nd:],
+            prefill_block_tables=table_tensor[nd:],
+            num_prefills=len(q_lens) - nd,
+            scale=self.scale,
+        )
+        ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        return ids, pos, meta, torch.tensor(logits_indices, dtype=torch.long, device=dev)
+
+    @torch.inference_mode()
+    def run(self, sched: SchedulerOutput, sample_mask: list[bool]) -> torch.Tensor | None:
+        """Run one step; returns float32 logits (num_sampled, vocab) for the rows in sample_mask, or None."""
+        self.copy_blocks(sched.block_copies)
+        ids, pos, meta, logits_indices = self.prepare(sched, sample_mask)
+        logits = self.model(ids, pos, meta, self.kv_caches, logits_indices)
+        return logits.float() if len(logits_indices) else None

@@ -1,0 +1,115 @@
+"""Sampler: one batched step that applies every request's own parameters and draws the next tokens.
+
+Steps, in order, per row:
+  1. user logits processors, then logit_bias;
+  2. min_tokens: EOS and stop_token_ids are banned until min_tokens tokens exist;
+  3. repetition penalty (prompt + output tokens), presence and frequency penalties (output tokens);
+  4. temperature 0: argmax (ties to the lowest id); otherwise logits / temperature, then
+  5. top-k -> top-p -> min-p truncation and one inverse-CDF draw with a uniform from the request's own generator
+     (C++ extension on CPU, Triton on CUDA; both equal the torch reference in fastgpt2.kernels.reference).
+Logprobs are those of the model's raw distribution (before any of the steps), as in vLLM.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastgpt2.engine.sequence import Sequence
+from fastgpt2.kernels import dispatch
+
+
+@dataclass(slots=True)
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list  # per row: None, or (sampled token logprob, {token_id: logprob} of the top-N)
+
+
+def _truncated_sampler(device: torch.device):
+    if dispatch.use_triton(device):
+        return dispatch.get("topk_topp_minp_sample", device)
+    from fastgpt2.engine import cpu_sampler
+
+    return cpu_sampler.topk_topp_minp_sample
+
+
+class Sampler:
+    def __init__(self, eos_token_id: int, generator: torch.Generator):
+        self.eos_token_id = eos_token_id
+        self.generator = generator  # for requests without a seed
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+        """logits: (B, V) float32, one row per sequence in seqs."""
+        raw_logprobs = None
+        if any(s.params.logprobs is not None for s in seqs):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        logits = self._apply_processors_and_penalties(logits, seqs)
+        greedy = [s.params.greedy for s in seqs]
+        if all(greedy):
+            next_ids = torch.argmax(logits, dim=-1)
+        else:
+            next_ids = self._draw(logits, seqs, greedy)
+        token_ids = next_ids.tolist()
+        out = []
+        for i, s in enumerate(seqs):
+            if s.params.logprobs is None:
+                out.append(None)
+                continue
+            row = raw_logprobs[i]
+            top = {}
+            if s.params.logprobs > 0:
+                values, ids = torch.topk(row, s.params.logprobs)
+                top = dict(zip(ids.tolist(), values.tolist()))
+            out.append((row[token_ids[i]].item(), top))
+        return SampleResult(token_ids, out)
+
+    def _apply_processors_and_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        vocab = logits.shape[1]
+        for i, s in enumerate(seqs):
+            p = s.params
+            for proc in p.logits_processors:
+                result = proc(s.output_token_ids, logits[i])
+                if not isinstance(result, torch.Tensor) or result.shape != logits[i].shape:
+                    raise ValueError("a logits processor must return a tensor shaped like the logits row it was given")
+                logits[i] = result
+            if p.logit_bias:
+                ids = [t for t in p.logit_bias if t < vocab]
+                logits[i, ids] += torch.tensor([p.logit_bias[t] for t in ids], dtype=logits.dtype, device=logits.device)
+            if s.num_output_tokens < p.min_tokens:
+                banned = [t for t in [self.eos_token_id, *p.stop_token_ids] if t < vocab]
+                logits[i, banned] = float("-inf")
+            if p.needs_penalties:
+                self._penalise(logits, i, s)
+        return logits
+
+    @staticmethod
+    def _penalise(logits: torch.Tensor, i: int, s: Sequence) -> None:
+        p, row, vocab = s.params, logits[i], logits.shape[1]
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(s.token_ids)), dtype=torch.long, device=logits.device)
+            vals = row[seen]
+            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and s.num_output_tokens:
+            out_ids = torch.tensor(s.output_token_ids, dtype=torch.long, device=logits.device)
+            counts = torch.bincount(out_ids, minlength=vocab)[:vocab].to(row.dtype)
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+
+    def _draw(self, logits: torch.Tensor, seqs: list[Sequence], greedy: list[bool]) -> torch.Tensor:
+        device = logits.device
+        uniform = torch.empty(len(seqs), dtype=torch.float64)
+        unseeded = [i for i, s in enumerate(seqs) if s.generator is None]
+        if unseeded:
+            uniform[unseeded] = torch.rand(len(unseeded), dtype=torch.float64, generator=self.generator)
+        for i, s in enumerate(seqs):
+            if s.generator is not None:
+                uniform[i] = torch.rand((), dtype=torch.float64, generator=s.generator)
+        temps = torch.tensor([s.params.temperature or 1.0 for s in seqs], dtype=logits.dtype, device=device)
+        top_k = torch.tensor([s.params.top_k for s in seqs], dtype=torch.int64, device=device)
+        top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32, device=device)
+        min_p = torch.tensor([s.params.min_p for s in seqs], dtype=torch.float32, device=device)
+        scaled = (logits / temps[:, None]).contiguous()
+        sampled = _truncated_sampler(device)(scaled, top_k, top_p, min_p, uniform.to(device))
+        if any(greedy):
+            is_greedy = torch.tensor(greedy, device=device)
+            sampled = torch.where(is_greedy, torch.argmax(logits, dim=-1), sampled)
+        return sampled
