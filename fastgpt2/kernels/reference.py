@@ -96,3 +96,28 @@ def topk_topp_minp_sample(
 # ----------------------------------------------------------------------------------------------------------------------
 # Cross-entropy
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
+    chunk_rows: int = 4096,
+) -> torch.Tensor:
+    """torch.nn.functional.cross_entropy on float32-upcast logits, in row chunks to bound the forward's peak memory.
+
+    logits : (N, V) float; targets : (N,) int64, rows equal to `ignore_index` add 0 loss and get 0 gradient.
+    reduction : "mean" over non-ignored rows, "sum" or "none". Returns float32: a scalar, or (N,) for "none".
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    losses = torch.cat([
+        torch.nn.functional.cross_entropy(
+            logits[start:start + chunk_rows].float(), targets[start:start + chunk_rows],
+            ignore_index=ignore_index, reduction="none",
+        )
+        for start in range(0, logits.shape[0], chunk_rows)
+    ])  # (N,) float32, 0 on ignored rows
+    if reduction == "none":
+        return losses
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / (targets != ignore_index).sum()
