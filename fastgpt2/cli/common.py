@@ -1,0 +1,38 @@
+"""Flags shared by the subcommands that load a model, and the one function that builds the LLM from them."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "--config_model", "--config-model", "--pretrained-model-name", "--checkpoint",
+                   dest="model", default="gpt2",
+                   help="hub id, local Hugging Face directory or preset (124M, 355M, gpt2-xl ...; official weights)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="random weights of the --model preset/config: meaningless text at real speed, no download")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on CPU, float16 on CUDA")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one each run)")
+
+
+def build_llm(args, **engine_kwargs):
+    import random
+
+    from fastgpt2 import LLM, GPT2Config
+    from fastgpt2.engine.config import canonical_preset
+
+    model = args.model
+    if args.random_weights:
+        if canonical_preset(model) is not None:
+            model = GPT2Config.from_name(model)
+        else:
+            from fastgpt2.engine.weights import read_config, resolve_checkpoint_dir
+
+            model = read_config(resolve_checkpoint_dir(model))
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    if isinstance(model, GPT2Config):
+        import torch
+
+        torch.manual_seed(seed)  # random weights are reproducible with --seed
+    return LLM(model, device=args.device, dtype=args.dtype, seed=seed, **engine_kwargs)

@@ -1,0 +1,184 @@
+"""The engine end to end: greedy tokens equal transformers' generate; the same request gives the same tokens alone,
+in a batch, and when preempted; n samples share blocks; stop conditions; bad input."""
+import pytest
+import torch
+
+from fastgpt2 import LLM, SamplingParams
+from tests.conftest import TINY_CONFIGS, make_hf_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("engine-tiny")
+    make_hf_model(TINY_CONFIGS["tiny"], seed=2).save_pretrained(d)
+    return d
+
+
+def _kv_bytes(config, num_blocks, block_size):
+    return num_blocks * 2 * config.n_layer * block_size * config.n_embd * 4
+
+
+def _hf_greedy(hf, prompt, n):
+    hf.generation_config.eos_token_id = None  # compare full lengths
+    ids = torch.tensor([prompt])
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("name,block_size", [("tiny", 16), ("small", 32)])
+def test_greedy_matches_transformers(name, block_size, tmp_path):
+    config = TINY_CONFIGS[name]
+    hf = make_hf_model(config, seed=5)
+    hf.save_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 50256, (n,), generator=g).tolist() for n in (1, 7, 16, 31, 50)]
+    llm = LLM(str(tmp_path), device="cpu", block_size=block_size)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=200, ignore_eos=True), use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        got = out.outputs[0].token_ids
+        assert len(got) == 200 and out.outputs[0].finish_reason == "length"
+        assert len(set(got)) > 20, "greedy output should be varied, not one token repeated"
+        assert got == _hf_greedy(hf, prompt, 200)
+
+
+def _requests(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 50256, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def test_same_output_alone_in_batch_and_preempted(tiny_dir):
+    config = TINY_CONFIGS["tiny"]
+    target = list(range(1000, 1013))
+    greedy = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    seeded = SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=1234, max_tokens=60, ignore_eos=True)
+    others = [SamplingParams(temperature=1.0, top_p=0.9, max_tokens=int(m), ignore_eos=True)
+              for m in torch.randint(5, 60, (20,), generator=torch.Generator().manual_seed(3))]
+
+    alone = LLM(str(tiny_dir), device="cpu")
+    ref_greedy = alone.generate(target, greedy, use_tqdm=False)[0].outputs[0].token_ids
+    ref_seeded = alone.generate(target, seeded, use_tqdm=False)[0].outputs[0].token_ids
+    assert ref_greedy != ref_seeded
+
+    batched = LLM(str(tiny_dir), device="cpu", seed=7)
+    outs = batched.generate(_requests(10) + [target, target] + _requests(10, 1), others[:10] + [greedy, seeded] + others[10:],
+                            use_tqdm=False)
+    assert outs[10].outputs[0].token_ids == ref_greedy
+    assert outs[11].outputs[0].token_ids == ref_seeded
+
+    # 12 blocks of 16 tokens for 22 requests of up to ~100 tokens: constant preemption.
+    small = LLM(str(tiny_dir), device="cpu", kv_cache_memory=_kv_bytes(config, 12, 16), seed=9)
+    outs = small.generate(_requests(10) + [target, target] + _requests(10, 1), others[:10] + [greedy, seeded] + others[10:],
+                          use_tqdm=False)
+    assert small.engine.scheduler.num_preemptions >= 3
+    assert outs[10].outputs[0].token_ids == ref_greedy
+    assert outs[11].outputs[0].token_ids == ref_seeded
+    assert all(o.finished for o in outs)
+    # Nothing leaked: every block is back in the free list.
+    assert small.engine.block_manager.num_free_blocks == small.engine.block_manager.num_blocks
+
+
+def test_n_samples_share_prompt_blocks(tiny_dir):
+    llm = LLM(str(tiny_dir), device="cpu", block_size=16)
+    prompt = list(range(2000, 2040))  # 2.5 blocks: a shared partly-filled block is copied on write
+    out = llm.generate(prompt, SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=20, ignore_eos=True),
+                       use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2, 3]
+    assert len({tuple(c.token_ids) for c in out.outputs}) == 4
+    # Sample k equals the same request run alone with the same seed: forked samples are independent of each other.
+    again = llm.generate(prompt, SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=20, ignore_eos=True),
+                         use_tqdm=False)[0]
+    assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]
+    assert llm.engine.block_manager.num_cache_hits >= 32  # the second run reused the prompt's full blocks
+
+
+def test_prefix_cache_gives_same_greedy_tokens(tiny_dir):
+    llm = LLM(str(tiny_dir), device="cpu", block_size=16)
+    shared = list(range(3000, 3050))
+    p = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    first = llm.generate(shared + [5], p, use_tqdm=False)[0].outputs[0].token_ids
+    hits_before = llm.engine.block_manager.num_cache_hits
+    second = llm.generate(shared + [5], p, use_tqdm=False)[0].outputs[0].token_ids
+    assert llm.engine.block_manager.num_cache_hits - hits_before == 48
+    assert first == second
+    fresh = LLM(str(tiny_dir), device="cpu", enable_prefix_caching=False)
+    assert fresh.generate(shared + [5], p, use_tqdm=False)[0].outputs[0].token_ids == first
+
+
+def test_chunked_prefill_matches_unchunked(tiny_dir):
+    p = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    prompts = [list(range(100, 200)), list(range(500, 507))]
+    whole = LLM(str(tiny_dir), device="cpu").generate(prompts, p, use_tqdm=False)
+    chunked = LLM(str(tiny_dir), device="cpu", max_num_batched_tokens=24).generate(prompts, p, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in whole] == [o.outputs[0].token_ids for o in chunked]
+
+
+def test_stop_conditions_and_text(tiny_dir):
+    llm = LLM(str(tiny_dir), device="cpu")
+    base = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)[0]
+    ids = base.outputs[0].token_ids
+    assert base.outputs[0].text == llm.tokenizer.decode(ids)
+    # stop token id: ends at its first occurrence, included in token_ids, not in the text
+    stop_id = ids[5]
+    out = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[stop_id]),
+                       use_tqdm=False)[0].outputs[0]
+    first = ids.index(stop_id)
+    assert out.token_ids == ids[: first + 1] and out.finish_reason == "stop"
+    # stop string: cut before it
+    text = base.outputs[0].text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    out = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=40, stop=[stop], ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.text == text[: text.index(stop)]
+    # max_tokens past the context ends with 'length' at the context
+    long_prompt = list(range(1000, 1250))  # the tiny model's context is 256
+    out = llm.generate(long_prompt, SamplingParams(temperature=0, max_tokens=100, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 6 and out.finish_reason == "length"
+
+
+def test_stream_equals_generate(tiny_dir):
+    llm = LLM(str(tiny_dir), device="cpu")
+    p = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+    pieces = list(llm.stream("Once upon a time", p))
+    assert len(pieces) > 5
+    assert "".join(pieces) == llm.generate("Once upon a time", p, use_tqdm=False)[0].outputs[0].text
+
+
+def test_empty_prompt_is_unconditional(tiny_dir):
+    llm = LLM(str(tiny_dir), device="cpu")
+    out = llm.generate("", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)[0]
+    assert out.prompt_token_ids == [50256] and len(out.outputs[0].token_ids) == 5
+
+
+def test_logprobs(tiny_dir):
+    llm = LLM(str(tiny_dir), device="cpu")
+    out = llm.generate([1, 2, 3], SamplingParams(temperature=0, max_tokens=4, logprobs=3, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.logprobs) == 4
+    for tok, lp in zip(out.token_ids, out.logprobs):
+        assert tok in lp and len(lp) == 3 and max(lp.values()) == lp[tok]  # greedy picks the top logprob
+    assert out.cumulative_logprob == pytest.approx(sum(lp[t] for t, lp in zip(out.token_ids, out.logprobs)))
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"temperature": -0.1}, "temperature"), ({"temperature": float("nan")}, "temperature"),
+    ({"top_p": 0.0}, "top_p"), ({"top_p": 40}, "top_p"), ({"top_k": -2}, "top_k"),
+    ({"max_tokens": 0}, "max_tokens"), ({"n": 0}, "n"), ({"min_p": 1.5}, "min_p"),
+])
+def test_bad_sampling_params(kwargs, field):
+    with pytest.raises(ValueError, match=f"^{field} must be"):
+        SamplingParams(**kwargs)
+
+
+def test_bad_prompts_leave_engine_clean(tiny_dir):
+    config = TINY_CONFIGS["tiny"]
+    llm = LLM(str(tiny_dir), device="cpu", kv_cache_memory=_kv_bytes(config, 4, 16))
+    with pytest.raises(ValueError, match="prompt has 300 tokens but the model's context is 256"):
+        llm.generate([[1, 2], list(range(300))], use_tqdm=False)
+    with pytest.raises(ValueError, match="token id 50257 is out of range"):
+        llm.generate([[1, 50257]], use_tqdm=False)
+    with pytest.raises(ValueError, match=r"needs 7 KV blocks \(.*bytes\).*holds only 4 blocks"):
+        llm.generate([list(range(100))], SamplingParams(max_tokens=10), use_tqdm=False)
+    assert not llm.engine.has_unfinished()
+    assert llm.generate([[1, 2]], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)[0].finished
