@@ -90,7 +90,131 @@ def topk_topp_minp_sample(
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Attention
+#
+# KV cache of one layer: k_cache, v_cache each (num_blocks, block_size, H, D), contiguous; slot = block_id * block_size
+# + offset. Block tables are (B, max_blocks) int32 padded with 0. Cache slots that no sequence owns may hold anything
+# (NaN included): every function below masks them out before they can reach a sum.
 # ----------------------------------------------------------------------------------------------------------------------
+
+_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+
+def reshape_and_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write k[i], v[i] into cache slot slot_mapping[i]; slot -1 skips token i.
+
+    k, v : (N, H, D); k_cache, v_cache : (num_blocks, block_size, H, D) contiguous; slot_mapping : (N,) int64.
+    """
+    num_blocks, block_size, num_heads, head_dim = k_cache.shape
+    keep = slot_mapping >= 0  # (N,) bool
+    slots = slot_mapping[keep].long()
+    k_flat = k_cache.view(num_blocks * block_size, num_heads, head_dim)
+    v_flat = v_cache.view(num_blocks * block_size, num_heads, head_dim)
+    k_flat.index_copy_(0, slots, k[keep].to(k_cache.dtype))
+    v_flat.index_copy_(0, slots, v[keep].to(v_cache.dtype))
+
+
+def _finish(result: torch.Tensor, out: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    if out is None:
+        return result.to(dtype)
+    out.copy_(result)
+    return out
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One query per sequence against its first seq_lens[b] cached tokens.
+
+    q : (B, H, D); block_tables : (B, max_blocks) int32; seq_lens : (B,) int32, >= 1.
+    Returns (B, H, D) in q's dtype (written into `out` when given). Computed in float32.
+    """
+    batch_size, num_heads, head_dim = q.shape
+    block_size = k_cache.shape[1]
+    # Only gather the blocks the longest sequence uses (a host sync, free on the CPU path).
+    max_blocks = -(-int(seq_lens.max()) // block_size)
+    tables = block_tables[:, :max_blocks].long()
+    keys = k_cache[tables].reshape(batch_size, max_blocks * block_size, num_heads, head_dim)  # (B, L, H, D)
+    values = v_cache[tables].reshape(batch_size, max_blocks * block_size, num_heads, head_dim)
+    valid = torch.arange(max_blocks * block_size, device=q.device)[None, :] < seq_lens[:, None]  # (B, L)
+    # Unowned slots may hold NaN, and NaN * 0 = NaN inside SDPA, so zero them rather than only masking the scores.
+    keys = torch.where(valid[:, :, None, None], keys.float(), 0.0).transpose(1, 2)  # (B, H, L, D)
+    values = torch.where(valid[:, :, None, None], values.float(), 0.0).transpose(1, 2)
+    result = _sdpa(
+        q.float().unsqueeze(2), keys, values, attn_mask=valid[:, None, None, :], scale=scale
+    )  # (B, H, 1, D)
+    return _finish(result.squeeze(2), out, q.dtype)
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    *,
+    max_seqlen_q: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of packed new queries over the paged cache (plain, chunked and prefix-cached prefill).
+
+    q : (N, H, D) queries of B sequences packed back to back; cu_seqlens_q : (B+1,) int32; seq_lens : (B,) int32 total
+    context (cached prefix + new queries, whose K/V are already in the cache); block_tables : (B, max_blocks) int32.
+    Query i of sequence b sits at position seq_lens[b] - q_len_b + i and sees positions <= its own.
+    max_seqlen_q is accepted for signature parity with the Triton wrapper and ignored. Returns (N, H, D).
+    """
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_size = k_cache.shape[1]
+    result = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    bounds = cu_seqlens_q.tolist()
+    for b, context_len in enumerate(seq_lens.tolist()):
+        start, end = bounds[b], bounds[b + 1]
+        q_len = end - start
+        if q_len == 0:
+            continue
+        table = block_tables[b, : -(-context_len // block_size)].long()
+        keys = k_cache[table].reshape(-1, num_heads, head_dim)[:context_len].float().transpose(0, 1)  # (H, L, D)
+        values = v_cache[table].reshape(-1, num_heads, head_dim)[:context_len].float().transpose(0, 1)
+        q_pos = torch.arange(context_len - q_len, context_len, device=q.device)  # (q_len,)
+        mask = torch.arange(context_len, device=q.device)[None, :] <= q_pos[:, None]  # (q_len, L)
+        seg = _sdpa(q[start:end].float().transpose(0, 1), keys, values, attn_mask=mask, scale=scale)
+        result[start:end] = seg.transpose(0, 1)  # (q_len, H, D)
+    return _finish(result, out, q.dtype)
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    cu_seqlens: torch.Tensor | None = None,
+    *,
+    max_seqlen: int | None = None,
+) -> torch.Tensor:
+    """Dense attention for training, scaled by 1/sqrt(D); differentiable through autograd.
+
+    Padded: q, k, v (B, H, T, D). Packed: q, k, v (N, H, D) with cu_seqlens (B+1,) int32; attention stays inside each
+    sequence. max_seqlen is accepted for signature parity with the Triton wrapper and ignored. Returns q's shape.
+    """
+    if cu_seqlens is None:
+        return _sdpa(q, k, v, is_causal=causal)
+    bounds = cu_seqlens.tolist()
+    segments = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        seg = [t[start:end].transpose(0, 1) for t in (q, k, v)]  # (H, L, D) each
+        segments.append(_sdpa(*seg, is_causal=causal).transpose(0, 1))
+    return torch.cat(segments, dim=0)  # (N, H, D)
+
 
 
 # ----------------------------------------------------------------------------------------------------------------------
