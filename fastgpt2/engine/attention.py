@@ -25,6 +25,7 @@ class AttentionMetadata:
     prefill_seq_lens: torch.Tensor  # (num_prefills,) int32, cached prefix + chunk length
     prefill_block_tables: torch.Tensor  # (num_prefills, max_blocks) int32
     num_prefills: int
+    prefill_max_query_len: int  # longest prefill chunk (saves the Triton wrapper a host sync)
     scale: float  # 1 / sqrt(head_dim)
 
 
@@ -49,7 +50,8 @@ def paged_attention(
             q, k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, meta.scale
         )
     prefill_out = dispatch.get("prefill_attention", device)(
-        q[nd:], k_cache, v_cache, meta.prefill_cu_seqlens_q, meta.prefill_seq_lens, meta.prefill_block_tables, meta.scale
+        q[nd:], k_cache, v_cache, meta.prefill_cu_seqlens_q, meta.prefill_seq_lens, meta.prefill_block_tables, meta.scale,
+        max_seqlen_q=meta.prefill_max_query_len,
     )
     if nd == 0:
         return prefill_out

@@ -67,6 +67,7 @@ class ModelRunner:
             prefill_seq_lens=seq_lens_t[nd:],
             prefill_block_tables=table_tensor[nd:],
             num_prefills=len(q_lens) - nd,
+            prefill_max_query_len=max(q_lens[nd:], default=0),
             scale=self.scale,
         )
         ids = torch.tensor(token_ids, dtype=torch.long, device=dev)

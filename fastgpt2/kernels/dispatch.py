@@ -1,6 +1,8 @@
 """Picks the Triton kernel on CUDA tensors and the pure-torch reference elsewhere.
 
-Set FASTGPT2_FORCE_REFERENCE=1 to use the references on CUDA too (debugging).
+Set FASTGPT2_FORCE_REFERENCE=1 to use the references on CUDA too (debugging), or FASTGPT2_FORCE_TRITON=1 to run the
+Triton kernels on CPU tensors too (only meaningful under TRITON_INTERPRET=1: it is how the tests drive the whole engine
+through the kernels without a GPU).
 """
 from __future__ import annotations
 
@@ -24,7 +26,9 @@ _TRITON_MODULES = {
 
 def use_triton(device: torch.device) -> bool:
     """True when the Triton kernels should run for tensors on `device`."""
-    return device.type == "cuda" and os.environ.get("FASTGPT2_FORCE_REFERENCE", "0") != "1"
+    if os.environ.get("FASTGPT2_FORCE_REFERENCE", "0") == "1":
+        return False
+    return device.type == "cuda" or os.environ.get("FASTGPT2_FORCE_TRITON", "0") == "1"
 
 
 def get(name: str, device: torch.device):

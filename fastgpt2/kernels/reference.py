@@ -139,6 +139,14 @@ def paged_decode_attention(
     """
     batch_size, num_heads, head_dim = q.shape
     block_size = k_cache.shape[1]
+    if batch_size == 1:
+        # Batch-1 decode is the latency path on CPU: slice exactly the owned tokens, so no mask and no zeroing.
+        context_len = int(seq_lens[0])
+        table = block_tables[0, : -(-context_len // block_size)].long()
+        keys = k_cache[table].view(-1, num_heads, head_dim)[:context_len].float().transpose(0, 1)  # (H, L, D)
+        values = v_cache[table].view(-1, num_heads, head_dim)[:context_len].float().transpose(0, 1)
+        result = _sdpa(q.float().transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), scale=scale)
+        return _finish(result[0].transpose(0, 1), out, q.dtype)  # (1, H, D)
     # Only gather the blocks the longest sequence uses (a host sync, free on the CPU path).
     max_blocks = -(-int(seq_lens.max()) // block_size)
     tables = block_tables[:, :max_blocks].long()
