@@ -143,8 +143,8 @@ def paged_decode_attention(
         # Batch-1 decode is the latency path on CPU: slice exactly the owned tokens, so no mask and no zeroing.
         context_len = int(seq_lens[0])
         table = block_tables[0, : -(-context_len // block_size)].long()
-        keys = k_cache[table].view(-1, num_heads, head_dim)[:context_len].float().transpose(0, 1)  # (H, L, D)
-        values = v_cache[table].view(-1, num_heads, head_dim)[:context_len].float().transpose(0, 1)
+        keys = k_cache.index_select(0, table).view(-1, num_heads, head_dim)[:context_len].float().transpose(0, 1)
+        values = v_cache.index_select(0, table).view(-1, num_heads, head_dim)[:context_len].float().transpose(0, 1)
         result = _sdpa(q.float().transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), scale=scale)
         return _finish(result[0].transpose(0, 1), out, q.dtype)  # (1, H, D)
     # Only gather the blocks the longest sequence uses (a host sync, free on the CPU path).
@@ -191,8 +191,8 @@ def prefill_attention(
         if q_len == 0:
             continue
         table = block_tables[b, : -(-context_len // block_size)].long()
-        keys = k_cache[table].reshape(-1, num_heads, head_dim)[:context_len].float().transpose(0, 1)  # (H, L, D)
-        values = v_cache[table].reshape(-1, num_heads, head_dim)[:context_len].float().transpose(0, 1)
+        keys = k_cache.index_select(0, table).view(-1, num_heads, head_dim)[:context_len].float().transpose(0, 1)
+        values = v_cache.index_select(0, table).view(-1, num_heads, head_dim)[:context_len].float().transpose(0, 1)
         q_pos = torch.arange(context_len - q_len, context_len, device=q.device)  # (q_len,)
         mask = torch.arange(context_len, device=q.device)[None, :] <= q_pos[:, None]  # (q_len, L)
         seg = _sdpa(q[start:end].float().transpose(0, 1), keys, values, attn_mask=mask, scale=scale)

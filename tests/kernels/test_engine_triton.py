@@ -13,6 +13,9 @@ def _run(monkeypatch, force_triton: bool):
     torch.manual_seed(0)
     model = LLM(CONFIG, device="cpu", block_size=16, max_num_batched_tokens=32).model
     with torch.no_grad():
+        for name, p in model.named_parameters():  # context-dependent greedy text, as in tests/conftest.py
+            if name.endswith(("attn.c_attn.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")):
+                p.mul_(4.0)
         model.ln_f.weight.mul_(30)  # wide top-1 margins
     llm = LLM(model, device="cpu", block_size=16, max_num_batched_tokens=32)
     prompts = [list(range(100, 105)), list(range(200, 240)), list(range(100, 120))]
