@@ -1,0 +1,26 @@
+// The compiled module fastgpt2._C: declarations only; the checked entry points live in sampling_launcher.cpp.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+namespace py = pybind11;
+
+namespace fastgpt2 {
+// Defined in sampling_launcher.cpp.
+py::array_t<int64_t> topk_topp_minp_sample_checked(const py::array& logits, const py::array& top_k,
+                                                   const py::array& top_p, const py::array& min_p,
+                                                   const py::array& uniform, int num_threads);
+py::tuple topk_topp_minp_select_checked(const py::array& logits, const py::array& top_k, const py::array& top_p,
+                                        const py::array& min_p, int num_threads);
+}  // namespace fastgpt2
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastgpt2 CPU kernels: top-k / top-p / min-p sampling (semantics of fastgpt2.kernels.reference).";
+  m.def("topk_topp_minp_sample", &fastgpt2::topk_topp_minp_sample_checked,
+        "Truncate float32 logits (B, V) by top_k (B,) int64|int32, top_p and min_p (B,) float64|float32, draw with "
+        "uniform (B,) float64|float32; returns (B,) int64 token ids.",
+        py::arg("logits"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"), py::arg("uniform"),
+        py::arg("num_threads") = 1);
+  m.def("topk_topp_minp_select", &fastgpt2::topk_topp_minp_select_checked,
+        "Kept candidates per row: (ids (B, N) int64 padded -1, probs (B, N) float32 padded 0, counts (B,) int64).",
+        py::arg("logits"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"), py::arg("num_threads") = 1);
+}

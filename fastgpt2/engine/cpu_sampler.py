@@ -1,0 +1,193 @@
+"""CPU top-k / top-p / min-p sampling: the C++ extension `fastgpt2._C` when it is built, else the torch reference.
+
+The only module that imports `fastgpt2._C`. Semantics are those of `fastgpt2.kernels.reference` (sampling section).
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+from fastgpt2.kernels import reference
+
+try:
+    from fastgpt2 import _C
+except ImportError:  # no compiler at install time, or not built yet
+    _C = None
+
+HAS_EXTENSION: bool = _C is not None
+
+__all__ = ["HAS_EXTENSION", "topk_topp_minp_sample", "topk_topp_minp_select"]
+
+
+@functools.cache
+def _warn_no_extension() -> None:
+    warnings.warn(
+        "fastgpt2._C (the C++ CPU sampler) is not built, so sampling uses the slower torch reference sampler; "
+        "build it with `python setup.py build_ext --inplace` or `pip install -e .`",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _check_logits(logits) -> int:
+    """Type, shape and device of the logits; returns the number of rows. Values are checked by the extension (or by
+    _check_values on the fallback)."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be a 2-D (batch, vocab) tensor, got {shape}")
+    if logits.dtype != torch.float32:
+        raise TypeError(f"logits must be float32, got {logits.dtype}; convert them with .float() first")
+    if not logits.is_cpu:
+        raise ValueError(f"logits must be on the CPU, got {logits.device}; use fastgpt2.kernels.dispatch for CUDA")
+    if logits.shape[1] < 1:
+        raise ValueError("logits must have a vocab dimension of at least 1 token")
+    return logits.shape[0]
+
+
+def _check_param(name: str, value, num_rows: int, integer: bool) -> None:
+    """A (B,) parameter tensor on the CPU: integer for top_k, floating-point for the others."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of shape ({num_rows},), got {type(value).__name__}")
+    if value.shape != (num_rows,):
+        raise ValueError(f"{name} must have shape ({num_rows},), one value per logits row, got {tuple(value.shape)}")
+    if not value.is_cpu:
+        raise ValueError(f"{name} must be on the CPU, got {value.device}")
+    if integer and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
+    if not integer and not value.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+
+
+def _check_values(logits, top_p, min_p, uniform=None) -> None:
+    """The checks the extension makes, for the torch fallback (same messages)."""
+    for name, value, ok, allowed in (
+        ("top_p", top_p, (top_p > 0) & (top_p <= 1), "(0, 1]"),
+        ("min_p", min_p, (min_p >= 0) & (min_p <= 1), "[0, 1]"),
+        ("uniform", uniform, None if uniform is None else (uniform >= 0) & (uniform < 1), "[0, 1)"),
+    ):
+        if ok is not None and not bool(ok.all()):
+            row = int((~ok).nonzero()[0])
+            raise ValueError(f"{name}[{row}] = {float(value[row])} is outside {allowed}; clamp it in the sampling parameters")
+    for problem, rows in (
+        ("contains NaN; the model output is corrupt or the penalties produced NaN", torch.isnan(logits).any(dim=1)),
+        ("contains +inf, for which softmax is undefined; clamp or fix the logits", torch.isposinf(logits).any(dim=1)),
+        ("is -inf everywhere, so every token is banned; allow at least one token", torch.isneginf(logits).all(dim=1)),
+    ):
+        if bool(rows.any()):
+            raise ValueError(f"logits row {int(rows.nonzero()[0])} {problem}")
+
+
+def _threads(num_threads: int | None) -> int:
+    return torch.get_num_threads() if num_threads is None else num_threads
+
+
+def topk_topp_minp_sample(
+    logits: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    uniform: torch.Tensor,
+    *,
+    num_threads: int | None = None,
+) -> torch.Tensor:
+    """Truncate each row (top-k -> top-p -> min-p) and draw one token with the given uniform.
+
+    Ranks are (probability descending, token id ascending): tied probabilities, which equal logits always give, are
+    broken by the smaller token id. Tokens with probability 0 (-inf logits) are never kept. The draw is the smallest
+    kept token id whose running kept probability in token-id order exceeds uniform * (kept probability).
+
+    Parameters
+    ----------
+    logits : (B, V) float32 CPU tensor, temperature already applied; -inf bans a token. The vocab dimension is used
+        in place when it is contiguous.
+    top_k : (B,) integer tensor; <= 0 or >= V disables top-k.
+    top_p : (B,) floating tensor in (0, 1]; 1 disables top-p.
+    min_p : (B,) floating tensor in [0, 1]; 0 disables min-p.
+    uniform : (B,) floating tensor in [0, 1), one draw per row.
+    num_threads : rows are split over this many threads (default: torch.get_num_threads()).
+
+    Returns
+    -------
+    (B,) int64 tensor of token ids.
+    """
+    num_rows = _check_logits(logits)
+    _check_param("top_k", top_k, num_rows, True)
+    _check_param("top_p", top_p, num_rows, False)
+    _check_param("min_p", min_p, num_rows, False)
+    _check_param("uniform", uniform, num_rows, False)
+    if _C is None:
+        _warn_no_extension()
+        _check_values(logits, top_p, min_p, uniform)
+        return reference.topk_topp_minp_sample(logits, top_k, top_p, min_p, uniform)
+    out = _C.topk_topp_minp_sample(_logits_array(logits), _vector(top_k, True), _vector(top_p, False),
+                                   _vector(min_p, False), _vector(uniform, False), _threads(num_threads))
+    return torch.from_numpy(out)
+
+
+def topk_topp_minp_select(
+    logits: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    *,
+    num_threads: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The candidates each row keeps after top-k -> top-p -> min-p, with their renormalised probabilities.
+
+    Same inputs and tie-breaking as `topk_topp_minp_sample`, without the uniform.
+
+    Returns
+    -------
+    ids : (B, N) int64, the kept token ids of each row in ascending order, padded with -1; N = counts.max().
+    probs : (B, N) float32, their probabilities renormalised over the kept set (each row sums to 1), padded with 0.
+    counts : (B,) int64, kept tokens per row (>= 1).
+    """
+    num_rows = _check_logits(logits)
+    _check_param("top_k", top_k, num_rows, True)
+    _check_param("top_p", top_p, num_rows, False)
+    _check_param("min_p", min_p, num_rows, False)
+    if _C is None:
+        _warn_no_extension()
+        _check_values(logits, top_p, min_p)
+        return _select_reference(logits, top_k, top_p, min_p)
+    ids, probs, counts = _C.topk_topp_minp_select(_logits_array(logits), _vector(top_k, True), _vector(top_p, False),
+                                                  _vector(min_p, False), _threads(num_threads))
+    return torch.from_numpy(ids), torch.from_numpy(probs), torch.from_numpy(counts)
+
+
+def _logits_array(logits: torch.Tensor):
+    """A zero-copy numpy view of the logits when the vocab dimension is contiguous (rows may be strided)."""
+    if logits.requires_grad:
+        logits = logits.detach()
+    num_rows, vocab_size = logits.shape
+    if (vocab_size > 1 and logits.stride(1) != 1) or (num_rows > 1 and logits.stride(0) < vocab_size):
+        logits = logits.contiguous()
+    return logits.numpy()
+
+
+def _vector(t: torch.Tensor, integer: bool):
+    """A (B,) parameter as numpy: int64/int32 or float64/float32 as given (the extension widens them exactly)."""
+    if t.requires_grad:
+        t = t.detach()
+    if integer and t.dtype not in (torch.int64, torch.int32):
+        t = t.to(torch.int64)
+    elif not integer and t.dtype not in (torch.float64, torch.float32):
+        t = t.to(torch.float64)
+    return (t if t.is_contiguous() else t.contiguous()).numpy()
+
+
+def _select_reference(logits, top_k, top_p, min_p):
+    """topk_topp_minp_select on the torch reference."""
+    probs = torch.softmax(logits.double(), dim=-1)  # (B, V) float64
+    mask = reference.sampling_mask(logits, top_k, top_p, min_p) & (probs > 0)  # (B, V); p == 0 is never kept
+    num_rows, vocab_size = logits.shape
+    counts = mask.sum(dim=1)  # (B,)
+    max_count = int(counts.max()) if num_rows else 0
+    token_ids = torch.arange(vocab_size).expand(num_rows, vocab_size)
+    ids = torch.sort(torch.where(mask, token_ids, vocab_size), dim=1).values[:, :max_count]  # (B, N) kept ids first
+    kept = ids < vocab_size
+    kept_probs = torch.where(kept, torch.gather(probs, 1, ids.clamp_max(vocab_size - 1)), 0.0)
+    kept_probs = kept_probs / kept_probs.sum(dim=1, keepdim=True)
+    return torch.where(kept, ids, -1), kept_probs.float(), counts

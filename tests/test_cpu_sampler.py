@@ -1,0 +1,283 @@
+"""CPU sampler (fastgpt2.engine.cpu_sampler, C++ extension fastgpt2._C) against the torch reference: exact kept sets and
+draws on random and adversarial logits, input errors, the torch fallback, and token frequencies over many draws."""
+import math
+import re
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastgpt2.engine import cpu_sampler
+from fastgpt2.kernels import reference
+
+needs_extension = pytest.mark.skipif(not cpu_sampler.HAS_EXTENSION, reason="fastgpt2._C is not built")
+NEG_INF = float("-inf")
+
+
+def kept_mask(logits, top_k, top_p, min_p, num_threads=None):
+    """(B, V) bool mask from topk_topp_minp_select, after checking its layout."""
+    ids, probs, counts = cpu_sampler.topk_topp_minp_select(logits, top_k, top_p, min_p, num_threads=num_threads)
+    num_rows, vocab_size = logits.shape
+    assert ids.dtype == torch.int64 and probs.dtype == torch.float32 and counts.dtype == torch.int64
+    assert ids.shape == probs.shape == (num_rows, int(counts.max())) and bool((counts >= 1).all())
+    valid = torch.arange(ids.shape[1])[None, :] < counts[:, None]  # (B, N)
+    assert bool((ids[~valid] == -1).all()) and bool((probs[~valid] == 0).all()), "padding must be -1 / 0"
+    assert bool((ids[:, 1:] > ids[:, :-1])[valid[:, 1:]].all()), "ids must ascend"
+    torch.testing.assert_close(probs.double().sum(dim=1), torch.ones(num_rows, dtype=torch.float64), rtol=0, atol=1e-5)
+    mask = torch.zeros(num_rows, vocab_size, dtype=torch.bool)
+    rows = torch.arange(num_rows)[:, None].expand_as(ids)
+    mask[rows[valid], ids[valid]] = True
+    return mask
+
+
+def assert_matches_reference(logits, top_k, top_p, min_p, seed=0):
+    """Same kept set as reference.sampling_mask and the same draws for the same uniforms.
+
+    The reference can keep p == 0 tokens (-inf logits) at top_p = 1, when its cumsum and sum round apart; the
+    extension never keeps them, so the reference mask is compared on the tokens with p > 0.
+    """
+    probs = torch.softmax(logits.double(), dim=-1)
+    expected = reference.sampling_mask(logits, top_k, top_p, min_p) & (probs > 0)
+    mask = kept_mask(logits, top_k, top_p, min_p)
+    mismatched = (mask != expected).any(dim=1).nonzero().flatten().tolist()
+    assert not mismatched, f"kept sets differ in rows {mismatched[:8]}"
+    uniform = torch.rand(logits.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    drawn = cpu_sampler.topk_topp_minp_sample(logits, top_k, top_p, min_p, uniform)
+    assert drawn.dtype == torch.int64
+    assert torch.equal(drawn, reference.sample_from_mask(logits, expected, uniform))
+    assert bool(mask.gather(1, drawn[:, None]).all())
+
+
+def random_params(num_rows, vocab_size, g):
+    """A random mix per row: top-k off / small / larger than the vocab, top-p off or in (0, 1), min-p off or on."""
+    top_k = torch.randint(1, min(vocab_size, 64) + 1, (num_rows,), generator=g)
+    choice = torch.randint(0, 4, (num_rows,), generator=g)
+    top_k = torch.where(choice == 0, 0, top_k)
+    top_k = torch.where(choice == 1, vocab_size + 5, top_k)
+    top_k = torch.where(choice == 2, -1, top_k)
+    top_k[0] = 0
+    top_p = torch.rand(num_rows, generator=g).clamp_min(0.02)
+    top_p = torch.where(torch.rand(num_rows, generator=g) < 0.3, 1.0, top_p)
+    top_p[0] = 0.9
+    min_p = torch.rand(num_rows, generator=g) * 0.3
+    min_p = torch.where(torch.rand(num_rows, generator=g) < 0.5, 0.0, min_p)
+    min_p[0] = 0.0
+    return top_k, top_p, min_p
+
+
+@needs_extension
+@pytest.mark.parametrize("shape, scale", [((64, 50257), 1.0), ((16, 50257), 3.0), ((3, 1000), 1.0), ((3, 1000), 3.0),
+                                          ((1, 7), 1.0), ((1, 7), 3.0), ((5, 1), 1.0), ((9, 4099), 2.0)])
+def test_random_logits_match_reference(shape, scale):
+    g = torch.Generator().manual_seed(shape[0] * 7 + shape[1])
+    logits = torch.randn(shape, generator=g) * scale  # (B, V) float32
+    assert_matches_reference(logits, *random_params(*shape, g), seed=shape[1])
+
+
+def adversarial_logits(kind, num_rows, vocab_size, g):
+    logits = torch.randn(num_rows, vocab_size, generator=g) * 2
+    if kind == "rounded":  # many exact ties
+        return logits.round(decimals=1)
+    if kind == "integers":  # huge tie groups
+        return torch.randint(-3, 3, (num_rows, vocab_size), generator=g).float()
+    if kind == "all_equal":
+        return torch.zeros(num_rows, vocab_size) + torch.randn(num_rows, 1, generator=g)
+    if kind == "banned":  # -inf entries, one finite token at least
+        logits[torch.rand(num_rows, vocab_size, generator=g) < 0.6] = NEG_INF
+        logits[:, vocab_size // 2] = 0.0
+        return logits
+    if kind == "single_finite":
+        logits.fill_(NEG_INF)
+        logits[torch.arange(num_rows), torch.randint(0, vocab_size, (num_rows,), generator=g)] = 1.5
+        return logits
+    if kind == "peaked":  # three tokens hold almost all the mass
+        logits[:, :3] += 12.0
+        return logits
+    raise AssertionError(kind)
+
+
+@needs_extension
+@pytest.mark.parametrize("kind", ["rounded", "integers", "all_equal", "banned", "single_finite", "peaked"])
+@pytest.mark.parametrize("vocab_size", [7, 1000, 50257])
+def test_adversarial_logits_match_reference(kind, vocab_size):
+    num_rows = 6 if vocab_size > 5000 else 24
+    g = torch.Generator().manual_seed(vocab_size + len(kind))
+    logits = adversarial_logits(kind, num_rows, vocab_size, g)
+    top_k, top_p, min_p = random_params(num_rows, vocab_size, g)
+    # The parameter edges on fixed rows: no truncation at all, top_k > vocab, top_k = 0, top_p = 1, min_p = 0.
+    top_k[1:4] = torch.tensor([0, vocab_size + 1, vocab_size])
+    top_p[1:4] = 1.0
+    min_p[1:4] = 0.0
+    assert_matches_reference(logits, top_k, top_p, min_p, seed=vocab_size)
+    if kind in ("banned", "single_finite"):
+        mask = kept_mask(logits, top_k, top_p, min_p)
+        assert not bool((mask & torch.isneginf(logits)).any()), "a banned token was kept"
+
+
+@needs_extension
+def test_ties_are_broken_by_token_id():
+    logits = torch.zeros(4, 10)
+    top_k = torch.tensor([3, 0, 0, 0])
+    top_p = torch.tensor([1.0, 0.35, 1.0, 1.0])
+    min_p = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    logits[2, [3, 7]] = 1.0  # a tie for the top between ids 3 and 7
+    top_k[2] = 1
+    mask = kept_mask(logits, top_k, top_p, min_p)
+    assert mask[0].nonzero().flatten().tolist() == [0, 1, 2]
+    assert mask[1].nonzero().flatten().tolist() == [0, 1, 2, 3]  # cum_before 0.3 < 0.35, 0.4 is not
+    assert mask[2].nonzero().flatten().tolist() == [3]
+    assert mask[3].all()  # min_p = 1 keeps every token tied with the max
+
+
+@needs_extension
+def test_threads_and_strided_rows_give_the_same_result():
+    g = torch.Generator().manual_seed(5)
+    full = torch.randn(16, 3, 50257, generator=g) * 2
+    logits = full[:, -1, :]  # (B, V) rows 3 * V apart: used in place
+    assert not logits.is_contiguous()
+    top_k, top_p, min_p = random_params(16, 50257, g)
+    uniform = torch.rand(16, dtype=torch.float64, generator=g)
+    expected = cpu_sampler.topk_topp_minp_sample(logits.contiguous(), top_k, top_p, min_p, uniform, num_threads=1)
+    for num_threads in (2, 3, 64):
+        got = cpu_sampler.topk_topp_minp_sample(logits, top_k, top_p, min_p, uniform, num_threads=num_threads)
+        assert torch.equal(got, expected)
+    one = cpu_sampler.topk_topp_minp_select(logits, top_k, top_p, min_p, num_threads=1)
+    many = cpu_sampler.topk_topp_minp_select(logits, top_k, top_p, min_p, num_threads=4)
+    assert all(torch.equal(a, b) for a, b in zip(one, many))
+
+
+@needs_extension
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_small_vocab_property(data):
+    vocab_size = data.draw(st.integers(1, 12))
+    num_rows = data.draw(st.integers(1, 4))
+    values = st.sampled_from([NEG_INF, -3.0, -1.5, -0.5, 0.0, 0.0, 0.25, 1.0, 2.0])
+    logits = torch.tensor(data.draw(st.lists(st.lists(values, min_size=vocab_size, max_size=vocab_size),
+                                             min_size=num_rows, max_size=num_rows)), dtype=torch.float32)
+    logits[:, 0] = torch.where(torch.isneginf(logits).all(dim=1), 0.0, logits[:, 0])
+    top_k = torch.tensor(data.draw(st.lists(st.integers(-1, vocab_size + 2), min_size=num_rows, max_size=num_rows)))
+    top_p = torch.tensor(data.draw(st.lists(st.floats(0.015625, 1.0, width=32), min_size=num_rows, max_size=num_rows)))
+    min_p = torch.tensor(data.draw(st.lists(st.sampled_from([0.0, 0.1, 0.5, 1.0]), min_size=num_rows,
+                                            max_size=num_rows)))
+    assert_matches_reference(logits, top_k, top_p, min_p, seed=data.draw(st.integers(0, 1000)))
+
+
+@needs_extension
+def test_draw_frequencies_follow_the_kept_distribution():
+    logits = torch.tensor([[2.0, 1.5, NEG_INF, 1.0, 0.5, 0.5, -1.0, 0.0, 3.0, -4.0, 1.2, 0.1]])  # (1, 12)
+    top_k, top_p, min_p = torch.tensor([7]), torch.tensor([0.85]), torch.tensor([0.05])
+    mask = reference.sampling_mask(logits, top_k, top_p, min_p)[0]
+    expected = torch.softmax(logits.double(), dim=-1)[0] * mask
+    expected /= expected.sum()
+    num_draws = 200_000
+    g = torch.Generator().manual_seed(11)
+    uniform = torch.rand(num_draws, dtype=torch.float64, generator=g)
+    drawn = cpu_sampler.topk_topp_minp_sample(logits.expand(num_draws, -1), top_k.expand(num_draws),
+                                              top_p.expand(num_draws), min_p.expand(num_draws), uniform)
+    counts = torch.bincount(drawn, minlength=logits.shape[1]).double()
+    assert counts[~mask].sum() == 0, "a masked token was drawn"
+    freq = counts / num_draws
+    sigma = torch.sqrt(expected * (1 - expected) / num_draws)
+    assert bool(((freq - expected).abs() <= 5 * sigma + 1e-12).all()), (freq, expected)
+    kept = mask.nonzero().flatten()
+    chi2 = float((((counts - num_draws * expected)[kept]) ** 2 / (num_draws * expected[kept])).sum())
+    dof = len(kept) - 1
+    assert chi2 < dof + 6 * math.sqrt(2 * dof), f"chi-square {chi2:.1f} with {dof} degrees of freedom"
+
+
+@needs_extension
+def test_extension_rejects_bad_inputs_with_clear_errors():
+    from fastgpt2 import _C
+
+    logits = np.random.RandomState(0).randn(2, 10).astype(np.float32)
+    top_k, top_p, min_p, uniform = np.zeros(2, np.int64), np.full(2, 0.9), np.zeros(2), np.full(2, 0.5)
+    cases = [
+        ((logits.astype(np.float64), top_k, top_p, min_p, uniform), TypeError, "logits must be a float32 array"),
+        ((logits[0], top_k, top_p, min_p, uniform), ValueError, "logits must be 2-D (batch, vocab), got shape (10,)"),
+        ((logits[:, ::2], top_k, top_p, min_p, uniform), ValueError, "contiguous vocab dimension"),
+        ((logits, top_k.astype(np.int16), top_p, min_p, uniform), TypeError, "top_k must be an int64 or int32 array"),
+        ((logits, top_k, top_p.astype(np.float16), min_p, uniform), TypeError, "top_p must be a float64 or float32"),
+        ((logits, top_k, top_p[:1], min_p, uniform), ValueError, "top_p must have shape (2,)"),
+        ((logits, top_k, np.array([0.9, 0.0]), min_p, uniform), ValueError, "top_p[1] = 0.0 is outside (0, 1]"),
+        ((logits, top_k, top_p, np.array([0.0, 1.5]), uniform), ValueError, "min_p[1] = 1.5 is outside [0, 1]"),
+        ((logits, top_k, top_p, min_p, np.array([0.5, 1.0])), ValueError, "uniform[1] = 1.0 is outside [0, 1)"),
+        ((logits, top_k, np.array([0.9, np.nan]), min_p, uniform), ValueError, "top_p[1] = nan"),
+    ]
+    for args, error, message in cases:
+        with pytest.raises(error, match=re.escape(message)):
+            _C.topk_topp_minp_sample(*args, 1)
+    with pytest.raises(ValueError, match="num_threads must be >= 1"):
+        _C.topk_topp_minp_sample(logits, top_k, top_p, min_p, uniform, 0)
+    for value, message in ((np.nan, "logits row 1 contains NaN"), (np.inf, r"logits row 1 contains \+inf")):
+        bad = logits.copy()
+        bad[1, 3] = value
+        with pytest.raises(ValueError, match=message):
+            _C.topk_topp_minp_sample(bad, top_k, top_p, min_p, uniform, 2)
+        with pytest.raises(ValueError, match=message):
+            _C.topk_topp_minp_select(bad, top_k, top_p, min_p, 1)
+    bad = logits.copy()
+    bad[0] = -np.inf
+    with pytest.raises(ValueError, match="logits row 0 is -inf everywhere"):
+        _C.topk_topp_minp_sample(bad, top_k, top_p, min_p, uniform, 1)
+
+
+@pytest.fixture(params=["extension", "fallback"])
+def sampler_path(request, monkeypatch):
+    """cpu_sampler as built, and with the extension hidden (the torch fallback)."""
+    if request.param == "extension" and not cpu_sampler.HAS_EXTENSION:
+        pytest.skip("fastgpt2._C is not built")
+    if request.param == "fallback":
+        monkeypatch.setattr(cpu_sampler, "_C", None)
+    return request.param
+
+
+def test_cpu_sampler_rejects_bad_inputs(sampler_path):
+    logits = torch.randn(2, 10)
+    top_k, top_p, min_p, uniform = torch.zeros(2, dtype=torch.int64), torch.full((2,), 0.9), torch.zeros(2), \
+        torch.rand(2, dtype=torch.float64)
+    bad_nan = logits.clone()
+    bad_nan[1, 3] = float("nan")
+    cases = [
+        ((bad_nan, top_k, top_p, min_p, uniform), ValueError, "logits row 1 contains NaN"),
+        ((logits.double(), top_k, top_p, min_p, uniform), TypeError, "logits must be float32"),
+        ((logits[0], top_k, top_p, min_p, uniform), ValueError, "logits must be a 2-D"),
+        ((logits, top_k.float(), top_p, min_p, uniform), TypeError, "top_k must be an integer tensor"),
+        ((logits, top_k, top_p[:1], min_p, uniform), ValueError, r"top_p must have shape \(2,\)"),
+        ((logits, top_k, top_p, min_p, [0.5, 0.5]), TypeError, "uniform must be a tensor"),
+        ((logits, top_k, torch.tensor([0.9, 1.5]), min_p, uniform), ValueError, r"top_p\[1\] = 1.5 is outside"),
+    ]
+    for args, error, message in cases:
+        with pytest.raises(error, match=message):
+            cpu_sampler.topk_topp_minp_sample(*args)
+    with pytest.raises(ValueError, match="logits row 1 contains NaN"):
+        cpu_sampler.topk_topp_minp_select(bad_nan, top_k, top_p, min_p)
+
+
+def test_fallback_matches_extension_and_warns_once(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(8, 300, generator=g) * 2
+    logits[0, :50] = NEG_INF
+    params = random_params(8, 300, g)
+    uniform = torch.rand(8, dtype=torch.float64, generator=g)
+    built = None
+    if cpu_sampler.HAS_EXTENSION:
+        built = (cpu_sampler.topk_topp_minp_sample(logits, *params, uniform),
+                 cpu_sampler.topk_topp_minp_select(logits, *params))
+    monkeypatch.setattr(cpu_sampler, "_C", None)
+    cpu_sampler._warn_no_extension.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        drawn = cpu_sampler.topk_topp_minp_sample(logits, *params, uniform)
+        selected = cpu_sampler.topk_topp_minp_select(logits, *params)
+        cpu_sampler.topk_topp_minp_sample(logits, *params, uniform)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "not built" in messages[0] and "torch reference sampler" in messages[0]
+    assert torch.equal(drawn, reference.topk_topp_minp_sample(logits, *params, uniform))
+    if built is not None:
+        assert torch.equal(drawn, built[0])
+        assert torch.equal(selected[0], built[1][0]) and torch.equal(selected[2], built[1][2])
+        torch.testing.assert_close(selected[1], built[1][1], rtol=1e-6, atol=1e-7)  # float32 renormalised probs
