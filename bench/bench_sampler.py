@@ -7,6 +7,7 @@ implementations alternating so that a change in machine load hits them alike; th
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -72,7 +73,9 @@ def main() -> None:
     if not cpu_sampler.HAS_EXTENSION:
         print("fastgpt2._C is not built (python setup.py build_ext --inplace): nothing to compare")
         raise SystemExit(2)
-    print(f"top-p {TOP_P} on (B, {VOCAB}) float32 logits; torch {torch.__version__}; all threads = {all_threads}")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"top-p {TOP_P} on (B, {VOCAB}) float32 logits; torch {torch.__version__}; all threads = {all_threads}; "
+          f"load average {load} (other processes skew the medians; best = least disturbed run)")
     columns = ("C++ 1T", "C++ allT", "wrapper 1T", "torch 1T", "torch allT")
     print(f"{'logits':<10}{'B':>4}  " + "".join(f"{c:>16}" for c in columns) + "   us per row: median (best)")
     ratios = []

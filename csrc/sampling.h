@@ -7,7 +7,8 @@
 //   3. top-k keeps the first top_k tokens in rank order (top_k <= 0 or top_k >= vocab_size disables it).
 //   4. top-p keeps rank r when the mass ranked before r is < top_p * (mass of the top-k set); rank 0 is always kept.
 //   5. min-p keeps a token when p >= min_p * p_max, i.e. e_i >= min_p.
-//   6. Tokens with p == 0 are never kept (the float64 reference can keep them at top_p = 1 through rounding).
+//   6. Tokens with p == 0 are never kept. (At top_p = 1 the reference compares its cumsum with its sum, which differ
+//      by rounding only, and so keeps or drops the tail tokens with p == 0 or p < ~1e-15 of the total at random.)
 //   7. Draw with u in [0, 1): the smallest kept id whose running kept mass in token-id order is > u * (kept mass);
 //      the last kept id when rounding leaves none.
 // Sums are float64: kept sets and draws equal the reference's except where two compared sums are equal to within

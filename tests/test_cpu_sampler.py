@@ -36,18 +36,22 @@ def kept_mask(logits, top_k, top_p, min_p, num_threads=None):
 def assert_matches_reference(logits, top_k, top_p, min_p, seed=0):
     """Same kept set as reference.sampling_mask and the same draws for the same uniforms.
 
-    The reference can keep p == 0 tokens (-inf logits) at top_p = 1, when its cumsum and sum round apart; the
-    extension never keeps them, so the reference mask is compared on the tokens with p > 0.
+    At top_p = 1 the reference compares its cumsum with its sum, which differ by rounding only: it then keeps or drops
+    the tokens of the tail at random when p == 0 (-inf logits) or p < ~1e-15 of the total. The extension keeps the
+    whole top-k set minus the p == 0 tokens, so those tokens are left out of the comparison (never the kept p > 0
+    tokens of any row with top_p < 1).
     """
-    probs = torch.softmax(logits.double(), dim=-1)
+    probs = torch.softmax(logits.double(), dim=-1)  # (B, V)
     expected = reference.sampling_mask(logits, top_k, top_p, min_p) & (probs > 0)
     mask = kept_mask(logits, top_k, top_p, min_p)
-    mismatched = (mask != expected).any(dim=1).nonzero().flatten().tolist()
+    rounding_only = (top_p[:, None] >= 1.0) & (probs < 1e-12 * probs.sum(dim=-1, keepdim=True))
+    assert not bool((mask & (probs == 0)).any()), "a token with p == 0 was kept"
+    mismatched = ((mask != expected) & ~rounding_only).any(dim=1).nonzero().flatten().tolist()
     assert not mismatched, f"kept sets differ in rows {mismatched[:8]}"
     uniform = torch.rand(logits.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     drawn = cpu_sampler.topk_topp_minp_sample(logits, top_k, top_p, min_p, uniform)
     assert drawn.dtype == torch.int64
-    assert torch.equal(drawn, reference.sample_from_mask(logits, expected, uniform))
+    assert torch.equal(drawn, reference.topk_topp_minp_sample(logits, top_k, top_p, min_p, uniform))
     assert bool(mask.gather(1, drawn[:, None]).all())
 
 
@@ -150,7 +154,7 @@ def test_threads_and_strided_rows_give_the_same_result():
 
 
 @needs_extension
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_small_vocab_property(data):
     vocab_size = data.draw(st.integers(1, 12))
