@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Iterator
 
 import torch
@@ -12,6 +13,26 @@ from fastgpt2.engine.model import GPT2
 from fastgpt2.engine.outputs import RequestOutput
 from fastgpt2.engine.sampling_params import SamplingParams
 from fastgpt2.engine.tokenizer import Tokenizer
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: without them, bfloat16 matmuls on CPU are emulated and far slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _effective_dtype(device, dtype):
+    """bfloat16 on a CPU without native bf16 runs in float32 (said once): same results to bf16 precision, faster."""
+    cpu = device is None and not torch.cuda.is_available() or device is not None and str(device).startswith("cpu")
+    if cpu and dtype in ("bfloat16", "bf16", torch.bfloat16) and not cpu_has_native_bf16():
+        warnings.warn("this CPU has no AVX512-BF16/AMX, so bfloat16 would be emulated; using float32 instead",
+                      stacklevel=3)
+        return torch.float32
+    return dtype
 
 
 class LLM:
@@ -34,7 +55,7 @@ class LLM:
         if isinstance(model, GPT2):
             self.model = model.eval()
         else:
-            self.model = GPT2.from_pretrained(model, device=device, dtype=dtype)
+            self.model = GPT2.from_pretrained(model, device=device, dtype=_effective_dtype(device, dtype))
         if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
             source = tokenizer or getattr(self.model, "checkpoint_dir", None)
             tokenizer = Tokenizer.from_pretrained(source)

@@ -17,7 +17,7 @@ import torch
 #   3. top-k: keep the first top_k tokens in rank order (top_k <= 0 or top_k >= vocab means no top-k).
 #   4. top-p: with S_k the sum of p over the top-k set, keep the token at rank r when the sum of p over the kept tokens
 #      ranked before it is < top_p * S_k (rank 0 is always kept; top_p = 1.0 keeps the whole top-k set).
-#   5. min-p: keep a token when p >= min_p * p_max (min_p = 0 keeps everything).
+#   5. min-p: keep a token when p >= min_p * p_max (min_p = 0 keeps everything); tokens with p = 0 are never kept.
 #   6. Draw with a uniform u in [0, 1): with S the sum of p over the kept set, the sample is the smallest kept token id i
 #      such that the running sum of kept p in token-id order up to and including i is > u * S (the last kept id if
 #      rounding leaves none).
@@ -58,9 +58,11 @@ def sampling_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     kept_k = torch.where(keep_sorted, sorted_probs, torch.zeros_like(sorted_probs))
     s_k = kept_k.sum(dim=-1, keepdim=True)
     cum_before = torch.cumsum(kept_k, dim=-1) - kept_k
-    keep_sorted &= cum_before < top_p.double()[:, None] * s_k
+    # top_p = 1 keeps everything exactly: comparing a cumsum with its own total would drop a rounding tail.
+    keep_sorted &= (cum_before < top_p.double()[:, None] * s_k) | (top_p[:, None] >= 1.0)
     keep_sorted[:, 0] = True
     keep_sorted &= sorted_probs >= min_p.double()[:, None] * sorted_probs[:, :1]
+    keep_sorted &= sorted_probs > 0  # banned (-inf) tokens are never candidates
     mask = torch.zeros_like(keep_sorted)
     mask.scatter_(1, order, keep_sorted)
     return mask
