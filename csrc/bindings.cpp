@@ -11,10 +11,15 @@ py::array_t<int64_t> topk_topp_minp_sample_checked(const py::array& logits, cons
                                                    const py::array& uniform, int num_threads);
 py::tuple topk_topp_minp_select_checked(const py::array& logits, const py::array& top_k, const py::array& top_p,
                                         const py::array& min_p, int num_threads);
+// Defined in attention_launcher.cpp.
+void paged_decode_attention_checked(const py::array& q, const py::array& k_cache, const py::array& v_cache,
+                                    const py::array& block_tables, const py::array& seq_lens, py::array& out,
+                                    float scale, int num_threads);
 }  // namespace fastgpt2
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "fastgpt2 CPU kernels: top-k / top-p / min-p sampling (semantics of fastgpt2.kernels.reference).";
+  m.doc() = "fastgpt2 CPU kernels: top-k / top-p / min-p sampling and paged decode attention (semantics of "
+            "fastgpt2.kernels.reference).";
   m.def("topk_topp_minp_sample", &fastgpt2::topk_topp_minp_sample_checked,
         "Truncate float32 logits (B, V) by top_k (B,) int64|int32, top_p and min_p (B,) float64|float32, draw with "
         "uniform (B,) float64|float32; returns (B,) int64 token ids.",
@@ -23,4 +28,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("topk_topp_minp_select", &fastgpt2::topk_topp_minp_select_checked,
         "Kept candidates per row: (ids (B, N) int64 padded -1, probs (B, N) float32 padded 0, counts (B,) int64).",
         py::arg("logits"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"), py::arg("num_threads") = 1);
+  m.def("paged_decode_attention", &fastgpt2::paged_decode_attention_checked,
+        "float32 q (B, H, D) against k_cache/v_cache (num_blocks, block_size, H, D) through block_tables (B, max_blocks) "
+        "int32 and seq_lens (B,) int32; writes out (B, H, D).",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("seq_lens"),
+        py::arg("out"), py::arg("scale"), py::arg("num_threads") = 1);
 }

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fastgpt2.engine.native import paged_decode_attention as native_decode
 from fastgpt2.kernels import dispatch
 
 
@@ -45,17 +46,14 @@ def paged_attention(
     device = q.device
     dispatch.get("reshape_and_cache", device)(k, v, k_cache, v_cache, meta.slot_mapping)
     nd = meta.num_decode_tokens
+    decode = dispatch.get("paged_decode_attention", device) if dispatch.use_triton(device) else native_decode
     if meta.num_prefills == 0:
-        return dispatch.get("paged_decode_attention", device)(
-            q, k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, meta.scale
-        )
+        return decode(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, meta.scale)
     prefill_out = dispatch.get("prefill_attention", device)(
         q[nd:], k_cache, v_cache, meta.prefill_cu_seqlens_q, meta.prefill_seq_lens, meta.prefill_block_tables, meta.scale,
         max_seqlen_q=meta.prefill_max_query_len,
     )
     if nd == 0:
         return prefill_out
-    decode_out = dispatch.get("paged_decode_attention", device)(
-        q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, meta.scale
-    )
+    decode_out = decode(q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, meta.scale)
     return torch.cat([decode_out, prefill_out], dim=0)

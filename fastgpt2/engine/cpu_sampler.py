@@ -1,6 +1,7 @@
 """CPU top-k / top-p / min-p sampling: the C++ extension `fastgpt2._C` when it is built, else the torch reference.
 
-The only module that imports `fastgpt2._C`. Semantics are those of `fastgpt2.kernels.reference` (sampling section).
+The compiled module comes through `fastgpt2.engine.native` (its one importer). Semantics are those of
+`fastgpt2.kernels.reference` (sampling section).
 """
 from __future__ import annotations
 
@@ -11,10 +12,7 @@ import torch
 
 from fastgpt2.kernels import reference
 
-try:
-    from fastgpt2 import _C
-except ImportError:  # no compiler at install time, or not built yet
-    _C = None
+from fastgpt2.engine.native import _C
 
 HAS_EXTENSION: bool = _C is not None
 

@@ -1,0 +1,28 @@
+"""The one module that imports the C++ extension `fastgpt2._C`; CPU kernels built on it fall back to the torch
+references when it is missing (see cpu_sampler for sampling)."""
+from __future__ import annotations
+
+import torch
+
+from fastgpt2.kernels import reference
+
+try:
+    from fastgpt2 import _C
+except ImportError:  # no compiler at install time, or not built yet
+    _C = None
+
+HAS_EXTENSION: bool = _C is not None
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float, num_threads: int | None = None):
+    """reference.paged_decode_attention, in C++ for float32 CPU tensors: K/V are read in place through the block
+    table (no gather copies), work split over (sequence, head). Other dtypes and devices use the reference."""
+    if _C is None or q.dtype != torch.float32 or k_cache.dtype != torch.float32 or not q.is_cpu:
+        return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    out = torch.empty_like(q)
+    _C.paged_decode_attention(
+        q.contiguous().numpy(), k_cache.numpy(), v_cache.numpy(), block_tables.to(torch.int32).contiguous().numpy(),
+        seq_lens.to(torch.int32).contiguous().numpy(), out.numpy(), float(scale),
+        num_threads or torch.get_num_threads(),
+    )
+    return out
