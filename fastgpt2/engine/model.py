@@ -117,7 +117,28 @@ class GPT2(nn.Module):
             x = block(x, meta, None if kv_caches is None else kv_caches[i])
         if logits_indices is not None:
             x = x[logits_indices]  # only the rows whose next token is needed: the LM head is 40% of a decode step
-        return F.linear(self.ln_f(x), self.wte.weight)
+        return self.lm_head(self.ln_f(x))
+
+    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits over the vocabulary, tied to wte. x: (..., C) -> (..., V).
+
+        CPU inference picks the GEMV/GEMM layout MKL reads fastest (measured on the 124M head, one thread: a
+        (C, V) copy of wte makes batch-1 decode's head 1.6x faster; W @ x.T is 1.5x faster at 64 rows)."""
+        weight = self.wte.weight
+        if x.dim() != 2 or weight.device.type != "cpu" or torch.is_grad_enabled():
+            return F.linear(x, weight)
+        if x.shape[0] <= 8:
+            return torch.mm(x, self._wte_transposed())
+        return torch.mm(weight, x.t()).t()
+
+    def _wte_transposed(self) -> torch.Tensor:
+        weight = self.wte.weight
+        key = (weight.data_ptr(), weight._version, weight.dtype)
+        cached = getattr(self, "_wte_t_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, weight.detach().t().contiguous())
+            self._wte_t_cache = cached
+        return cached[1]
 
     def _check_dense_input(self, input_ids):
         if not isinstance(input_ids, torch.Tensor):
