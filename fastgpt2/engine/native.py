@@ -2,6 +2,9 @@
 references when it is missing (see cpu_sampler for sampling)."""
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 
 from fastgpt2.kernels import reference
@@ -14,10 +17,18 @@ except ImportError:  # no compiler at install time, or not built yet
 HAS_EXTENSION: bool = _C is not None
 
 
+@functools.cache
+def _warn_no_extension() -> None:
+    warnings.warn("fastgpt2._C (the C++ extension) is not built, so CPU decode attention uses the slower torch "
+                  "reference; build it with `pip install -e .`", RuntimeWarning, stacklevel=3)
+
+
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float, num_threads: int | None = None):
     """reference.paged_decode_attention, in C++ for float32 CPU tensors: K/V are read in place through the block
     table (no gather copies), work split over (sequence, head). Other dtypes and devices use the reference."""
     if _C is None or q.dtype != torch.float32 or k_cache.dtype != torch.float32 or not q.is_cpu:
+        if _C is None:
+            _warn_no_extension()
         return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
     out = torch.empty_like(q)
     _C.paged_decode_attention(
