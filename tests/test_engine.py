@@ -182,3 +182,32 @@ def test_bad_prompts_leave_engine_clean(tiny_dir):
         llm.generate([list(range(100))], SamplingParams(max_tokens=10), use_tqdm=False)
     assert not llm.engine.has_unfinished()
     assert llm.generate([[1, 2]], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)[0].finished
+
+
+def test_logits_processor_bias_penalties_and_min_tokens(tiny_dir):
+    llm = LLM(str(tiny_dir), device="cpu")
+    prompt = [11, 22, 33]
+
+    def force_42(generated_ids, logits):
+        out = torch.full_like(logits, float("-inf"))
+        out[42] = 0.0
+        return out
+
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=5, logits_processors=[force_42]),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == [42] * 5
+    out = llm.generate(prompt, SamplingParams(temperature=0.8, seed=1, max_tokens=5, logit_bias={777: 1e4}),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == [777] * 5
+    # A huge repetition penalty forbids repeating any earlier token, in the greedy text too.
+    greedy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    plain = llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids
+    assert len(set(plain)) < len(plain), "the test needs a greedy text that repeats itself"
+    penalised = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=30, repetition_penalty=1e6,
+                                                    ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids
+    assert len(set(penalised + prompt)) == len(penalised + prompt)
+    # min_tokens bans stop tokens until that many tokens exist.
+    stop_id = plain[0]
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=30, min_tokens=4, stop_token_ids=[stop_id]),
+                       use_tqdm=False)[0].outputs[0]
+    assert stop_id not in out.token_ids[:4] and len(out.token_ids) >= 5

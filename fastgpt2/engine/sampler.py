@@ -38,6 +38,7 @@ class Sampler:
         self.eos_token_id = eos_token_id
         self.generator = generator  # for requests without a seed
 
+    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         """logits: (B, V) float32, one row per sequence in seqs."""
         raw_logprobs = None
