@@ -1,0 +1,175 @@
+"""The CPU suite: fastgpt2 vs Hugging Face transformers with the same weights, in one process.
+
+Entry points: `run(argv)` (bench/cpu.py) and `add_arguments` + `main(args)` (`fastgpt2 bench`). Writes
+bench/results/<machine>-<date>-<tag>.{md,json,png}; the markdown table (ratio column last) also goes to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+
+import torch
+
+from fastgpt2.benchmarks import common
+from fastgpt2.benchmarks.cpu_report import plot, render, targets
+
+CASES = ("decode", "batch", "prefill", "workload", "sampling")
+DECODE_PROMPT_LEN = 16  # the fixed prompt length of the batch-1 decode case
+# Sizes per mode. --quick must finish in < 3 minutes on 2 idle cores for 124M float32.
+SIZES = {
+    "quick": dict(decode_tokens=16, decode_repeats=3, batch_sizes=(16, 64), batch_prompt_len=8, batch_tokens=4,
+                  batch_repeats=3, prefill_len=512, prefill_repeats=2, workload_requests=32, workload_lens=(8, 32),
+                  workload_hf_batch=16, sampling_batches=(1, 64), sampling_repeats=5),
+    "full": dict(decode_tokens=64, decode_repeats=7, batch_sizes=(16, 64), batch_prompt_len=16, batch_tokens=32,
+                 batch_repeats=3, prefill_len=512, prefill_repeats=5, workload_requests=200, workload_lens=(8, 256),
+                 workload_hf_batch=16, sampling_batches=(1, 64), sampling_repeats=30),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="fewer repeats, tokens and requests (< 3 minutes)")
+    p.add_argument("--model", default="124M",
+                   help="preset (random weights, nothing downloaded) or a local Hugging Face directory")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--out", default="bench/results", help="directory for the .md/.json/.png results")
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
+    p.add_argument("--tag", default=None, help="result file tag (default: cpu-<model>-<dtype>[-quick][-<cases>])")
+
+
+def run(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="bench/cpu.py", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return main(parser.parse_args(argv))
+
+
+def _log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def _transformers_or_exit():
+    try:
+        import transformers
+    except ImportError:
+        print("fastgpt2 bench needs transformers (the reference system): pip install -e '.[bench]'", file=sys.stderr)
+        return None
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def _parse_cases(text: str) -> list[str]:
+    cases = [c.strip() for c in text.split(",") if c.strip()]
+    bad = [c for c in cases if c not in CASES]
+    if bad or not cases:
+        raise ValueError(f"unknown case {bad[0] if bad else text!r} in --cases; choose from {','.join(CASES)}")
+    return [c for c in CASES if c in cases]
+
+
+def build_systems(transformers, model: str, dtype: str, with_fp32: bool):
+    """LLM on random (preset) or loaded (directory) weights, and transformers loaded from the LLM's own save."""
+    from fastgpt2 import LLM, GPT2Config
+    from fastgpt2.benchmarks.cpu_cases import Systems
+    from fastgpt2.engine.config import canonical_preset
+
+    torch.manual_seed(0)
+    source = GPT2Config.from_name(model) if canonical_preset(model) is not None else model
+    llm = LLM(source, device="cpu", dtype=dtype)
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    with tempfile.TemporaryDirectory() as directory:
+        llm.save_pretrained(directory)
+        load = lambda dt: transformers.GPT2LMHeadModel.from_pretrained(  # noqa: E731
+            directory, **{dtype_kw: dt}).eval()
+        hf = load(getattr(torch, dtype))
+        hf_fp32 = load(torch.float32) if with_fp32 and dtype != "float32" else None
+    return Systems(llm, hf, hf_fp32, random.Random(0))
+
+
+def _run_cases(systems, cases: list[str], sizes: dict, results: dict, save) -> None:
+    """Run each case into `results`, calling save() after every measurement so an interrupted run keeps its data."""
+    from fastgpt2.benchmarks import cpu_cases
+
+    for case in cases:
+        start = time.perf_counter()
+        _log(f"{case} ...")
+        if case == "decode":
+            results["decode"] = cpu_cases.decode(systems, 1, sizes["decode_tokens"], DECODE_PROMPT_LEN,
+                                                 sizes["decode_repeats"], with_fp32=True)
+        elif case == "batch":
+            results["batch"] = {}
+            for b in sizes["batch_sizes"]:
+                results["batch"][b] = cpu_cases.decode(systems, b, sizes["batch_tokens"], sizes["batch_prompt_len"],
+                                                       sizes["batch_repeats"])
+                save()
+        elif case == "prefill":
+            results["prefill"] = cpu_cases.prefill(systems, sizes["prefill_len"], sizes["prefill_repeats"])
+        elif case == "workload":
+            lo, hi = sizes["workload_lens"]
+            results["workload"] = cpu_cases.workload(systems, sizes["workload_requests"], lo, hi,
+                                                     sizes["workload_hf_batch"])
+        elif case == "sampling":
+            results["sampling"] = cpu_cases.sampling(sizes["sampling_batches"], sizes["sampling_repeats"])
+        _log(f"{case} done in {time.perf_counter() - start:.1f} s")
+        save()
+
+
+def _model_slug(model: str) -> str:
+    from pathlib import Path
+
+    from fastgpt2.engine.config import canonical_preset
+
+    return canonical_preset(model) or Path(model).name.replace(" ", "_")
+
+
+def main(args) -> int:
+    wall_start = time.perf_counter()
+    transformers = _transformers_or_exit()
+    if transformers is None:
+        return 2
+    cases = _parse_cases(args.cases)
+    sizes = SIZES["quick" if args.quick else "full"]
+    info = common.machine_info()
+    _log(f"{info['cpu_model']}, {info['usable_cpus']} cores, torch {info['torch']} ({info['torch_threads']} threads), "
+         f"transformers {info['transformers']}; cases: {','.join(cases)}")
+    bandwidth = common.copy_bandwidth()
+    _log(f"copy bandwidth {bandwidth['gb_per_s']:.1f} GB/s (read+write); building the models ...")
+    systems = build_systems(transformers, args.model, args.dtype, with_fp32="decode" in cases)
+    config = systems.llm.config
+    actual = systems.llm.model.wte.weight  # the engine may run another dtype than asked (bf16 without native bf16)
+    weights = {"num_parameters": config.num_parameters(), "dtype": args.dtype,
+               "fastgpt2_dtype": str(actual.dtype).replace("torch.", ""),
+               "transformers_dtype": str(systems.hf.dtype).replace("torch.", ""),
+               "bytes_per_decode_step": config.num_parameters() * actual.element_size()}
+    if weights["fastgpt2_dtype"] != args.dtype:
+        _log(f"fastgpt2 runs {weights['fastgpt2_dtype']} although {args.dtype} was asked for (the engine's choice)")
+    weights["floor_ms_per_step"] = weights["bytes_per_decode_step"] / (bandwidth["gb_per_s"] * 1e9) * 1e3
+    report = {"machine": info, "args": {k: v for k, v in vars(args).items() if k != "func"}, "sizes": sizes,
+              "cases": cases, "bandwidth": bandwidth, "weights": weights, "results": {}}
+    machine = common.machine_slug(info)
+    tag = args.tag or "-".join(["cpu", _model_slug(args.model).lower(), args.dtype] + (["quick"] if args.quick else [])
+                               + ([] if len(cases) == len(CASES) else ["+".join(cases)]))
+    paths = {ext: common.result_path(args.out, machine, tag, ext, info["date"]) for ext in ("md", "json", "png")}
+
+    def save() -> str:
+        report["targets"] = targets(report)
+        report["wall_s"] = time.perf_counter() - wall_start
+        text = render(report)
+        paths["md"].parent.mkdir(parents=True, exist_ok=True)
+        paths["md"].write_text(text + "\n")
+        common.write_json(paths["json"], report)
+        return text
+
+    _run_cases(systems, cases, sizes, report["results"], save)
+    text = save()
+    note = plot(report, paths["png"])
+    print(text)
+    _log(f"wrote {paths['md']}, {paths['json']}" + (f", {paths['png']}" if note is None else f" ({note})"))
+    _log(f"wall time {report['wall_s']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

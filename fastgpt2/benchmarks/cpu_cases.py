@@ -1,0 +1,219 @@
+"""The CPU suite's cases. Each alternates fastgpt2 and transformers (A B A B ...) after a warm-up and returns raw
+timings plus per-system medians; cpu.py turns them into the report.
+
+Every prompt is fresh random token ids, so fastgpt2's prefix cache never hits and both systems do the same work.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fastgpt2 import LLM, SamplingParams
+from fastgpt2.benchmarks.common import alternate, median
+
+EOS = 50256
+PROMPT_VOCAB = 50000  # prompt ids are drawn from [0, PROMPT_VOCAB): ordinary tokens, never <|endoftext|>
+
+
+@dataclass
+class Systems:
+    """The two systems under test, holding the same weights, and an optional float32 transformers model."""
+
+    llm: LLM
+    hf: object  # transformers.GPT2LMHeadModel in the benchmark dtype
+    hf_fp32: object | None  # transformers in float32, for the "bf16 fastgpt2 vs fp32 transformers" target
+    rng: random.Random
+
+    def prompts(self, num_prompts: int, prompt_len: int) -> list[list[int]]:
+        return [[self.rng.randrange(PROMPT_VOCAB) for _ in range(prompt_len)] for _ in range(num_prompts)]
+
+
+# -- one timed call of each system ----------------------------------------------------------------------------------
+def fastgpt2_call(s: Systems, batch: int, prompt_len: int, max_tokens: int):
+    """A callable that submits `batch` fresh prompts at once (greedy, ignore_eos) and returns its seconds."""
+
+    def run() -> float:
+        prompts = s.prompts(batch, prompt_len)
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        start = time.perf_counter()
+        outs = s.llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        assert all(len(o.outputs[0].token_ids) == max_tokens for o in outs)
+        return elapsed
+
+    return run
+
+
+def hf_call(s: Systems, model, batch: int, prompt_len: int, max_new_tokens: int):
+    """A callable that runs transformers' greedy generate on a (batch, prompt_len) batch and returns its seconds."""
+
+    def run() -> float:
+        ids = torch.tensor(s.prompts(batch, prompt_len))  # (batch, prompt_len), equal lengths: no padding
+        with torch.inference_mode():
+            start = time.perf_counter()
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=EOS)
+            elapsed = time.perf_counter() - start
+        assert out.shape == (batch, prompt_len + max_new_tokens)
+        return elapsed
+
+    return run
+
+
+def _hf_models(s: Systems, with_fp32: bool) -> dict:
+    models = {"transformers": s.hf}
+    if with_fp32 and s.hf_fp32 is not None:
+        models["transformers-float32"] = s.hf_fp32
+    return models
+
+
+# -- cases ----------------------------------------------------------------------------------------------------------
+def decode(s: Systems, batch: int, num_tokens: int, prompt_len: int, repeats: int, with_fp32: bool = False) -> dict:
+    """Decode speed with `batch` concurrent requests, prefill excluded.
+
+    Per system: time T(1) of generating 1 new token and T(N+1) of N+1 new tokens (both include the same prefill), so
+    one decode step costs (median T(N+1) - median T(1)) / N; tokens/s = batch / that.
+    """
+    makers = {"fastgpt2": lambda m: fastgpt2_call(s, batch, prompt_len, m)}
+    for name, model in _hf_models(s, with_fp32).items():
+        makers[name] = lambda m, model=model: hf_call(s, model, batch, prompt_len, m)
+    for make in makers.values():  # warm-up: same shapes, fewer tokens
+        make(min(num_tokens + 1, 8))()
+    fns = {}
+    for name, make in makers.items():
+        fns[f"{name}|short"] = make(1)
+        fns[f"{name}|long"] = make(num_tokens + 1)
+    raw = alternate(fns, warmup=0, repeats=repeats)
+    systems = {}
+    for name in makers:
+        step_s = (median(raw[f"{name}|long"]) - median(raw[f"{name}|short"])) / num_tokens
+        step_s = max(step_s, 1e-9)  # only a wildly noisy machine makes this <= 0
+        # Best case, from the fastest call of each kind: a background-load burst only ever adds time.
+        best_s = max((min(raw[f"{name}|long"]) - min(raw[f"{name}|short"])) / num_tokens, 1e-9)
+        systems[name] = {"ms_per_step": step_s * 1e3, "tokens_per_s": batch / step_s,
+                         "best_ms_per_step": best_s * 1e3, "best_tokens_per_s": batch / best_s}
+    return {"batch": batch, "num_tokens": num_tokens, "prompt_len": prompt_len, "repeats": repeats,
+            "method": "(median T(N+1 new tokens) - median T(1 new token)) / N; prefill excluded",
+            "systems": systems, "raw_s": raw}
+
+
+def prefill(s: Systems, prompt_len: int, repeats: int) -> dict:
+    """Prefill tokens/s of one prompt: fastgpt2 generate(max_tokens=1); transformers one forward that keeps the KV
+    cache and computes logits for the last position only (logits_to_keep=1, as its generate does)."""
+
+    def hf_forward() -> float:
+        ids = torch.tensor(s.prompts(1, prompt_len))
+        with torch.inference_mode():
+            start = time.perf_counter()
+            s.hf(ids, use_cache=True, logits_to_keep=1)
+            return time.perf_counter() - start
+
+    fns = {"fastgpt2": fastgpt2_call(s, 1, prompt_len, 1), "transformers": hf_forward}
+    raw = alternate(fns, warmup=1, repeats=repeats)
+    systems = {name: {"seconds": median(t), "tokens_per_s": prompt_len / median(t)} for name, t in raw.items()}
+    return {"prompt_len": prompt_len, "repeats": repeats, "systems": systems, "raw_s": raw}
+
+
+def _latency_stats(latencies: list[float]) -> dict:
+    p50, p90, p99 = np.percentile(np.asarray(latencies), [50, 90, 99])
+    return {"p50_s": float(p50), "p90_s": float(p90), "p99_s": float(p99)}
+
+
+def workload(s: Systems, num_requests: int, min_len: int, max_len: int, hf_batch: int, seed: int = 0) -> dict:
+    """num_requests requests with seeded random prompt and output lengths in [min_len, max_len], all arriving at t0.
+
+    fastgpt2 gets them all in one generate() (continuous batching). transformers runs them in submission order in
+    fixed batches of hf_batch, left-padded, each batch generating until its longest output (ignore EOS). Latency of a
+    request = its finish time - t0 (fastgpt2: RequestOutput.metrics['finish']; transformers: its batch's end).
+    Tokens/s counts the requested output tokens only (not the padding rows transformers also computes).
+    """
+    rng = random.Random(seed)
+    lens = [(rng.randint(min_len, max_len), rng.randint(min_len, max_len)) for _ in range(num_requests)]
+    prompts = [[rng.randrange(PROMPT_VOCAB) for _ in range(p)] for p, _ in lens]
+    out_lens = [o for _, o in lens]
+    num_output_tokens = sum(out_lens)
+
+    def run_fastgpt2(prompts, out_lens) -> dict:
+        params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for o in out_lens]
+        t0 = time.perf_counter()
+        outs = s.llm.generate(prompts, params, use_tqdm=False)
+        wall = time.perf_counter() - t0
+        assert [len(o.outputs[0].token_ids) for o in outs] == out_lens
+        return {"wall_s": wall, "latency_s": [o.metrics["finish"] - t0 for o in outs],
+                "ttft_s": [o.metrics["first_token"] - t0 for o in outs]}
+
+    def run_hf(prompts, out_lens) -> dict:
+        t0 = time.perf_counter()
+        latency = []
+        for i in range(0, len(prompts), hf_batch):
+            chunk, outs = prompts[i:i + hf_batch], out_lens[i:i + hf_batch]
+            width = max(len(p) for p in chunk)
+            ids = torch.full((len(chunk), width), EOS, dtype=torch.long)  # (b, width), left-padded
+            mask = torch.zeros_like(ids)
+            for row, p in enumerate(chunk):
+                ids[row, width - len(p):] = torch.tensor(p)
+                mask[row, width - len(p):] = 1
+            with torch.inference_mode():
+                s.hf.generate(ids, attention_mask=mask, max_new_tokens=max(outs), min_new_tokens=max(outs),
+                              do_sample=False, pad_token_id=EOS)
+            latency += [time.perf_counter() - t0] * len(chunk)
+        return {"wall_s": time.perf_counter() - t0, "latency_s": latency}
+
+    run_fastgpt2(prompts[:2], [4, 4])  # warm-up
+    run_hf(prompts[:2], [4, 4])
+    raw = {"fastgpt2": run_fastgpt2(prompts, out_lens), "transformers": run_hf(prompts, out_lens)}
+    systems = {name: {"wall_s": r["wall_s"], "tokens_per_s": num_output_tokens / r["wall_s"],
+                      **_latency_stats(r["latency_s"])} for name, r in raw.items()}
+    systems["fastgpt2"]["ttft"] = _latency_stats(raw["fastgpt2"]["ttft_s"])
+    return {"num_requests": num_requests, "len_range": [min_len, max_len], "hf_batch": hf_batch, "seed": seed,
+            "num_prompt_tokens": sum(p for p, _ in lens), "num_output_tokens": num_output_tokens,
+            "systems": systems, "raw": raw}
+
+
+def sampling(batches: tuple[int, ...], repeats: int) -> dict:
+    """Top-p 0.9 sampling of float32 logits (B, 50257) on one torch thread: fastgpt2's CPU sampler (C++ when built),
+    the torch reference, and transformers' TopPLogitsWarper + softmax + multinomial. Reports microseconds per row."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from fastgpt2.kernels import reference
+
+    try:
+        from fastgpt2.engine import cpu_sampler
+        has_extension = bool(getattr(cpu_sampler, "HAS_EXTENSION", False))
+    except ImportError as exc:
+        cpu_sampler, has_extension = None, f"not available ({exc})"
+    warper = TopPLogitsWarper(0.9)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    results = {}
+    try:
+        for batch in batches:
+            g = torch.Generator().manual_seed(batch)
+            logits = torch.randn(batch, 50257, generator=g) * 3.0  # (B, V) float32, a peaked-ish distribution
+            args = (logits, torch.zeros(batch, dtype=torch.int64), torch.full((batch,), 0.9),
+                    torch.zeros(batch), torch.rand(batch, dtype=torch.float64, generator=g))
+
+            calls = max(1, 16 // batch)  # one timing covers >= 16 rows, so a 100 us call is not lost in timer noise
+
+            def timer(fn):
+                def run() -> float:
+                    start = time.perf_counter()
+                    for _ in range(calls):
+                        fn()
+                    return (time.perf_counter() - start) / calls
+                return run
+
+            fns = {"fastgpt2.reference": timer(lambda: reference.topk_topp_minp_sample(*args)),
+                   "transformers": timer(lambda: torch.multinomial(
+                       torch.softmax(warper(None, logits), dim=-1), 1))}
+            if cpu_sampler is not None:
+                fns = {"fastgpt2.cpu_sampler": timer(lambda: cpu_sampler.topk_topp_minp_sample(*args)), **fns}
+            raw = alternate(fns, warmup=2, repeats=repeats)
+            results[batch] = {"us_per_row": {k: median(v) * 1e6 / batch for k, v in raw.items()}, "raw_s": raw}
+    finally:
+        torch.set_num_threads(threads)
+    return {"has_extension": has_extension, "torch_threads": 1, "top_p": 0.9, "batches": results}
