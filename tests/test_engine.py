@@ -206,6 +206,11 @@ def test_logits_processor_bias_penalties_and_min_tokens(tiny_dir):
     penalised = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=30, repetition_penalty=1e6,
                                                     ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids
     assert len(set(penalised + prompt)) == len(penalised + prompt)
+    # Presence/frequency penalties (output tokens only) cut repetition too.
+    freq = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=30, frequency_penalty=2.0,
+                                               presence_penalty=2.0, ignore_eos=True), use_tqdm=False)
+    freq_ids = freq[0].outputs[0].token_ids
+    assert freq_ids != plain and len(set(freq_ids)) > len(set(plain))
     # min_tokens bans stop tokens until that many tokens exist.
     stop_id = plain[0]
     out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=30, min_tokens=4, stop_token_ids=[stop_id]),
