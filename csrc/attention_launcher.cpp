@@ -6,38 +6,21 @@
 #include <string>
 
 #include "attention.h"
+#include "checks.h"
 
 namespace py = pybind11;
 
 namespace fastgpt2 {
-namespace {
-
-using F32 = py::array_t<float, py::array::c_style>;
-using I32 = py::array_t<int32_t, py::array::c_style>;
-
-template <typename T>
-py::array_t<T, py::array::c_style> checked(const py::array& a, const char* name, int ndim, const char* dtype) {
-  if (!py::isinstance<py::array_t<T>>(a))
-    throw py::type_error(std::string(name) + " must be a " + dtype + " array");
-  if (a.ndim() != ndim)
-    throw py::value_error(std::string(name) + " must have " + std::to_string(ndim) + " dimensions, got " +
-                          std::to_string(a.ndim()));
-  if (!(a.flags() & py::array::c_style))
-    throw py::value_error(std::string(name) + " must be C-contiguous; call .contiguous() first");
-  return py::array_t<T, py::array::c_style>::ensure(a);
-}
-
-}  // namespace
 
 void paged_decode_attention_checked(const py::array& q, const py::array& k_cache, const py::array& v_cache,
                                     const py::array& block_tables, const py::array& seq_lens, py::array& out,
                                     float scale, int num_threads) {
-  F32 q_ = checked<float>(q, "q", 3, "float32");              // (B, H, D)
-  F32 k_ = checked<float>(k_cache, "k_cache", 4, "float32");  // (num_blocks, block_size, H, D)
-  F32 v_ = checked<float>(v_cache, "v_cache", 4, "float32");
-  I32 t_ = checked<int32_t>(block_tables, "block_tables", 2, "int32");  // (B, max_blocks)
-  I32 l_ = checked<int32_t>(seq_lens, "seq_lens", 1, "int32");          // (B,)
-  F32 o_ = checked<float>(out, "out", 3, "float32");
+  auto q_ = checked_array<float>(q, "q", "float32", {-1, -1, -1});              // (B, H, D)
+  auto k_ = checked_array<float>(k_cache, "k_cache", "float32", {-1, -1, -1, -1});  // (num_blocks, block_size, H, D)
+  auto v_ = checked_array<float>(v_cache, "v_cache", "float32", {-1, -1, -1, -1});
+  auto t_ = checked_array<int32_t>(block_tables, "block_tables", "int32", {-1, -1});  // (B, max_blocks)
+  auto l_ = checked_array<int32_t>(seq_lens, "seq_lens", "int32", {-1});          // (B,)
+  auto o_ = checked_array<float>(out, "out", "float32", {-1, -1, -1});
   const int64_t B = q_.shape(0), H = q_.shape(1), D = q_.shape(2);
   const int64_t num_blocks = k_.shape(0), block_size = k_.shape(1), max_blocks = t_.shape(1);
   for (int i = 0; i < 4; ++i)

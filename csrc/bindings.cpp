@@ -15,10 +15,13 @@ py::tuple topk_topp_minp_select_checked(const py::array& logits, const py::array
 void paged_decode_attention_checked(const py::array& q, const py::array& k_cache, const py::array& v_cache,
                                     const py::array& block_tables, const py::array& seq_lens, py::array& out,
                                     float scale, int num_threads);
+// Defined in decode_launcher.cpp.
+void bind_cpu_decoder(py::module_& m);
 }  // namespace fastgpt2
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "fastgpt2 CPU kernels: top-k / top-p / min-p sampling and paged decode attention (semantics of "
+  m.doc() = "fastgpt2 CPU kernels: top-k / top-p / min-p sampling, paged decode attention and the float32 decode step "
+            "(semantics of "
             "fastgpt2.kernels.reference).";
   m.def("topk_topp_minp_sample", &fastgpt2::topk_topp_minp_sample_checked,
         "Truncate float32 logits (B, V) by top_k (B,) int64|int32, top_p and min_p (B,) float64|float32, draw with "
@@ -33,4 +36,5 @@ PYBIND11_MODULE(_C, m) {
         "int32 and seq_lens (B,) int32; writes out (B, H, D).",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("seq_lens"),
         py::arg("out"), py::arg("scale"), py::arg("num_threads") = 1);
+  fastgpt2::bind_cpu_decoder(m);
 }

@@ -5,6 +5,7 @@ import torch
 
 from fastgpt2.engine.attention import AttentionMetadata
 from fastgpt2.engine.model import GPT2
+from fastgpt2.engine.native import CpuDecodeStep
 from fastgpt2.engine.scheduler import SchedulerOutput
 
 
@@ -27,6 +28,7 @@ class ModelRunner:
         )
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(c.n_layer)]
         self.scale = 1.0 / c.head_dim ** 0.5
+        self.cpu_decode_step = CpuDecodeStep(model, self.kv_cache) if CpuDecodeStep.supports(model, self.kv_cache) else None
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if copies:
@@ -79,5 +81,9 @@ class ModelRunner:
         """Run one step; returns float32 logits (num_sampled, vocab) for the rows in sample_mask, or None."""
         self.copy_blocks(sched.block_copies)
         ids, pos, meta, logits_indices = self.prepare(sched, sample_mask)
+        step = self.cpu_decode_step
+        if (step is not None and meta.num_prefills == 0 and meta.num_decode_tokens <= step.max_batch_size
+                and len(logits_indices) == meta.num_decode_tokens):
+            return step(ids, pos, meta.slot_mapping, meta.decode_block_tables, meta.decode_seq_lens)
         logits = self.model(ids, pos, meta, self.kv_caches, logits_indices)
         return logits.float() if len(logits_indices) else None

@@ -3,6 +3,7 @@ references when it is missing (see cpu_sampler for sampling)."""
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 
 import torch
@@ -37,3 +38,50 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: f
         num_threads or torch.get_num_threads(),
     )
     return out
+
+
+def native_decode_disabled() -> bool:
+    """FASTGPT2_NATIVE_DECODE=0 turns the C++ decode step off (the torch model runs every step)."""
+    return os.environ.get("FASTGPT2_NATIVE_DECODE", "1") == "0"
+
+
+class CpuDecodeStep:
+    """GPT-2's float32 decode step in C++ (csrc/decode.cpp) for small CPU batches: one call per step instead of ~150
+    torch ops, matrix-vector products on a persistent thread pool at close to the memory bandwidth.
+
+    It reads the model's parameters in place (it keeps the tensors alive); a model whose parameters are replaced
+    needs a new CpuDecodeStep.
+    """
+
+    # Above this many sequences a step is compute-bound and MKL's GEMM (the torch model) is faster.
+    max_batch_size = 8
+
+    def __init__(self, model, kv_cache: torch.Tensor):
+        c = model.config
+        self._params = [p.detach() for p in model.parameters()]  # keeps the buffers alive
+        arr = lambda t: t.detach().numpy()  # noqa: E731 - shared memory, no copy
+        layers = [
+            [arr(t) for t in (b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias,
+                              b.attn.c_proj.weight, b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias,
+                              b.mlp.c_fc.weight, b.mlp.c_fc.bias, b.mlp.c_proj.weight, b.mlp.c_proj.bias)]
+            for b in model.h
+        ]
+        self._decoder = _C.CpuDecoder(arr(model.wte.weight), arr(model.wpe.weight), layers, arr(model.ln_f.weight),
+                                      arr(model.ln_f.bias), c.n_head, c.layer_norm_epsilon)
+        self._kv_cache = kv_cache.numpy()
+        self.vocab_size = c.vocab_size
+
+    @staticmethod
+    def supports(model, kv_cache: torch.Tensor) -> bool:
+        w = model.wte.weight
+        return (_C is not None and not native_decode_disabled() and w.device.type == "cpu"
+                and w.dtype == torch.float32 and kv_cache.dtype == torch.float32 and kv_cache.is_contiguous()
+                and model.config.n_embd % 8 == 0)
+
+    def __call__(self, token_ids, positions, slots, block_tables, seq_lens) -> torch.Tensor:
+        """token_ids, positions, slots: (B,) int64; block_tables: (B, max_blocks) int32; seq_lens: (B,) int32.
+        Writes the new K/V into the pool; returns float32 logits (B, vocab)."""
+        logits = torch.empty(len(token_ids), self.vocab_size, dtype=torch.float32)
+        self._decoder.forward(token_ids.numpy(), positions.numpy(), slots.numpy(), block_tables.numpy(),
+                              seq_lens.numpy(), self._kv_cache, logits.numpy(), torch.get_num_threads())
+        return logits

@@ -1,0 +1,49 @@
+// The whole GPT-2 decode step on CPU in float32 for small batches (one new token per sequence), on raw buffers:
+// embeddings, 12..48 blocks (LayerNorm, QKV, paged attention, projections, tanh-GELU MLP), ln_f and the tied LM
+// head. At batch 1 a step is a chain of matrix-vector products bound by memory bandwidth, so it runs them on a
+// persistent thread pool with row-blocked AVX2 kernels instead of ~150 torch ops per token.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace fastgpt2 {
+
+// Weights in nn.Linear layout (out_features, in_features), row-major, float32.
+struct LayerWeights {
+  const float *ln_1_weight, *ln_1_bias;
+  const float *c_attn_weight, *c_attn_bias;        // (3C, C), (3C,)
+  const float *attn_proj_weight, *attn_proj_bias;  // (C, C), (C,)
+  const float *ln_2_weight, *ln_2_bias;
+  const float *c_fc_weight, *c_fc_bias;            // (4C, C), (4C,)
+  const float *mlp_proj_weight, *mlp_proj_bias;    // (C, 4C), (C,)
+};
+
+struct ModelWeights {
+  const float* wte;  // (vocab_size, C), also the LM head
+  const float* wpe;  // (n_positions, C)
+  std::vector<LayerWeights> layers;
+  const float *ln_f_weight, *ln_f_bias;
+  int64_t n_embd, n_head, vocab_size, n_positions;
+  float layer_norm_epsilon;
+};
+
+// One decode step for batch_size sequences. kv_cache: (n_layer, 2, num_blocks, block_size, n_head, head_dim); the
+// new K/V of sequence b go to slot slots[b]. block_tables: (batch_size, max_blocks); seq_lens count the new token.
+struct DecodeBatch {
+  const int64_t* token_ids;  // (batch_size,)
+  const int64_t* positions;  // (batch_size,)
+  const int64_t* slots;      // (batch_size,)
+  const int32_t* block_tables;
+  const int32_t* seq_lens;
+  int64_t batch_size, max_blocks;
+  float* kv_cache;
+  int64_t num_blocks, block_size;
+  float* logits;  // (batch_size, vocab_size), written
+};
+
+// Inputs must already be checked (decode_launcher.cpp): ids, positions, slots and block ids in range, n_embd a
+// multiple of 8.
+void decode_step_f32(const ModelWeights& weights, const DecodeBatch& batch, int num_threads);
+
+}  // namespace fastgpt2

@@ -1,0 +1,120 @@
+"""The C++ float32 decode step (csrc/decode.cpp) against the torch model over the same paged cache: logits, the K/V
+it writes, irregular batch sizes and shuffled block tables, and clear errors for bad batches."""
+import pytest
+import torch
+
+from fastgpt2 import GPT2, GPT2Config
+from fastgpt2.engine import attention, native
+from fastgpt2.engine.attention import AttentionMetadata
+from fastgpt2.kernels import reference
+
+pytestmark = pytest.mark.skipif(not native.HAS_EXTENSION, reason="C++ extension not built")
+
+CONFIGS = {
+    # vocab 101 and 3C = 96 leave row tails the 4-row kernel does not cover
+    "tiny": GPT2Config(vocab_size=101, n_positions=96, n_embd=32, n_layer=2, n_head=2),
+    "124M-geometry": GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=2, n_head=12),
+}
+
+
+def _model(name, seed=0):
+    torch.manual_seed(seed)
+    model = GPT2(CONFIGS[name]).eval()
+    with torch.no_grad():  # non-trivial LayerNorm affine parameters and biases
+        for n, p in model.named_parameters():
+            if n.endswith("bias") or ".ln_" in n or n.startswith("ln_"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def _batch(model, batch_size, block_size, seed):
+    """A pool filled with random K/V, shuffled block tables and a decode token per sequence at irregular lengths."""
+    c = model.config
+    g = torch.Generator().manual_seed(seed)
+    max_blocks = (c.n_positions + block_size - 1) // block_size
+    num_blocks = batch_size * max_blocks + 3
+    kv = torch.randn(c.n_layer, 2, num_blocks, block_size, c.n_head, c.head_dim, generator=g)
+    lens = torch.randint(1, c.n_positions + 1, (batch_size,), generator=g)
+    lens[0] = 1
+    if batch_size > 1:
+        lens[1] = block_size - 1
+    if batch_size > 2:
+        lens[2] = c.n_positions
+    tables = torch.randperm(num_blocks, generator=g)[: batch_size * max_blocks].view(batch_size, max_blocks).int()
+    pos = (lens - 1).long()
+    slots = (tables.long().gather(1, (pos // block_size)[:, None])[:, 0] * block_size + pos % block_size)
+    ids = torch.randint(0, c.vocab_size, (batch_size,), generator=g)
+    return kv, ids, pos, slots, tables, lens.int()
+
+
+def _torch_step(model, kv, ids, pos, slots, tables, lens, monkeypatch):
+    monkeypatch.setattr(attention, "native_decode", reference.paged_decode_attention)
+    meta = AttentionMetadata(slot_mapping=slots, num_decode_tokens=len(ids), decode_block_tables=tables,
+                             decode_seq_lens=lens, prefill_cu_seqlens_q=torch.zeros(1, dtype=torch.int32),
+                             prefill_seq_lens=lens[:0], prefill_block_tables=tables[:0], num_prefills=0,
+                             prefill_max_query_len=0, scale=model.config.head_dim ** -0.5)
+    with torch.inference_mode():
+        return model(ids, pos, meta, [(kv[i, 0], kv[i, 1]) for i in range(len(kv))], torch.arange(len(ids)))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("batch_size,block_size", [(1, 16), (2, 32), (3, 16), (7, 32), (8, 16)])
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_matches_torch_model(name, batch_size, block_size, num_threads, monkeypatch):
+    model = _model(name)
+    kv, ids, pos, slots, tables, lens = _batch(model, batch_size, block_size, seed=batch_size * 7 + block_size)
+    kv_native = kv.clone()
+    expected = _torch_step(model, kv, ids, pos, slots, tables, lens, monkeypatch)
+    step = native.CpuDecodeStep(model, kv_native)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: num_threads)
+    logits = step(ids, pos, slots, tables, lens)
+    torch.testing.assert_close(logits, expected, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(kv_native, kv, atol=1e-5, rtol=1e-5)  # the same K/V written at the same slots
+    assert torch.equal(logits.argmax(-1), expected.argmax(-1))
+
+
+def test_steps_chain_like_the_torch_model(monkeypatch):
+    """Ten decode steps in a row: each step's K/V is what the next attends to."""
+    model = _model("tiny", seed=3)
+    c, bs = model.config, 16
+    kv = torch.zeros(c.n_layer, 2, 8, bs, c.n_head, c.head_dim)
+    kv_native = kv.clone()
+    step = native.CpuDecodeStep(model, kv_native)
+    tables = torch.tensor([[5, 2, 7], [1, 6, 0]], dtype=torch.int32)
+    tok_t = tok_n = torch.tensor([3, 77])
+    for t in range(20):
+        pos = torch.tensor([t, t])
+        slots = tables.long().gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs
+        lens = (pos + 1).int()
+        expected = _torch_step(model, kv, tok_t, pos, slots, tables, lens, monkeypatch)
+        logits = step(tok_n, pos, slots, tables, lens)
+        torch.testing.assert_close(logits, expected, atol=2e-4, rtol=1e-4)
+        tok_t, tok_n = expected.argmax(-1), logits.argmax(-1)
+        assert torch.equal(tok_t, tok_n)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("ids", 101, r"token_ids\[0\] = 101 is outside \[0, 101\)"),
+    ("pos", 96, r"positions\[0\] = 96 is outside"),
+    ("slots", -1, r"slots\[0\] = -1 is outside"),
+    ("tables", 10_000, r"block_tables\[0\] = 10000 is outside"),
+])
+def test_bad_batches_are_clear_errors(field, value, message):
+    model = _model("tiny")
+    kv, ids, pos, slots, tables, lens = _batch(model, 1, 16, seed=0)
+    before = kv.clone()
+    step = native.CpuDecodeStep(model, kv)
+    args = dict(ids=ids, pos=pos, slots=slots, tables=tables, lens=lens)
+    args[field] = args[field].clone()
+    args[field].view(-1)[0] = value
+    with pytest.raises(ValueError, match=message):
+        step(args["ids"], args["pos"], args["slots"], args["tables"], args["lens"])
+    assert torch.equal(kv, before)  # nothing written
+
+
+def test_wrong_cache_shape_is_a_clear_error():
+    model = _model("tiny")
+    with pytest.raises(ValueError, match=r"kv_cache must have shape \(2, 2, \*, \*, 2, 16\)"):
+        native.CpuDecodeStep(model, torch.zeros(2, 2, 4, 16, 4, 8))(
+            torch.tensor([1]), torch.tensor([0]), torch.tensor([0]), torch.zeros(1, 1, dtype=torch.int32),
+            torch.tensor([1], dtype=torch.int32))
