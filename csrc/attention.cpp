@@ -59,7 +59,7 @@ void paged_decode_attention_f32(const float* q, const float* k_cache, const floa
     attend_one_head(q + p * head_dim, k_cache, v_cache, block_tables + b * max_blocks, seq_lens[b], block_size,
                     token_stride, h * head_dim, head_dim, scale, out + p * head_dim, scores);
   };
-  ThreadPool::with_pool(num_threads, [&](ThreadPool& pool) { pool.parallel_for(batch_size * num_heads, pair); });
+  ThreadPool::with_pool(num_threads, /*linger=*/false, [&](ThreadPool& pool) { pool.parallel_for(batch_size * num_heads, pair); });
 }
 
 }  // namespace fastgpt2

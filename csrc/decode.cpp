@@ -44,7 +44,7 @@ void decode_step_f32(const ModelWeights& w, const DecodeBatch& batch, int num_th
   }
   const int64_t pool_stride = batch.num_blocks * batch.block_size * C;  // floats per (layer, K|V) slice of the pool
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  ThreadPool::with_pool(num_threads, [&](ThreadPool& pool) {
+  ThreadPool::with_pool(num_threads, /*linger=*/true, [&](ThreadPool& pool) {
     for (size_t l = 0; l < w.layers.size(); ++l) {
       const LayerWeights& L = w.layers[l];
       float* k_cache = batch.kv_cache + (2 * l) * pool_stride;

@@ -82,6 +82,25 @@ inline void block_4x2(const float* w, int64_t K, const float* x0, const float* x
   out[4] = hsum(a01), out[5] = hsum(a11), out[6] = hsum(a21), out[7] = hsum(a31);
 }
 
+// 4 rows x 3 tokens: 12 accumulators + 3 x vectors + 1 weight vector fill the 16 ymm registers; 7 loads per 12 FMAs.
+inline void block_4x3(const float* w, int64_t K, const float* x0, const float* x1, const float* x2, float out[12]) {
+  const float *w0 = w, *w1 = w + K, *w2 = w + 2 * K, *w3 = w + 3 * K;
+  __m256 a[12];
+  for (int i = 0; i < 12; ++i) a[i] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 8) {
+    const __m256 xa = _mm256_loadu_ps(x0 + k), xb = _mm256_loadu_ps(x1 + k), xc = _mm256_loadu_ps(x2 + k);
+    __m256 v = _mm256_loadu_ps(w0 + k);
+    a[0] = _mm256_fmadd_ps(v, xa, a[0]), a[4] = _mm256_fmadd_ps(v, xb, a[4]), a[8] = _mm256_fmadd_ps(v, xc, a[8]);
+    v = _mm256_loadu_ps(w1 + k);
+    a[1] = _mm256_fmadd_ps(v, xa, a[1]), a[5] = _mm256_fmadd_ps(v, xb, a[5]), a[9] = _mm256_fmadd_ps(v, xc, a[9]);
+    v = _mm256_loadu_ps(w2 + k);
+    a[2] = _mm256_fmadd_ps(v, xa, a[2]), a[6] = _mm256_fmadd_ps(v, xb, a[6]), a[10] = _mm256_fmadd_ps(v, xc, a[10]);
+    v = _mm256_loadu_ps(w3 + k);
+    a[3] = _mm256_fmadd_ps(v, xa, a[3]), a[7] = _mm256_fmadd_ps(v, xb, a[7]), a[11] = _mm256_fmadd_ps(v, xc, a[11]);
+  }
+  for (int i = 0; i < 12; ++i) out[i] = hsum(a[i]);
+}
+
 // 4 rows x 1 token.
 inline void block_4x1(const float* w, int64_t K, const float* x0, float out[4]) {
   const float *w0 = w, *w1 = w + K, *w2 = w + 2 * K, *w3 = w + 3 * K;
@@ -122,14 +141,22 @@ void gelu_range(float* y, int64_t n) {
 
 }  // namespace
 
-void linear_rows(const float* W, const float* bias, const float* x, int64_t ldx, float* y, int64_t ldy,
-                 int64_t num_tokens, int64_t K, int64_t row_begin, int64_t row_end, Epilogue epilogue) {
-  int64_t r = row_begin;
+namespace {
+
+// Rows [row_begin, row_end) (a multiple of 4 apart) for tokens [t_begin, t_end).
+void row_blocks(const float* W, const float* bias, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t K,
+                int64_t row_begin, int64_t row_end, int64_t t_begin, int64_t t_end, Epilogue epilogue) {
 #ifdef FASTGPT2_AVX2
-  for (; r + 4 <= row_end; r += 4) {
+  for (int64_t r = row_begin; r + 4 <= row_end; r += 4) {
     const float* w = W + r * K;
-    int64_t t = 0;
-    for (; t + 2 <= num_tokens; t += 2) {
+    int64_t t = t_begin;
+    for (; t + 3 <= t_end; t += 3) {
+      float out[12];
+      block_4x3(w, K, x + t * ldx, x + (t + 1) * ldx, x + (t + 2) * ldx, out);
+      for (int j = 0; j < 3; ++j)
+        for (int i = 0; i < 4; ++i) finish(out[4 * j + i], bias, r + i, y + (t + j) * ldy, epilogue);
+    }
+    for (; t + 2 <= t_end; t += 2) {
       float out[8];
       block_4x2(w, K, x + t * ldx, x + (t + 1) * ldx, out);
       for (int i = 0; i < 4; ++i) {
@@ -137,14 +164,25 @@ void linear_rows(const float* W, const float* bias, const float* x, int64_t ldx,
         finish(out[4 + i], bias, r + i, y + (t + 1) * ldy, epilogue);
       }
     }
-    if (t < num_tokens) {
+    if (t < t_end) {
       float out[4];
       block_4x1(w, K, x + t * ldx, out);
       for (int i = 0; i < 4; ++i) finish(out[i], bias, r + i, y + t * ldy, epilogue);
     }
   }
 #endif
-  for (; r < row_end; ++r)
+}
+
+}  // namespace
+
+void linear_rows(const float* W, const float* bias, const float* x, int64_t ldx, float* y, int64_t ldy,
+                 int64_t num_tokens, int64_t K, int64_t row_begin, int64_t row_end, Epilogue epilogue) {
+  int64_t blocked_end = row_begin;
+#ifdef FASTGPT2_AVX2
+  blocked_end = row_begin + (row_end - row_begin) / 4 * 4;
+  row_blocks(W, bias, x, ldx, y, ldy, K, row_begin, blocked_end, 0, num_tokens, epilogue);
+#endif
+  for (int64_t r = blocked_end; r < row_end; ++r)
     for (int64_t t = 0; t < num_tokens; ++t) finish(dot(W + r * K, x + t * ldx, K), bias, r, y + t * ldy, epilogue);
   if (epilogue == Epilogue::kGelu)
     for (int64_t t = 0; t < num_tokens; ++t) gelu_range(y + t * ldy + row_begin, row_end - row_begin);

@@ -15,8 +15,7 @@ namespace fastgpt2 {
 namespace {
 
 constexpr uint64_t kIndexMask = 0xffffffffull;
-// How long an idle worker spins before sleeping: long enough to span the gap between two regions of one decode
-// step (a few microseconds of Python), short enough not to hold a core through the sampler and scheduler.
+// Longest spin of a lingering idle worker: regions of one decode step follow each other within microseconds.
 constexpr auto kSpinTime = std::chrono::microseconds(200);
 
 }  // namespace
@@ -62,7 +61,8 @@ void ThreadPool::worker_loop() {
     while (generation == seen && !stop_.load(std::memory_order_relaxed)) {
       FASTGPT2_PAUSE();
       generation = ticket_.load(std::memory_order_acquire) >> 32;
-      if (++spins % 256 == 0 && std::chrono::steady_clock::now() > spin_until) {
+      if (!linger_.load(std::memory_order_relaxed) ||
+          (++spins % 256 == 0 && std::chrono::steady_clock::now() > spin_until)) {
         std::unique_lock<std::mutex> lock(sleep_mutex_);
         sleepers_.fetch_add(1);
         wake_.wait(lock, [&] { return stop_.load() || (ticket_.load() >> 32) != seen; });
@@ -96,7 +96,7 @@ void ThreadPool::parallel_for(int64_t num_tasks, const std::function<void(int64_
   while (finished_.load(std::memory_order_acquire) < num_tasks) FASTGPT2_PAUSE();
 }
 
-void ThreadPool::with_pool(int num_threads, const std::function<void(ThreadPool&)>& body) {
+void ThreadPool::with_pool(int num_threads, bool linger, const std::function<void(ThreadPool&)>& body) {
   static std::mutex mutex;
   static std::unique_ptr<ThreadPool> pool;
   std::lock_guard<std::mutex> lock(mutex);
@@ -105,6 +105,11 @@ void ThreadPool::with_pool(int num_threads, const std::function<void(ThreadPool&
     pool.reset();
     pool = std::make_unique<ThreadPool>(num_threads);
   }
+  struct Linger {  // reset even if body throws
+    std::atomic<bool>& flag;
+    ~Linger() { flag.store(false); }
+  } reset{pool->linger_};
+  pool->linger_.store(linger);
   body(*pool);
 }
 

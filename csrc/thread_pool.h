@@ -28,8 +28,10 @@ class ThreadPool {
   void parallel_for(int64_t num_tasks, const std::function<void(int64_t)>& task);
 
   // Calls body(pool) with the process-wide pool of num_threads threads (rebuilt when the count changes), holding
-  // a lock so that callers from several Python threads take turns instead of sharing one region.
-  static void with_pool(int num_threads, const std::function<void(ThreadPool&)>& body);
+  // a lock so that callers from several Python threads take turns instead of sharing one region. With linger, idle
+  // workers spin between the body's regions (a decode step's ~60 back-to-back regions); without it, and after the
+  // body, they sleep at once: a spinning worker next to torch's OpenMP threads on a 2-core machine stalls them.
+  static void with_pool(int num_threads, bool linger, const std::function<void(ThreadPool&)>& body);
 
  private:
   void worker_loop();
@@ -41,6 +43,7 @@ class ThreadPool {
   std::atomic<int64_t> num_tasks_{0};
   const std::function<void(int64_t)>* task_ = nullptr;
   std::atomic<bool> stop_{false};
+  std::atomic<bool> linger_{false};
   std::atomic<int> sleepers_{0};
   std::mutex sleep_mutex_;
   std::condition_variable wake_;
