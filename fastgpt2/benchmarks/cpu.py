@@ -68,22 +68,26 @@ def _parse_cases(text: str) -> list[str]:
     return [c for c in CASES if c in cases]
 
 
-def build_systems(transformers, model: str, dtype: str, with_fp32: bool):
-    """LLM on random (preset) or loaded (directory) weights, and transformers loaded from the LLM's own save."""
+def build_systems(transformers, model, dtype: str, with_fp32: bool, device: str = "cpu"):
+    """LLM on random (preset name or GPT2Config) or loaded (directory) weights, and transformers loaded from the
+    LLM's own save, both on `device`."""
     from fastgpt2 import LLM, GPT2Config
     from fastgpt2.benchmarks.cpu_cases import Systems
     from fastgpt2.engine.config import canonical_preset
 
     torch.manual_seed(0)
-    source = GPT2Config.from_name(model) if canonical_preset(model) is not None else model
-    llm = LLM(source, device="cpu", dtype=dtype)
+    if isinstance(model, GPT2Config):
+        source = model
+    else:
+        source = GPT2Config.from_name(model) if canonical_preset(model) is not None else model
+    llm = LLM(source, device=device, dtype=dtype)
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
     with tempfile.TemporaryDirectory() as directory:
         llm.save_pretrained(directory)
         load = lambda dt: transformers.GPT2LMHeadModel.from_pretrained(  # noqa: E731
             directory, **{dtype_kw: dt}).eval()
-        hf = load(getattr(torch, dtype))
+        hf = load(getattr(torch, dtype)).to(device)
         hf_fp32 = load(torch.float32) if with_fp32 and dtype != "float32" else None
     return Systems(llm, hf, hf_fp32, random.Random(0))
 

@@ -52,11 +52,16 @@ def hf_call(s: Systems, model, batch: int, prompt_len: int, max_new_tokens: int)
     """A callable that runs transformers' greedy generate on a (batch, prompt_len) batch and returns its seconds."""
 
     def run() -> float:
-        ids = torch.tensor(s.prompts(batch, prompt_len))  # (batch, prompt_len), equal lengths: no padding
+        ids = torch.tensor(s.prompts(batch, prompt_len), device=model.device)  # (batch, prompt_len), no padding
+        cuda = ids.device.type == "cuda"
         with torch.inference_mode():
+            if cuda:
+                torch.cuda.synchronize()
             start = time.perf_counter()
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=EOS)
+            if cuda:
+                torch.cuda.synchronize()
             elapsed = time.perf_counter() - start
         assert out.shape == (batch, prompt_len + max_new_tokens)
         return elapsed

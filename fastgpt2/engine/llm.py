@@ -47,11 +47,14 @@ class LLM:
     kv_cache_memory : bytes of KV cache (default: enough for max_num_seqs full contexts, at most 2 GiB on CPU or
         80% of free GPU memory).
     block_size : tokens per KV block. max_num_seqs, max_num_batched_tokens : the per-step batch limits.
+    enforce_eager : on CUDA, run decode steps eagerly instead of replaying CUDA graphs (captured at start-up for
+        batch sizes 1, 2, 4, ... max_num_seqs; as vLLM's flag).
     """
 
     def __init__(self, model="gpt2", *, device=None, dtype=None, seed: int = 0, kv_cache_memory: int | None = None,
                  block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
-                 enable_prefix_caching: bool = True, tokenizer: Tokenizer | str | None = None):
+                 enable_prefix_caching: bool = True, tokenizer: Tokenizer | str | None = None,
+                 enforce_eager: bool = False):
         if isinstance(model, GPT2):
             self.model = model.eval()
         else:
@@ -63,7 +66,7 @@ class LLM:
         self.engine = LLMEngine(self.model, tokenizer, seed=seed, kv_cache_memory=kv_cache_memory,
                                 block_size=block_size, max_num_seqs=max_num_seqs,
                                 max_num_batched_tokens=max_num_batched_tokens,
-                                enable_prefix_caching=enable_prefix_caching)
+                                enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager)
 
     @property
     def config(self) -> GPT2Config:

@@ -22,7 +22,7 @@ _DEFAULT_CPU_KV_BYTES = 2 << 30
 class LLMEngine:
     def __init__(self, model: GPT2, tokenizer: Tokenizer, *, seed: int = 0, kv_cache_memory: int | None = None,
                  block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, enforce_eager: bool = False):
         for name, value, lo in (("block_size", block_size, 1), ("max_num_seqs", max_num_seqs, 1),
                                 ("max_num_batched_tokens", max_num_batched_tokens, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
@@ -41,7 +41,7 @@ class LLMEngine:
         self.bytes_per_block = bytes_per_block
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, block_size)
+        self.runner = ModelRunner(model, num_blocks, block_size, max_num_seqs, use_cuda_graphs=not enforce_eager)
         self.sampler = Sampler(tokenizer.eos_token_id, torch.Generator().manual_seed(seed))
         self.requests: dict[str, tuple[RequestOutput, list[Sequence]]] = {}
         self._ids = itertools.count()

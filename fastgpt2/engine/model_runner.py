@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from fastgpt2.engine.attention import AttentionMetadata
+from fastgpt2.engine.cuda_graphs import DecodeGraphs
 from fastgpt2.engine.model import GPT2
 from fastgpt2.engine.native import CpuDecodeStep
 from fastgpt2.engine.scheduler import SchedulerOutput
@@ -15,7 +16,8 @@ def kv_bytes_per_block(model: GPT2, block_size: int) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: GPT2, num_blocks: int, block_size: int):
+    def __init__(self, model: GPT2, num_blocks: int, block_size: int, max_num_seqs: int = 256,
+                 use_cuda_graphs: bool = True):
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks
@@ -29,6 +31,10 @@ class ModelRunner:
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(c.n_layer)]
         self.scale = 1.0 / c.head_dim ** 0.5
         self.cpu_decode_step = CpuDecodeStep(model, self.kv_cache) if CpuDecodeStep.supports(model, self.kv_cache) else None
+        # On CUDA, decode-only steps replay graphs captured per batch-size rung (see cuda_graphs.py).
+        self.decode_graphs = None
+        if use_cuda_graphs and self.device.type == "cuda":
+            self.decode_graphs = DecodeGraphs(model, self.kv_caches, block_size, max_num_seqs, self.scale)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if copies:
@@ -85,5 +91,9 @@ class ModelRunner:
         if (step is not None and meta.num_prefills == 0 and meta.num_decode_tokens <= step.max_batch_size
                 and len(logits_indices) == meta.num_decode_tokens):
             return step(ids, pos, meta.slot_mapping, meta.decode_block_tables, meta.decode_seq_lens)
+        graphs = self.decode_graphs
+        if (graphs is not None and meta.num_prefills == 0 and meta.num_decode_tokens <= graphs.max_batch_size
+                and len(logits_indices) == meta.num_decode_tokens):
+            return graphs.run(ids, pos, meta.slot_mapping, meta.decode_block_tables, meta.decode_seq_lens).float()
         logits = self.model(ids, pos, meta, self.kv_caches, logits_indices)
         return logits.float() if len(logits_indices) else None

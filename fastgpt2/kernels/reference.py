@@ -195,9 +195,12 @@ def prefill_attention(
         table = block_tables[b, : -(-context_len // block_size)].long()
         keys = k_cache.index_select(0, table).view(-1, num_heads, head_dim)[:context_len].float().transpose(0, 1)
         values = v_cache.index_select(0, table).view(-1, num_heads, head_dim)[:context_len].float().transpose(0, 1)
-        q_pos = torch.arange(context_len - q_len, context_len, device=q.device)  # (q_len,)
-        mask = torch.arange(context_len, device=q.device)[None, :] <= q_pos[:, None]  # (q_len, L)
-        seg = _sdpa(q[start:end].float().transpose(0, 1), keys, values, attn_mask=mask, scale=scale)
+        if q_len == context_len:  # no cached prefix: plain causal attention (SDPA's fused kernel, no mask tensor)
+            seg = _sdpa(q[start:end].float().transpose(0, 1), keys, values, is_causal=True, scale=scale)
+        else:
+            q_pos = torch.arange(context_len - q_len, context_len, device=q.device)  # (q_len,)
+            mask = torch.arange(context_len, device=q.device)[None, :] <= q_pos[:, None]  # (q_len, L)
+            seg = _sdpa(q[start:end].float().transpose(0, 1), keys, values, attn_mask=mask, scale=scale)
         result[start:end] = seg.transpose(0, 1)  # (q_len, H, D)
     return _finish(result, out, q.dtype)
 
