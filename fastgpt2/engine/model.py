@@ -9,6 +9,16 @@ import torch.nn.functional as F
 
 from fastgpt2.engine.attention import AttentionMetadata, dense_causal_attention, paged_attention
 from fastgpt2.engine.config import GPT2Config
+from fastgpt2.kernels import dispatch
+
+
+def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """layer(x), for CPU inference on 9..256 packed rows as W @ x.T (MKL runs that 1.2-1.5x faster than F.linear's
+    x @ W.T at 64 rows, measured on the 124M shapes; no gain at 512). The result is then a transposed view."""
+    if (x.dim() == 2 and 8 < x.shape[0] <= 256 and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and not dispatch.use_triton(x.device)):  # the Triton kernels want unit-stride rows
+        return torch.addmm(layer.bias[:, None], layer.weight, x.t()).t()
+    return layer(x)
 
 
 class CausalSelfAttention(nn.Module):
@@ -22,7 +32,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
 
     def forward(self, x, meta: AttentionMetadata | None = None, kv_cache=None):
-        qkv = self.c_attn(x)
+        qkv = linear(self.c_attn, x)
         if meta is None:
             B, T, C = x.shape
             q, k, v = qkv.view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
@@ -32,7 +42,7 @@ class CausalSelfAttention(nn.Module):
             N, C = x.shape
             q, k, v = qkv.view(N, 3, self.n_head, self.head_dim).unbind(1)  # 3 x (N, nh, hs)
             y = paged_attention(q, k, v, kv_cache, meta).reshape(N, C)
-        return self.c_proj(y)
+        return linear(self.c_proj, y)
 
 
 class MLP(nn.Module):
@@ -42,7 +52,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x):
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        return linear(self.c_proj, F.gelu(linear(self.c_fc, x), approximate="tanh"))
 
 
 class Block(nn.Module):

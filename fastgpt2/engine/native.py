@@ -31,7 +31,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: f
         if _C is None:
             _warn_no_extension()
         return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype)  # C-contiguous even when q is a strided view
     _C.paged_decode_attention(
         q.contiguous().numpy(), k_cache.numpy(), v_cache.numpy(), block_tables.to(torch.int32).contiguous().numpy(),
         seq_lens.to(torch.int32).contiguous().numpy(), out.numpy(), float(scale),
