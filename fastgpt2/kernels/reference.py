@@ -195,8 +195,9 @@ def prefill_attention(
         table = block_tables[b, : -(-context_len // block_size)].long()
         keys = k_cache.index_select(0, table).view(-1, num_heads, head_dim)[:context_len].float().transpose(0, 1)
         values = v_cache.index_select(0, table).view(-1, num_heads, head_dim)[:context_len].float().transpose(0, 1)
-        if q_len == context_len:  # no cached prefix: plain causal attention (SDPA's fused kernel, no mask tensor)
-            seg = _sdpa(q[start:end].float().transpose(0, 1), keys, values, is_causal=True, scale=scale)
+        if q_len == context_len:  # no cached prefix: plain causal attention; 4-D so that SDPA takes its fused kernel
+            seg = _sdpa(q[start:end].float().transpose(0, 1)[None], keys[None], values[None], is_causal=True,
+                        scale=scale)[0]
         else:
             q_pos = torch.arange(context_len - q_len, context_len, device=q.device)  # (q_len,)
             mask = torch.arange(context_len, device=q.device)[None, :] <= q_pos[:, None]  # (q_len, L)
