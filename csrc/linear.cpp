@@ -87,33 +87,16 @@ inline void block_4x1(const float* w, int64_t K, const float* x0, float out[4]) 
   out[0] = hsum(a0), out[1] = hsum(a1), out[2] = hsum(a2), out[3] = hsum(a3);
 }
 
-inline float dot(const float* w, const float* x, int64_t K) {
-  __m256 a = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a);
-  return hsum(a);
-}
-
 void gelu_range(float* y, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, gelu256(_mm256_loadu_ps(y + i)));
   for (; i < n; ++i) y[i] = gelu_scalar(y[i]);
 }
 #else
-inline float dot(const float* w, const float* x, int64_t K) {
-  float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int64_t k = 0; k < K; k += 8)
-    for (int j = 0; j < 8; ++j) lane[j] += w[k + j] * x[k + j];
-  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
-}
-
 void gelu_range(float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = gelu_scalar(y[i]);
 }
 #endif
-
-}  // namespace
-
-namespace {
 
 // Rows [row_begin, row_end) (a multiple of 4 apart) for tokens [t_begin, t_end).
 void row_blocks(const float* W, const float* bias, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t K,

@@ -1,6 +1,8 @@
-// AVX2 helpers shared by the CPU kernels. FASTGPT2_AVX2 is defined when the compiler targets AVX2 + FMA (setup.py
+// SIMD helpers shared by the CPU kernels. FASTGPT2_AVX2 is defined when the compiler targets AVX2 + FMA (setup.py
 // builds with -march=native); every kernel keeps a portable path for other targets.
 #pragma once
+
+#include <cstdint>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -35,3 +37,26 @@ inline __m256 exp256(__m256 x) {
 
 }  // namespace fastgpt2
 #endif
+
+namespace fastgpt2 {
+
+// dot(a, b) over n floats: AVX2 FMAs when n is a multiple of 8, else eight independent lanes that gcc vectorises
+// without -ffast-math.
+inline float dot(const float* a, const float* b, int64_t n) {
+#ifdef FASTGPT2_AVX2
+  if (n % 8 == 0) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    return hsum(acc);
+  }
+#endif
+  float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) lane[j] += a[i + j] * b[i + j];
+  float s = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+}  // namespace fastgpt2

@@ -62,7 +62,7 @@ def test_static_step_matches_the_model(sequence):
     assert graphs.sizes == [1, 2, 4, 7] and graphs.max_blocks == 6
     for i, batch_size in enumerate(sequence):
         batch = _step(batch_size, seed=i)
-        logits = graphs.run(*batch)
+        logits = graphs(*batch)
         expected = _direct(model, caches_ref, *batch)
         assert logits.shape == (batch_size, CONFIG.vocab_size)
         torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
@@ -76,7 +76,7 @@ def test_too_large_batch_is_a_clear_error():
     model, _, caches = _setup()
     graphs = DecodeGraphs(model, caches, BLOCK_SIZE, max_num_seqs=2, scale=0.25, capture=False)
     with pytest.raises(ValueError, match="a decode batch of 3 exceeds the largest graph \\(2\\)"):
-        graphs.run(*_step(3, seed=0))
+        graphs(*_step(3, seed=0))
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -91,7 +91,7 @@ def test_captured_graphs_match_eager():
     assert sorted(graphs.graphs) == [1, 2, 4, 8]
     for i, batch_size in enumerate([5, 1, 8, 3]):
         batch = _step(batch_size, seed=i, device="cuda")
-        logits = graphs.run(*batch).float()
+        logits = graphs(*batch).float()
         expected = _direct(model, caches_ref, *batch).float()
         torch.testing.assert_close(logits, expected, atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(kv, kv_ref, atol=2e-2, rtol=2e-2)

@@ -86,7 +86,7 @@ class DecodeGraphs:
         torch.cuda.synchronize()
 
     @torch.inference_mode()
-    def run(self, token_ids, positions, slots, block_tables, seq_lens) -> torch.Tensor:
+    def __call__(self, token_ids, positions, slots, block_tables, seq_lens) -> torch.Tensor:
         """token_ids, positions, slots : (B,) int64; block_tables : (B, w) int32 with w <= max_blocks; seq_lens :
         (B,) int32. Writes the new K/V into the pool; returns (B, vocab) logits (a view of a static buffer, valid
         until the next run)."""

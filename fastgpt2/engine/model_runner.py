@@ -87,13 +87,11 @@ class ModelRunner:
         """Run one step; returns float32 logits (num_sampled, vocab) for the rows in sample_mask, or None."""
         self.copy_blocks(sched.block_copies)
         ids, pos, meta, logits_indices = self.prepare(sched, sample_mask)
-        step = self.cpu_decode_step
-        if (step is not None and meta.num_prefills == 0 and meta.num_decode_tokens <= step.max_batch_size
-                and len(logits_indices) == meta.num_decode_tokens):
-            return step(ids, pos, meta.slot_mapping, meta.decode_block_tables, meta.decode_seq_lens)
-        graphs = self.decode_graphs
-        if (graphs is not None and meta.num_prefills == 0 and meta.num_decode_tokens <= graphs.max_batch_size
-                and len(logits_indices) == meta.num_decode_tokens):
-            return graphs.run(ids, pos, meta.slot_mapping, meta.decode_block_tables, meta.decode_seq_lens).float()
+        # A step of decodes only, each sampled, goes to the C++ step (CPU) or the captured graphs (CUDA) when it fits.
+        decode_only = meta.num_prefills == 0 and len(logits_indices) == meta.num_decode_tokens
+        fast = self.cpu_decode_step or self.decode_graphs
+        if fast is not None and decode_only and meta.num_decode_tokens <= fast.max_batch_size:
+            logits = fast(ids, pos, meta.slot_mapping, meta.decode_block_tables, meta.decode_seq_lens)
+            return logits.float()
         logits = self.model(ids, pos, meta, self.kv_caches, logits_indices)
         return logits.float() if len(logits_indices) else None

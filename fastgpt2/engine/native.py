@@ -49,7 +49,7 @@ class CpuDecodeStep:
     """GPT-2's float32 decode step in C++ (csrc/decode.cpp) for small CPU batches: one call per step instead of ~150
     torch ops, matrix-vector products on a persistent thread pool at close to the memory bandwidth.
 
-    It reads the model's parameters in place (it keeps the tensors alive); a model whose parameters are replaced
+    It reads the model's parameters in place (the C++ side holds numpy views of them); a model whose parameters are replaced
     needs a new CpuDecodeStep.
     """
 
@@ -59,8 +59,7 @@ class CpuDecodeStep:
 
     def __init__(self, model, kv_cache: torch.Tensor):
         c = model.config
-        self._params = [p.detach() for p in model.parameters()]  # keeps the buffers alive
-        arr = lambda t: t.detach().numpy()  # noqa: E731 - shared memory, no copy
+        arr = lambda t: t.detach().numpy()  # noqa: E731 - shared memory, no copy; the array keeps its tensor alive
         layers = [
             [arr(t) for t in (b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias,
                               b.attn.c_proj.weight, b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias,
