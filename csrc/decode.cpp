@@ -22,31 +22,33 @@ int64_t rows_per_task(int64_t num_rows, int num_threads) {
   return rows;
 }
 
-void parallel_linear(ThreadPool& pool, const float* W, const float* bias, const float* x, int64_t ldx, float* y,
+template <typename W>
+void parallel_linear(ThreadPool& pool, const W* weight, const float* bias, const float* x, int64_t ldx, float* y,
                      int64_t ldy, int64_t num_tokens, int64_t N, int64_t K, Epilogue epilogue) {
   const int64_t rows = rows_per_task(N, pool.num_threads());
   const int64_t num_tasks = (N + rows - 1) / rows;
   pool.parallel_for(num_tasks, [&](int64_t i) {
-    linear_rows(W, bias, x, ldx, y, ldy, num_tokens, K, i * rows, std::min(N, (i + 1) * rows), epilogue);
+    linear_rows(weight, bias, x, ldx, y, ldy, num_tokens, K, i * rows, std::min(N, (i + 1) * rows), epilogue);
   });
 }
 
 }  // namespace
 
-void decode_step_f32(const ModelWeights& w, const DecodeBatch& batch, int num_threads) {
+template <typename W>
+void decode_step(const ModelWeights<W>& w, const DecodeBatch& batch, int num_threads) {
   const int64_t B = batch.batch_size, C = w.n_embd, H = w.n_head, D = C / H;
   std::vector<float> x(B * C), h(B * C), qkv(B * 3 * C), attn(B * C), fc(B * 4 * C);
   // 1. Token + position embeddings.
   for (int64_t b = 0; b < B; ++b) {
-    const float* te = w.wte + batch.token_ids[b] * C;
+    const W* te = w.wte + batch.token_ids[b] * C;
     const float* pe = w.wpe + batch.positions[b] * C;
-    for (int64_t i = 0; i < C; ++i) x[b * C + i] = te[i] + pe[i];
+    for (int64_t i = 0; i < C; ++i) x[b * C + i] = to_float(te[i]) + pe[i];
   }
   const int64_t pool_stride = batch.num_blocks * batch.block_size * C;  // floats per (layer, K|V) slice of the pool
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   ThreadPool::with_pool(num_threads, /*linger=*/true, [&](ThreadPool& pool) {
     for (size_t l = 0; l < w.layers.size(); ++l) {
-      const LayerWeights& L = w.layers[l];
+      const LayerWeights<W>& L = w.layers[l];
       float* k_cache = batch.kv_cache + (2 * l) * pool_stride;
       float* v_cache = k_cache + pool_stride;
       // 2. x + attn(ln_1(x)): QKV, K/V into the pool, attention, output projection added to x.
@@ -79,5 +81,8 @@ void decode_step_f32(const ModelWeights& w, const DecodeBatch& batch, int num_th
                     Epilogue::kStore);
   });
 }
+
+template void decode_step<float>(const ModelWeights<float>&, const DecodeBatch&, int);
+template void decode_step<bf16>(const ModelWeights<bf16>&, const DecodeBatch&, int);
 
 }  // namespace fastgpt2

@@ -1,4 +1,4 @@
-// The whole GPT-2 decode step on CPU in float32 for small batches (one new token per sequence), on raw buffers:
+// The whole GPT-2 decode step on CPU for small batches, float32 arithmetic on float32 or bfloat16 weight matrices (one new token per sequence), on raw buffers:
 // embeddings, 12..48 blocks (LayerNorm, QKV, paged attention, projections, tanh-GELU MLP), ln_f and the tied LM
 // head. At batch 1 a step is a chain of matrix-vector products bound by memory bandwidth, so it runs them on a
 // persistent thread pool with row-blocked AVX2 kernels instead of ~150 torch ops per token.
@@ -7,22 +7,31 @@
 #include <cstdint>
 #include <vector>
 
+#include "linear.h"
+
 namespace fastgpt2 {
 
-// Weights in nn.Linear layout (out_features, in_features), row-major, float32.
+// Weight matrices in nn.Linear layout (out_features, in_features), row-major, of type W (float or bf16); LayerNorm
+// parameters, biases and position embeddings float32.
+template <typename W>
 struct LayerWeights {
   const float *ln_1_weight, *ln_1_bias;
-  const float *c_attn_weight, *c_attn_bias;        // (3C, C), (3C,)
-  const float *attn_proj_weight, *attn_proj_bias;  // (C, C), (C,)
+  const W* c_attn_weight;  // (3C, C)
+  const float* c_attn_bias;
+  const W* attn_proj_weight;  // (C, C)
+  const float* attn_proj_bias;
   const float *ln_2_weight, *ln_2_bias;
-  const float *c_fc_weight, *c_fc_bias;            // (4C, C), (4C,)
-  const float *mlp_proj_weight, *mlp_proj_bias;    // (C, 4C), (C,)
+  const W* c_fc_weight;  // (4C, C)
+  const float* c_fc_bias;
+  const W* mlp_proj_weight;  // (C, 4C)
+  const float* mlp_proj_bias;
 };
 
+template <typename W>
 struct ModelWeights {
-  const float* wte;  // (vocab_size, C), also the LM head
-  const float* wpe;  // (n_positions, C)
-  std::vector<LayerWeights> layers;
+  const W* wte;       // (vocab_size, C), also the LM head
+  const float* wpe;   // (n_positions, C)
+  std::vector<LayerWeights<W>> layers;
   const float *ln_f_weight, *ln_f_bias;
   int64_t n_embd, n_head, vocab_size, n_positions;
   float layer_norm_epsilon;
@@ -44,6 +53,7 @@ struct DecodeBatch {
 
 // Inputs must already be checked (decode_launcher.cpp): ids, positions, slots and block ids in range, n_embd a
 // multiple of 8.
-void decode_step_f32(const ModelWeights& weights, const DecodeBatch& batch, int num_threads);
+template <typename W>
+void decode_step(const ModelWeights<W>& weights, const DecodeBatch& batch, int num_threads);
 
 }  // namespace fastgpt2

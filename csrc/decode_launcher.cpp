@@ -1,9 +1,11 @@
 // Checked entry point of the CPU decode step: CpuDecoder holds the model's weight buffers (and keeps the arrays
-// alive); forward() validates one batch's ids, positions, slots and block tables, then runs without the GIL.
+// alive), plus bfloat16 copies of the weight matrices when asked for them; forward() validates one batch's ids,
+// positions, slots and block tables, then runs without the GIL.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -30,7 +32,10 @@ void check_index(int64_t value, int64_t limit, const char* name, int64_t row, co
 class CpuDecoder {
  public:
   CpuDecoder(const py::array& wte, const py::array& wpe, const std::vector<std::vector<py::array>>& layers,
-             const py::array& ln_f_weight, const py::array& ln_f_bias, int64_t n_head, float layer_norm_epsilon) {
+             const py::array& ln_f_weight, const py::array& ln_f_bias, int64_t n_head, float layer_norm_epsilon,
+             const std::string& weight_dtype) {
+    if (weight_dtype != "float32" && weight_dtype != "bfloat16")
+      throw py::value_error("weight_dtype must be 'float32' or 'bfloat16', got '" + weight_dtype + "'");
     auto keep = [&](const py::array& a, const std::string& name, std::vector<py::ssize_t> shape) {
       kept_.push_back(checked_array<float>(a, name.c_str(), "float32", shape));
       return static_cast<const float*>(kept_.back().data());
@@ -54,7 +59,10 @@ class CpuDecoder {
     }
     w_.ln_f_weight = keep(ln_f_weight, "ln_f.weight", {C});
     w_.ln_f_bias = keep(ln_f_bias, "ln_f.bias", {C});
+    if (weight_dtype == "bfloat16") make_bf16_copies();
   }
+
+  std::string weight_dtype() const { return bf16_ ? "bfloat16" : "float32"; }
 
   // token_ids, positions, slots: (B,) int64; block_tables: (B, max_blocks) int32; seq_lens: (B,) int32;
   // kv_cache: (n_layer, 2, num_blocks, block_size, n_head, head_dim) float32; logits: (B, vocab_size) float32.
@@ -82,21 +90,58 @@ class CpuDecoder {
         check_index(batch.block_tables[b * batch.max_blocks + i], batch.num_blocks, "block_tables", b, "pool's blocks");
     }
     py::gil_scoped_release release;
-    decode_step_f32(w_, batch, num_threads);
+    if (bf16_)
+      decode_step(*bf16_, batch, num_threads);
+    else
+      decode_step(w_, batch, num_threads);
   }
 
  private:
-  ModelWeights w_;
+  // Every parameter rounded to bfloat16 (round to nearest even, as torch), so that the step computes the model
+  // GPT2.round_weights_to_bfloat16 makes: the weight matrices stored as bf16, the small vectors and wpe as rounded
+  // float32.
+  void make_bf16_copies() {
+    const int64_t C = w_.n_embd;
+    auto matrix = [&](const float* src, int64_t n) {
+      bf16_storage_.emplace_back(n);
+      for (int64_t i = 0; i < n; ++i) bf16_storage_.back()[i] = to_bf16(src[i]);
+      return static_cast<const bf16*>(bf16_storage_.back().data());
+    };
+    auto vec = [&](const float* src, int64_t n) {
+      rounded_storage_.emplace_back(n);
+      for (int64_t i = 0; i < n; ++i) rounded_storage_.back()[i] = to_float(to_bf16(src[i]));
+      return static_cast<const float*>(rounded_storage_.back().data());
+    };
+    bf16_ = std::make_unique<ModelWeights<bf16>>();
+    ModelWeights<bf16>& m = *bf16_;
+    m.wte = matrix(w_.wte, w_.vocab_size * C);
+    m.wpe = vec(w_.wpe, w_.n_positions * C);
+    for (const LayerWeights<float>& L : w_.layers)
+      m.layers.push_back({vec(L.ln_1_weight, C), vec(L.ln_1_bias, C), matrix(L.c_attn_weight, 3 * C * C),
+                          vec(L.c_attn_bias, 3 * C), matrix(L.attn_proj_weight, C * C), vec(L.attn_proj_bias, C),
+                          vec(L.ln_2_weight, C), vec(L.ln_2_bias, C), matrix(L.c_fc_weight, 4 * C * C),
+                          vec(L.c_fc_bias, 4 * C), matrix(L.mlp_proj_weight, 4 * C * C), vec(L.mlp_proj_bias, C)});
+    m.ln_f_weight = vec(w_.ln_f_weight, C), m.ln_f_bias = vec(w_.ln_f_bias, C);
+    m.n_embd = w_.n_embd, m.n_head = w_.n_head, m.vocab_size = w_.vocab_size, m.n_positions = w_.n_positions;
+    m.layer_norm_epsilon = w_.layer_norm_epsilon;
+  }
+
+  ModelWeights<float> w_;
+  std::unique_ptr<ModelWeights<bf16>> bf16_;
   std::vector<py::array_t<float, py::array::c_style>> kept_;
+  std::vector<std::vector<bf16>> bf16_storage_;
+  std::vector<std::vector<float>> rounded_storage_;
 };
 
 void bind_cpu_decoder(py::module_& m) {
   py::class_<CpuDecoder>(m, "CpuDecoder",
-                         "GPT-2's float32 decode step on CPU for small batches; holds the weight arrays it is given.")
+                         "GPT-2's decode step on CPU for small batches (float32 arithmetic, float32 or bfloat16 weight "
+                         "matrices); holds the weight arrays it is given.")
       .def(py::init<const py::array&, const py::array&, const std::vector<std::vector<py::array>>&, const py::array&,
-                    const py::array&, int64_t, float>(),
+                    const py::array&, int64_t, float, const std::string&>(),
            py::arg("wte"), py::arg("wpe"), py::arg("layers"), py::arg("ln_f_weight"), py::arg("ln_f_bias"),
-           py::arg("n_head"), py::arg("layer_norm_epsilon"))
+           py::arg("n_head"), py::arg("layer_norm_epsilon"), py::arg("weight_dtype") = "float32")
+      .def_property_readonly("weight_dtype", &CpuDecoder::weight_dtype)
       .def("forward", &CpuDecoder::forward,
            "One decode token per sequence: writes its K/V into kv_cache and the next-token logits (B, vocab).",
            py::arg("token_ids"), py::arg("positions"), py::arg("slots"), py::arg("block_tables"),

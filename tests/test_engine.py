@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from fastgpt2 import LLM, SamplingParams
+from fastgpt2.engine import native
+from fastgpt2.engine.llm import cpu_has_native_bf16
 from tests.conftest import TINY_CONFIGS, make_hf_model
 
 
@@ -39,6 +41,29 @@ def test_greedy_matches_transformers(name, block_size, tmp_path):
         assert len(got) == 200 and out.outputs[0].finish_reason == "length"
         assert len(set(got)) > 20, "greedy output should be varied, not one token repeated"
         assert got == _hf_greedy(hf, prompt, 200)
+
+
+@pytest.mark.skipif(cpu_has_native_bf16(), reason="this CPU runs bfloat16 natively")
+def test_bfloat16_without_native_bf16_is_bf16_weights_in_float32(tmp_path):
+    """On a CPU without AVX512-BF16/AMX, dtype='bfloat16' rounds the weights to bfloat16 and computes in float32 (the
+    C++ decode step reads bf16 copies): greedy tokens equal transformers' float32 model with the same rounded weights."""
+    hf = make_hf_model(TINY_CONFIGS["tiny"], seed=6)
+    hf.save_pretrained(tmp_path)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    with pytest.warns(UserWarning, match="bfloat16 weights with float32 arithmetic"):
+        llm = LLM(str(tmp_path), device="cpu", dtype="bfloat16")
+    assert llm.model.wte.weight.dtype == torch.float32 and llm.model.decode_weight_dtype == torch.bfloat16
+    if native.HAS_EXTENSION:
+        assert llm.engine.runner.cpu_decode_step.weight_dtype == "bfloat16"
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 50256, (n,), generator=g).tolist() for n in (1, 9, 30)]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=120, ignore_eos=True), use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        got = out.outputs[0].token_ids
+        assert len(set(got)) > 20, "greedy output should be varied, not one token repeated"
+        assert got == _hf_greedy(hf, prompt, 120)
 
 
 def _requests(n, seed=0):

@@ -1,5 +1,7 @@
-"""The C++ float32 decode step (csrc/decode.cpp) against the torch model over the same paged cache: logits, the K/V
-it writes, irregular batch sizes and shuffled block tables, and clear errors for bad batches."""
+"""The C++ decode step (csrc/decode.cpp) against the torch model over the same paged cache: logits, the K/V it
+writes, irregular batch sizes and shuffled block tables, bfloat16 weight matrices, and clear errors for bad batches."""
+import copy
+
 import pytest
 import torch
 
@@ -71,6 +73,26 @@ def test_matches_torch_model(name, batch_size, block_size, num_threads, monkeypa
     torch.testing.assert_close(logits, expected, atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(kv_native, kv, atol=1e-5, rtol=1e-5)  # the same K/V written at the same slots
     assert torch.equal(logits.argmax(-1), expected.argmax(-1))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_bfloat16_weights_match_the_rounded_torch_model(name, batch_size, monkeypatch):
+    """With decode_weight_dtype = bfloat16 the C++ step reads its own bf16 copies of the weight matrices: built from
+    an unrounded float32 model, it matches the torch model whose weights were rounded by torch (same rounding), and
+    differs from the unrounded one."""
+    model = _model(name, seed=11)
+    rounded = copy.deepcopy(model).round_weights_to_bfloat16()
+    kv, ids, pos, slots, tables, lens = _batch(model, batch_size, 16, seed=batch_size)
+    kv_native = kv.clone()
+    expected = _torch_step(rounded, kv.clone(), ids, pos, slots, tables, lens, monkeypatch)
+    unrounded = _torch_step(model, kv.clone(), ids, pos, slots, tables, lens, monkeypatch)
+    model.decode_weight_dtype = torch.bfloat16
+    step = native.CpuDecodeStep(model, kv_native)
+    assert step.weight_dtype == "bfloat16"
+    logits = step(ids, pos, slots, tables, lens)
+    torch.testing.assert_close(logits, expected, atol=2e-4, rtol=1e-4)
+    assert (logits - unrounded).abs().max() > 10 * (logits - expected).abs().max()
 
 
 def test_steps_chain_like_the_torch_model(monkeypatch):

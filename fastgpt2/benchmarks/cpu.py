@@ -142,13 +142,21 @@ def main(args) -> int:
     _log(f"copy bandwidth {bandwidth['gb_per_s']:.1f} GB/s (read+write); building the models ...")
     systems = build_systems(transformers, args.model, args.dtype, with_fp32="decode" in cases)
     config = systems.llm.config
-    actual = systems.llm.model.wte.weight  # the engine may run another dtype than asked (bf16 without native bf16)
+    model = systems.llm.model  # the engine may run another dtype than asked (bf16 without native bf16)
+    runner = systems.llm.engine.runner
+    bf16_weights = runner.cpu_decode_step is not None and runner.cpu_decode_step.weight_dtype == "bfloat16"
+    actual = model.wte.weight
     weights = {"num_parameters": config.num_parameters(), "dtype": args.dtype,
-               "fastgpt2_dtype": str(actual.dtype).replace("torch.", ""),
+               "fastgpt2_dtype": "bfloat16" if bf16_weights else str(actual.dtype).replace("torch.", ""),
+               "fastgpt2_compute_dtype": str(actual.dtype).replace("torch.", ""),
+               # bf16 weights in float32 arithmetic: only the C++ decode step (batches up to this size) reads them
+               "fastgpt2_bf16_weights_max_batch": runner.cpu_decode_step.max_batch_size if bf16_weights else None,
                "transformers_dtype": str(systems.hf.dtype).replace("torch.", ""),
-               "bytes_per_decode_step": config.num_parameters() * actual.element_size()}
+               "bytes_per_decode_step": config.num_parameters() * (2 if bf16_weights else actual.element_size())}
     if weights["fastgpt2_dtype"] != args.dtype:
         _log(f"fastgpt2 runs {weights['fastgpt2_dtype']} although {args.dtype} was asked for (the engine's choice)")
+    if weights["fastgpt2_compute_dtype"] != weights["fastgpt2_dtype"]:
+        _log(f"fastgpt2 keeps {weights['fastgpt2_dtype']} weights and computes in {weights['fastgpt2_compute_dtype']}")
     weights["floor_ms_per_step"] = weights["bytes_per_decode_step"] / (bandwidth["gb_per_s"] * 1e9) * 1e3
     report = {"machine": info, "args": {k: v for k, v in vars(args).items() if k != "func"}, "sizes": sizes,
               "cases": cases, "bandwidth": bandwidth, "weights": weights, "results": {}}

@@ -38,7 +38,10 @@ def targets(report: dict) -> list[dict]:
     name = "batch-1 bfloat16 decode >= 3x transformers float32 tokens/s"
     if dec and dtype == "bfloat16" and "transformers-float32" in dec["systems"]:
         x = _ratio(dec, "tokens_per_s", b="transformers-float32")
-        ran = report["weights"].get("fastgpt2_dtype", dtype)
+        w = report["weights"]
+        ran = w.get("fastgpt2_dtype", dtype)
+        if w.get("fastgpt2_compute_dtype", ran) != ran:
+            ran = f"{ran} weights in {w['fastgpt2_compute_dtype']} arithmetic"
         add(name, x >= 3.0, f"{x:.2f}x (fastgpt2 asked for bfloat16, ran {ran}, vs transformers float32)")
     else:
         add(name, None, "needs --dtype bfloat16 and the decode case")
@@ -120,6 +123,15 @@ def _bytes_of(dtype: str) -> int:
     return 2 if dtype in ("bfloat16", "float16") else 4
 
 
+def _fastgpt2_weight_dtype(w: dict, batch: int) -> str:
+    """The weights fastgpt2 reads per step: bf16 weights in float32 arithmetic are read by the C++ decode step only,
+    which serves batches up to fastgpt2_bf16_weights_max_batch (the torch model reads the float32 ones above)."""
+    limit = w.get("fastgpt2_bf16_weights_max_batch")
+    if limit is not None and batch > limit:
+        return w.get("fastgpt2_compute_dtype", "float32")
+    return w.get("fastgpt2_dtype", w["dtype"])
+
+
 def _floor_rows(report: dict) -> list[list]:
     w, res, bw = report["weights"], report["results"], report["bandwidth"]["gb_per_s"]
     figures = []
@@ -129,7 +141,7 @@ def _floor_rows(report: dict) -> list[list]:
     rows = []
     for batch, r in figures:
         for name, s in r["systems"].items():
-            weight_bytes = w["num_parameters"] * _bytes_of(w.get("fastgpt2_dtype", w["dtype"]) if name == "fastgpt2"
+            weight_bytes = w["num_parameters"] * _bytes_of(_fastgpt2_weight_dtype(w, batch) if name == "fastgpt2"
                                                            else "float32" if name == "transformers-float32"
                                                            else w.get("transformers_dtype", w["dtype"]))
             floor_ms = weight_bytes / (bw * 1e9) * 1e3
@@ -161,6 +173,11 @@ def render(report: dict) -> str:
         *([f"Asked for {a['dtype']}, fastgpt2 ran in **{w['fastgpt2_dtype']}** (the engine's choice on this CPU) and "
            f"transformers in {w.get('transformers_dtype', a['dtype'])}; the floor below is for fastgpt2's weights.", ""]
           if w.get("fastgpt2_dtype", a["dtype"]) != a["dtype"] else []),
+        *([f"fastgpt2 keeps **{w['fastgpt2_dtype']} weights and computes in {w['fastgpt2_compute_dtype']}** with a "
+           f"{w['fastgpt2_compute_dtype']} KV cache (this CPU has no AVX512-BF16/AMX); its C++ decode step reads the "
+           f"bf16 weights at up to {w['fastgpt2_bf16_weights_max_batch']} sequences per step, the torch model the "
+           f"{w['fastgpt2_compute_dtype']} ones above that.", ""]
+          if w.get("fastgpt2_compute_dtype", w.get("fastgpt2_dtype")) != w.get("fastgpt2_dtype") else []),
         f"Machine: {m['cpu_model']}, {m['usable_cpus']} usable cores, torch {m['torch']} with {m['torch_threads']} "
         f"threads, transformers {m['transformers']}, fastgpt2 {m['fastgpt2']} (git {m['fastgpt2_git_commit']}), "
         f"Python {m['python']}, {m['date']}; 1-min load average at start {fmt(m['load_average_1min_at_start'])}. "

@@ -26,13 +26,18 @@ def cpu_has_native_bf16() -> bool:
 
 
 def _effective_dtype(device, dtype):
-    """bfloat16 on a CPU without native bf16 runs in float32 (said once): same results to bf16 precision, faster."""
+    """(dtype to load the model in, whether to keep its weights in bfloat16 for the C++ decode step).
+
+    bfloat16 on a CPU without native bf16 (said once): torch would emulate bf16 matmuls, far slower than float32, so
+    the model computes in float32 with its weights rounded to bfloat16, and the C++ decode step reads them as
+    bfloat16 (half the bytes per token) and widens them to float32 in registers. The KV cache stays float32.
+    """
     cpu = device is None and not torch.cuda.is_available() or device is not None and str(device).startswith("cpu")
     if cpu and dtype in ("bfloat16", "bf16", torch.bfloat16) and not cpu_has_native_bf16():
-        warnings.warn("this CPU has no AVX512-BF16/AMX, so bfloat16 would be emulated; using float32 instead",
-                      stacklevel=3)
-        return torch.float32
-    return dtype
+        warnings.warn("this CPU has no AVX512-BF16/AMX, so bfloat16 means bfloat16 weights with float32 arithmetic "
+                      "and a float32 KV cache", stacklevel=3)
+        return torch.float32, True
+    return dtype, False
 
 
 class LLM:
@@ -42,7 +47,8 @@ class LLM:
     ----------
     model : hub id ('gpt2', 'openai-community/gpt2-xl'), preset name ('124M'; official weights), local Hugging Face
         directory, a GPT2Config (random weights) or a GPT2 module.
-    device, dtype : 'cpu'/'cuda' and 'float32'/'bfloat16'/'float16' (CUDA); chosen automatically when None.
+    device, dtype : 'cpu'/'cuda' and 'float32'/'bfloat16'/'float16' (CUDA); chosen automatically when None. On a CPU
+        without AVX512-BF16/AMX, 'bfloat16' keeps the weights in bfloat16 and computes in float32.
     seed : seed of the generator used by requests that have no seed of their own.
     kv_cache_memory : bytes of KV cache (default: enough for max_num_seqs full contexts, at most 2 GiB on CPU or
         80% of free GPU memory).
@@ -58,7 +64,10 @@ class LLM:
         if isinstance(model, GPT2):
             self.model = model.eval()
         else:
-            self.model = GPT2.from_pretrained(model, device=device, dtype=_effective_dtype(device, dtype))
+            load_dtype, bf16_weights = _effective_dtype(device, dtype)
+            self.model = GPT2.from_pretrained(model, device=device, dtype=load_dtype)
+            if bf16_weights:
+                self.model.round_weights_to_bfloat16()
         if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
             source = tokenizer or getattr(self.model, "checkpoint_dir", None)
             tokenizer = Tokenizer.from_pretrained(source)

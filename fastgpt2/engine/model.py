@@ -87,6 +87,8 @@ class GPT2(nn.Module):
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        # Set by round_weights_to_bfloat16: the C++ CPU decode step then stores the weight matrices in this dtype.
+        self.decode_weight_dtype: torch.dtype | None = None
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
@@ -104,6 +106,19 @@ class GPT2(nn.Module):
                 p.normal_(0.0, 0.01)
             else:
                 p.normal_(0.0, 0.02)
+
+    @torch.no_grad()
+    def round_weights_to_bfloat16(self) -> "GPT2":
+        """bfloat16 weights with float32 arithmetic (CPUs without native bf16): every float32 parameter is rounded to
+        the nearest bfloat16 in place, so that the torch path and the C++ decode step (which keeps bf16 copies of the
+        weight matrices, half the bytes per token) compute the same function."""
+        if self.wte.weight.dtype != torch.float32:
+            raise ValueError(f"round_weights_to_bfloat16 needs a float32 model, got {self.wte.weight.dtype}")
+        for p in self.parameters():
+            p.copy_(p.to(torch.bfloat16).to(torch.float32))
+        self._wte_t_cache = None
+        self.decode_weight_dtype = torch.bfloat16
+        return self
 
     @classmethod
     def from_pretrained(cls, name_or_path, device=None, dtype=None) -> "GPT2":

@@ -46,11 +46,13 @@ def native_decode_disabled() -> bool:
 
 
 class CpuDecodeStep:
-    """GPT-2's float32 decode step in C++ (csrc/decode.cpp) for small CPU batches: one call per step instead of ~150
-    torch ops, matrix-vector products on a persistent thread pool at close to the memory bandwidth.
+    """GPT-2's decode step in C++ (csrc/decode.cpp) for small CPU batches of a float32 model: one call per step
+    instead of ~150 torch ops, matrix-vector products on a persistent thread pool at close to the memory bandwidth.
 
-    It reads the model's parameters in place (the C++ side holds numpy views of them); a model whose parameters are replaced
-    needs a new CpuDecodeStep.
+    It reads the model's parameters in place (the C++ side holds numpy views of them); a model whose parameters are
+    replaced needs a new CpuDecodeStep. When model.decode_weight_dtype is bfloat16 (GPT2.round_weights_to_bfloat16),
+    the C++ side keeps bfloat16 copies of the weight matrices and reads those: half the bytes per step, same float32
+    arithmetic.
     """
 
     # Above this many sequences a step is compute-bound and MKL's GEMM (the torch model) is faster (measured
@@ -66,8 +68,10 @@ class CpuDecodeStep:
                               b.mlp.c_fc.weight, b.mlp.c_fc.bias, b.mlp.c_proj.weight, b.mlp.c_proj.bias)]
             for b in model.h
         ]
+        weight_dtype = "bfloat16" if model.decode_weight_dtype == torch.bfloat16 else "float32"
         self._decoder = _C.CpuDecoder(arr(model.wte.weight), arr(model.wpe.weight), layers, arr(model.ln_f.weight),
-                                      arr(model.ln_f.bias), c.n_head, c.layer_norm_epsilon)
+                                      arr(model.ln_f.bias), c.n_head, c.layer_norm_epsilon, weight_dtype)
+        self.weight_dtype = weight_dtype
         self._kv_cache = kv_cache.numpy()
         self.vocab_size = c.vocab_size
 
