@@ -1,7 +1,8 @@
-// The whole GPT-2 decode step on CPU for small batches, float32 arithmetic on float32 or bfloat16 weight matrices (one new token per sequence), on raw buffers:
-// embeddings, 12..48 blocks (LayerNorm, QKV, paged attention, projections, tanh-GELU MLP), ln_f and the tied LM
-// head. At batch 1 a step is a chain of matrix-vector products bound by memory bandwidth, so it runs them on a
-// persistent thread pool with row-blocked AVX2 kernels instead of ~150 torch ops per token.
+// The whole GPT-2 decode step on CPU (one new token per sequence) on raw buffers, float32 arithmetic on float32 or
+// bfloat16 weight matrices: embeddings, 12..48 blocks (LayerNorm, QKV, paged attention, projections, tanh-GELU MLP),
+// ln_f and the tied LM head, on a persistent thread pool instead of ~150 torch ops per token. Small batches are
+// chains of matrix-vector products bound by memory bandwidth (row-blocked kernels, linear.h); from 12 sequences on
+// the products go through a register-blocked GEMM (gemm.h).
 #pragma once
 
 #include <cstdint>

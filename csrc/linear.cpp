@@ -12,12 +12,6 @@
 namespace fastgpt2 {
 namespace {
 
-constexpr float kSqrt2OverPi = 0.7978845608028654f;
-
-inline float gelu_scalar(float v) {
-  return 0.5f * v * (1.0f + std::tanh(kSqrt2OverPi * (v + 0.044715f * v * v * v)));
-}
-
 inline void finish(float acc, const float* bias, int64_t r, float* y, Epilogue epilogue) {
   const float v = acc + (bias ? bias[r] : 0.0f);
   if (epilogue == Epilogue::kAccumulate) {
@@ -61,15 +55,6 @@ inline void prefetch_next(const W* next_block, int64_t k) {
   const char* p = reinterpret_cast<const char*>(next_block) + 4 * k * static_cast<int64_t>(sizeof(W));
   _mm_prefetch(p, _MM_HINT_T0);
   if constexpr (sizeof(W) == 4) _mm_prefetch(p + 64, _MM_HINT_T0);
-}
-
-// gelu_tanh(v) = v - v / (1 + exp(2u)), u = sqrt(2/pi) (v + 0.044715 v^3): the same value as
-// 0.5 v (1 + tanh(u)) without the cancellation of 1 + tanh(u) for negative u.
-inline __m256 gelu256(__m256 v) {
-  const __m256 v3 = _mm256_mul_ps(_mm256_mul_ps(v, v), v);
-  const __m256 u2 = _mm256_mul_ps(_mm256_set1_ps(2.0f * kSqrt2OverPi), _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), v3, v));
-  const __m256 d = _mm256_add_ps(_mm256_set1_ps(1.0f), exp256(u2));
-  return _mm256_sub_ps(v, _mm256_div_ps(v, d));
 }
 
 // 4 rows x 2 tokens.

@@ -2,6 +2,7 @@
 // builds with -march=native); every kernel keeps a portable path for other targets.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -35,10 +36,25 @@ inline __m256 exp256(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+// gelu_tanh(v) = v - v / (1 + exp(2u)), u = sqrt(2/pi) (v + 0.044715 v^3): the same value as
+// 0.5 v (1 + tanh(u)) without the cancellation of 1 + tanh(u) for negative u.
+inline __m256 gelu256(__m256 v) {
+  const __m256 v3 = _mm256_mul_ps(_mm256_mul_ps(v, v), v);
+  const __m256 u2 = _mm256_mul_ps(_mm256_set1_ps(2.0f * 0.7978845608028654f),
+                                  _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), v3, v));
+  const __m256 d = _mm256_add_ps(_mm256_set1_ps(1.0f), exp256(u2));
+  return _mm256_sub_ps(v, _mm256_div_ps(v, d));
+}
+
 }  // namespace fastgpt2
 #endif
 
 namespace fastgpt2 {
+
+// tanh-GELU, torch's approximate="tanh".
+inline float gelu_scalar(float v) {
+  return 0.5f * v * (1.0f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+}
 
 // dot(a, b) over n floats: AVX2 FMAs when n is a multiple of 8, else eight independent lanes that gcc vectorises
 // without -ffast-math.

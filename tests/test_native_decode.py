@@ -60,7 +60,10 @@ def _torch_step(model, kv, ids, pos, slots, tables, lens, monkeypatch):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("batch_size,block_size", [(1, 16), (2, 32), (3, 16), (7, 32), (8, 16)])
+# 1..11 sequences run the GEMV kernels; 12 and more the packed-panel GEMM, whose token tiles are 6, 4, 2 and 1
+# (13 = 6 + 6 + 1, 23 = 6 x 3 + 4 + 1, 64 = 6 x 10 + 4) and whose last 16-row panel is partial for vocab 101 and 50257.
+@pytest.mark.parametrize("batch_size,block_size", [(1, 16), (2, 32), (3, 16), (7, 32), (8, 16), (13, 16), (23, 32),
+                                                   (64, 16)])
 @pytest.mark.parametrize("num_threads", [1, 2])
 def test_matches_torch_model(name, batch_size, block_size, num_threads, monkeypatch):
     model = _model(name)
@@ -76,7 +79,7 @@ def test_matches_torch_model(name, batch_size, block_size, num_threads, monkeypa
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("batch_size", [1, 3, 8])
+@pytest.mark.parametrize("batch_size", [1, 3, 8, 17])
 def test_bfloat16_weights_match_the_rounded_torch_model(name, batch_size, monkeypatch):
     """With decode_weight_dtype = bfloat16 the C++ step reads its own bf16 copies of the weight matrices: built from
     an unrounded float32 model, it matches the torch model whose weights were rounded by torch (same rounding), and

@@ -46,8 +46,9 @@ def native_decode_disabled() -> bool:
 
 
 class CpuDecodeStep:
-    """GPT-2's decode step in C++ (csrc/decode.cpp) for small CPU batches of a float32 model: one call per step
-    instead of ~150 torch ops, matrix-vector products on a persistent thread pool at close to the memory bandwidth.
+    """GPT-2's decode step in C++ (csrc/decode.cpp) for CPU decode batches of a float32 model: one call per step
+    instead of ~150 torch ops on a persistent thread pool; matrix-vector kernels at close to the memory bandwidth for
+    small batches, a register-blocked GEMM for larger ones.
 
     It reads the model's parameters in place (the C++ side holds numpy views of them); a model whose parameters are
     replaced needs a new CpuDecodeStep. When model.decode_weight_dtype is bfloat16 (GPT2.round_weights_to_bfloat16),
@@ -55,9 +56,10 @@ class CpuDecodeStep:
     arithmetic.
     """
 
-    # Above this many sequences a step is compute-bound and MKL's GEMM (the torch model) is faster (measured
-    # in the bench: 16 concurrent 290 vs 139 tokens/s with it; 64 concurrent 355 vs 380 without).
-    max_batch_size = 32
+    # Larger decode batches run the torch model. Up to this size the C++ step is faster at every batch: GEMV kernels
+    # below 12 sequences, a packed-panel GEMM above (csrc/gemm.cpp; 64 concurrent: 162 vs 206 ms per step through
+    # MKL in the torch model, same run).
+    max_batch_size = 256
 
     def __init__(self, model, kv_cache: torch.Tensor):
         c = model.config
