@@ -1,0 +1,137 @@
+// Shared internals of the CPU sampler (sampling*.cpp, not part of sampling.h's API): the bucket and radix constants,
+// the bit-exact exp of a non-positive float64 (scalar and AVX2), the rank-order cut, and the per-thread workspace.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define FASTGPT2_AVX2 1
+#endif
+
+namespace fastgpt2 {
+namespace sampling_detail {
+
+constexpr int NUM_LINEAR_BUCKETS = 2046;  // buckets 0..2045 split max - x in [0, range] evenly
+constexpr int BUCKET_TINY = 2046;  // x < max - range, p == 0 included
+constexpr int BUCKET_PAD = 2047;  // the padding past the vocab, in no bucket range
+constexpr int NUM_BUCKETS = 2048;
+constexpr double RANGE_MAX = 64.0;  // the linear buckets cover at most e^-64 .. 1 relative to p_max
+constexpr double EXP_MIN = -708.0;  // e = 0 below this (exp(-708) is still a normal double)
+constexpr int64_t BLOCK = 64;  // tokens per draw partial sum; buffers are padded to a multiple of it
+constexpr int RADIX_BUCKETS = 256;
+constexpr size_t RADIX_SMALL = 32;  // lists this short are sorted instead of split
+constexpr size_t MAX_RADIX_DEPTH = 16;  // 8 bits of the 64-bit key per level, so 9 levels at most
+
+// exp(r) = 1 + r * q(r) for |r| <= ln 2 / 2; q is a degree-8 Chebyshev fit (relative error of exp < 4e-14, far
+// below the gaps that truncation decisions compare; exp(0) is exactly 1).
+constexpr int EXP_POLY_LEN = 9;
+constexpr double EXP_POLY[EXP_POLY_LEN] = {2.762511557828763e-06, 2.4876178959085513e-05, 0.00019841208732536384,
+                                           0.001388882165071769,  0.008333333353729397,   0.0416666668910917,
+                                           0.1666666666664829,    0.49999999999797773,    1.0};
+constexpr double LOG2E = 1.4426950408889634;
+constexpr double LN2 = 0.6931471805599453;
+constexpr double ROUND_SHIFT = 6755399441055744.0;  // 1.5 * 2^52: adding it rounds to an integer kept in the low bits
+
+inline uint64_t bits_of(double x) {
+  uint64_t u;
+  std::memcpy(&u, &x, sizeof(double));
+  return u;
+}
+
+inline double double_of(uint64_t u) {
+  double x;
+  std::memcpy(&x, &u, sizeof(double));
+  return x;
+}
+
+// exp(d) for d <= 0 or -inf, 0 below EXP_MIN. The AVX2 version below performs the same IEEE operations in the same
+// order, so both give bit-identical results; equal logits therefore always get equal e.
+inline double exp_nonpositive(double d) {
+  const double dc = d > EXP_MIN ? d : EXP_MIN;
+  const double shifted = std::fma(dc, LOG2E, ROUND_SHIFT);
+  const double k = shifted - ROUND_SHIFT;  // round(dc / ln 2), in [-1021, 0]
+  const double r = std::fma(-k, LN2, dc);  // one-step reduction: the error k * 2e-17 is below 1 ulp of exp
+  double q = EXP_POLY[0];
+  for (int i = 1; i < EXP_POLY_LEN; ++i) q = std::fma(q, r, EXP_POLY[i]);
+  const double p = std::fma(q, r, 1.0);
+  const uint64_t bits = bits_of(p) + (bits_of(shifted) << 52);  // p * 2^k via the exponent field (k is in the low bits)
+  return d >= EXP_MIN ? double_of(bits) : 0.0;
+}
+
+// The histogram bucket of d = x - max: floor(-d * scale), monotone in d; NaN (-inf * 0) and overflow go to
+// BUCKET_TINY. Matches the AVX2 path (truncating conversion, then an unsigned min).
+inline uint32_t bucket_of(double d, double bucket_scale) {
+  const double t = -d * bucket_scale;
+  return t < double(BUCKET_TINY) ? static_cast<uint32_t>(t) : uint32_t{BUCKET_TINY};
+}
+
+#ifdef FASTGPT2_AVX2
+// exp_nonpositive on 4 lanes; `valid` gets the lanes with d >= EXP_MIN (all ones) or p == 0 (zero).
+inline __m256d exp_nonpositive4(__m256d d, __m256d* valid) {
+  const __m256d dc = _mm256_max_pd(d, _mm256_set1_pd(EXP_MIN));
+  const __m256d shifted = _mm256_fmadd_pd(dc, _mm256_set1_pd(LOG2E), _mm256_set1_pd(ROUND_SHIFT));
+  const __m256d k = _mm256_sub_pd(shifted, _mm256_set1_pd(ROUND_SHIFT));
+  const __m256d r = _mm256_fnmadd_pd(k, _mm256_set1_pd(LN2), dc);
+  __m256d q = _mm256_set1_pd(EXP_POLY[0]);
+  for (int i = 1; i < EXP_POLY_LEN; ++i) q = _mm256_fmadd_pd(q, r, _mm256_set1_pd(EXP_POLY[i]));
+  const __m256d p = _mm256_fmadd_pd(q, r, _mm256_set1_pd(1.0));
+  const __m256i bits = _mm256_add_epi64(_mm256_castpd_si256(p), _mm256_slli_epi64(_mm256_castpd_si256(shifted), 52));
+  *valid = _mm256_cmp_pd(d, _mm256_set1_pd(EXP_MIN), _CMP_GE_OQ);
+  return _mm256_and_pd(_mm256_castsi256_pd(bits), *valid);
+}
+
+inline double hsum(__m256d v) {
+  const __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+#endif
+
+// A cut in rank order: token i is kept iff e_i > e or (e_i == e and i <= id). {0, -1} keeps every token with e > 0.
+struct Cut {
+  double e;
+  int64_t id;
+};
+constexpr Cut KEEP_ALL_POSITIVE{0.0, -1};
+
+inline bool is_kept(double e, int64_t i, const Cut& cut) { return e > cut.e || (e == cut.e && i <= cut.id); }
+
+// min-p keeps e >= min_p (e_max is exactly 1); the kept set is the intersection, itself a cut.
+inline Cut with_min_p(const Cut& cut, double min_p) { return min_p > cut.e ? Cut{min_p, INT64_MAX} : cut; }
+
+struct RankedToken {
+  double e;
+  int64_t id;
+};
+
+inline bool ranks_before(const RankedToken& a, const RankedToken& b) {
+  return a.e > b.e || (a.e == b.e && a.id < b.id);
+}
+
+// Per-thread scratch, reused across rows and calls (thread_local) so that a row allocates nothing in steady state.
+struct Workspace {
+  std::vector<double> e;  // (padded V,) exp(x - max), 0 in the padding
+  std::vector<uint16_t> bucket;  // (padded V,) histogram bucket, BUCKET_PAD in the padding
+  std::vector<int32_t> count;  // (NUM_BUCKETS,) tokens per bucket
+  std::vector<double> block_mass;  // (padded V / BLOCK,) kept mass per block of the draw
+  std::vector<RankedToken> list;  // tokens of a bucket range, id order
+  std::vector<RankedToken> kept;  // the top-k set, id order
+  std::vector<std::vector<RankedToken>> levels;  // radix sub-lists, one per depth
+  std::vector<RankedToken> sorted;
+
+  void reserve(int64_t padded) {
+    if (static_cast<int64_t>(e.size()) < padded) {
+      e.resize(padded);
+      bucket.resize(padded);
+      block_mass.resize(padded / BLOCK);
+    }
+    count.resize(NUM_BUCKETS);
+    levels.resize(MAX_RADIX_DEPTH);  // never resized inside resolve(), which holds references into it
+  }
+};
+
+}  // namespace sampling_detail
+}  // namespace fastgpt2
