@@ -59,7 +59,6 @@ ExpSums exp_pass(const float* x, int64_t vocab_size, float max, double bucket_sc
   const __m256i tiny_v = _mm256_set1_epi32(BUCKET_TINY);
   __m256d sum0 = _mm256_setzero_pd(), sum1 = _mm256_setzero_pd();
   __m256i valid_count = _mm256_setzero_si256();
-  alignas(32) int32_t lanes[8];
   for (; j + 8 <= vocab_size; j += 8) {
     // The next row's logits come from memory while this compute-bound loop runs (its scan then reads them from L2).
     if (next_row != nullptr && (j & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(next_row + j), _MM_HINT_T1);
@@ -80,9 +79,16 @@ ExpSums exp_pass(const float* x, int64_t vocab_size, float max, double bucket_sc
       const __m256i b = _mm256_min_epu32(_mm256_inserti128_si256(_mm256_castsi128_si256(b0), b1, 1), tiny_v);
       _mm_storeu_si128(reinterpret_cast<__m128i*>(bucket + j),
                        _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
-      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), b);
-      for (int l = 0; l < 8; ++l) ++count[lanes[l]];
     }
+  }
+  if (HIST) {
+    // Counted after the loop, into two sub-histograms (no chain of increments to one counter): inside the loop the
+    // increments crowded out the exp chains' FMAs (measured in alternation: 3-20% less time per row).
+    int32_t sub[2][NUM_BUCKETS] = {};
+    int64_t i = 0;
+    for (; i + 2 <= j; i += 2) ++sub[0][bucket[i]], ++sub[1][bucket[i + 1]];
+    for (; i < j; ++i) ++sub[0][bucket[i]];
+    for (int b = 0; b < NUM_BUCKETS; ++b) count[b] += sub[0][b] + sub[1][b];
   }
   sums.total = hsum(_mm256_add_pd(sum0, sum1));
   alignas(32) int64_t valid_lanes[4];
