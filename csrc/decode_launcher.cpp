@@ -11,6 +11,7 @@
 
 #include "checks.h"
 #include "decode.h"
+#include "gemm.h"
 
 namespace py = pybind11;
 
@@ -134,9 +135,10 @@ class CpuDecoder {
 };
 
 void bind_cpu_decoder(py::module_& m) {
+  m.attr("CPU_DECODER_HAS_GEMM") = py::bool_(kHasGemm);
   py::class_<CpuDecoder>(m, "CpuDecoder",
-                         "GPT-2's decode step on CPU for small batches (float32 arithmetic, float32 or bfloat16 weight "
-                         "matrices); holds the weight arrays it is given.")
+                         "GPT-2's decode step on CPU (float32 arithmetic, float32 or bfloat16 weight matrices); holds "
+                         "the weight arrays it is given.")
       .def(py::init<const py::array&, const py::array&, const std::vector<std::vector<py::array>>&, const py::array&,
                     const py::array&, int64_t, float, const std::string&>(),
            py::arg("wte"), py::arg("wpe"), py::arg("layers"), py::arg("ln_f_weight"), py::arg("ln_f_bias"),

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "linear.h"
+#include "simd.h"
 
 namespace fastgpt2 {
 
@@ -25,7 +26,7 @@ template <typename W>
 void gemm_rows(const W* weight, const float* bias, const float* xp, float* y, int64_t ldy, int64_t num_tokens,
                int64_t K, int64_t row_begin, int64_t row_end, Epilogue epilogue);
 
-#ifdef __AVX2__
+#ifdef FASTGPT2_AVX2
 constexpr bool kHasGemm = true;
 #else
 constexpr bool kHasGemm = false;

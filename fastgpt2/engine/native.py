@@ -58,8 +58,8 @@ class CpuDecodeStep:
 
     # Larger decode batches run the torch model. Up to this size the C++ step is faster at every batch: GEMV kernels
     # below 12 sequences, a packed-panel GEMM above (csrc/gemm.cpp; 64 concurrent: 162 vs 206 ms per step through
-    # MKL in the torch model, same run).
-    max_batch_size = 256
+    # MKL in the torch model, same run). A build without AVX2 has no GEMM, and its GEMV loses to MKL above ~32.
+    max_batch_size = 256 if getattr(_C, "CPU_DECODER_HAS_GEMM", False) else 32
 
     def __init__(self, model, kv_cache: torch.Tensor):
         c = model.config
