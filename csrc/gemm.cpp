@@ -35,12 +35,6 @@ void pack_x(const float* x, int64_t ldx, int64_t num_tokens, int64_t K, std::vec
 #ifdef FASTGPT2_AVX2
 namespace {
 
-inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 widen8(const bf16* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
 // panel[k * 16 + j] = W[row + j, k] for j < rows (0 for j >= rows): 8 x 8 blocks transposed in registers.
 template <typename W>
 void pack_panel(const W* weight, int64_t K, int64_t row, int64_t rows, float* panel) {
@@ -48,7 +42,7 @@ void pack_panel(const W* weight, int64_t K, int64_t row, int64_t rows, float* pa
     for (int64_t k = 0; k < K; k += 8) {
       __m256 r[8];
       for (int j = 0; j < 8; ++j)
-        r[j] = half + j < rows ? widen8(weight + (row + half + j) * K + k) : _mm256_setzero_ps();
+        r[j] = half + j < rows ? load8(weight + (row + half + j) * K + k) : _mm256_setzero_ps();
       const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
       const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
       const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);

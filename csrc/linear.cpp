@@ -38,12 +38,6 @@ float dot_row(const W* w, const float* x, int64_t n) {
 }
 
 #ifdef FASTGPT2_AVX2
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const bf16* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
 // Software prefetch of the 4-row block kPrefetchBlocks ahead (contiguous, 4 K weights) while this one is read: its
 // 4 K weights arrive over this block's K / 8 steps, one or two 64-byte lines per step. The hardware prefetchers follow
 // the four interleaved row streams poorly (a bf16 row is only 1.5 KB): measured on the 124M LM head, one thread,

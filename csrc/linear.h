@@ -4,31 +4,10 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
+
+#include "simd.h"  // bf16
 
 namespace fastgpt2 {
-
-// A bfloat16 value (the top 16 bits of a float32), storage only.
-struct bf16 {
-  uint16_t bits;
-};
-
-inline float to_float(float v) { return v; }
-inline float to_float(bf16 v) {
-  const uint32_t u = static_cast<uint32_t>(v.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-// Round to nearest even, as torch's float32 -> bfloat16 conversion (NaN stays a quiet NaN).
-inline bf16 to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{static_cast<uint16_t>((u >> 16) | 0x40u)};
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return bf16{static_cast<uint16_t>(u >> 16)};
-}
 
 enum class Epilogue {
   kStore,       // y = W x + b

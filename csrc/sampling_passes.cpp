@@ -84,11 +84,11 @@ ExpSums exp_pass(const float* x, int64_t vocab_size, float max, double bucket_sc
   if (HIST) {
     // Counted after the loop, into two sub-histograms (no chain of increments to one counter): inside the loop the
     // increments crowded out the exp chains' FMAs (measured in alternation: 3-20% less time per row).
-    int32_t sub[2][NUM_BUCKETS] = {};
+    int32_t odd[NUM_BUCKETS] = {};  // the second sub-histogram; the first is count itself (zeroed above)
     int64_t i = 0;
-    for (; i + 2 <= j; i += 2) ++sub[0][bucket[i]], ++sub[1][bucket[i + 1]];
-    for (; i < j; ++i) ++sub[0][bucket[i]];
-    for (int b = 0; b < NUM_BUCKETS; ++b) count[b] += sub[0][b] + sub[1][b];
+    for (; i + 2 <= j; i += 2) ++count[bucket[i]], ++odd[bucket[i + 1]];
+    for (; i < j; ++i) ++count[bucket[i]];
+    for (int b = 0; b < NUM_BUCKETS; ++b) count[b] += odd[b];
   }
   sums.total = hsum(_mm256_add_pd(sum0, sum1));
   alignas(32) int64_t valid_lanes[4];

@@ -4,12 +4,46 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+
+namespace fastgpt2 {
+
+// A bfloat16 value (the top 16 bits of a float32), storage only.
+struct bf16 {
+  uint16_t bits;
+};
+
+inline float to_float(float v) { return v; }
+inline float to_float(bf16 v) {
+  const uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// Round to nearest even, as torch's float32 -> bfloat16 conversion (NaN stays a quiet NaN).
+inline bf16 to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{static_cast<uint16_t>((u >> 16) | 0x40u)};
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return bf16{static_cast<uint16_t>(u >> 16)};
+}
+
+}  // namespace fastgpt2
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define FASTGPT2_AVX2 1
 
 namespace fastgpt2 {
+
+// 8 weights as float32: bf16 is widened by a 16-bit shift (exact).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -73,9 +73,13 @@ class CpuDecodeStep:
         weight_dtype = "bfloat16" if model.decode_weight_dtype == torch.bfloat16 else "float32"
         self._decoder = _C.CpuDecoder(arr(model.wte.weight), arr(model.wpe.weight), layers, arr(model.ln_f.weight),
                                       arr(model.ln_f.bias), c.n_head, c.layer_norm_epsilon, weight_dtype)
-        self.weight_dtype = weight_dtype
         self._kv_cache = kv_cache.numpy()
         self.vocab_size = c.vocab_size
+
+    @property
+    def weight_dtype(self) -> str:
+        """'float32' or 'bfloat16': the weight matrices the C++ step reads."""
+        return self._decoder.weight_dtype
 
     @staticmethod
     def supports(model, kv_cache: torch.Tensor) -> bool:
