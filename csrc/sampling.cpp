@@ -40,17 +40,19 @@ RowStatus plan_row(const float* x, int64_t vocab_size, int64_t top_k, double top
   const Cut min_p_only = with_min_p(KEEP_ALL_POSITIVE, min_p);
   const bool topk_requested = top_k > 0 && top_k < vocab_size;
   if (top_p >= 1.0 && !topk_requested) {  // min-p at most: a threshold, no histogram
-    exp_pass<false>(x, vocab_size, scan.max, 0.0, next_row, ws);
+    exp_pass<false>(x, vocab_size, scan, 0.0f, next_row, ws);
     *plan = {min_p_only, KeptSource::kScan};
     return kOk;
   }
 
-  // 1. e, its sum and the bucket histogram over max - x in [0, range].
+  // 1. e, its sum and the bucket histogram over max - x in [0, range]. The bucket index is computed in float32
+  // (bucket_of): its two roundings move a token's e by at most a relative 2 * 2^-24 * (2047 / scale) off its
+  // bucket's bounds, which the slack covers with the rounding of the exp and of the bound recurrence (< 3e-13).
   const double range = std::min(static_cast<double>(scan.max) - scan.min_finite, RANGE_MAX);
-  const double bucket_scale = range > 1e-300 ? NUM_LINEAR_BUCKETS / range : 0.0;
-  const double inv_scale = bucket_scale > 0.0 ? 1.0 / bucket_scale : std::numeric_limits<double>::infinity();
-  constexpr double slack = 1e-12;  // rounding of the bucket index, the exp and the bound recurrence (< 3e-13)
-  const ExpSums sums = exp_pass<true>(x, vocab_size, scan.max, bucket_scale, next_row, ws);
+  const float bucket_scale = range >= 1e-30 ? static_cast<float>(NUM_LINEAR_BUCKETS / range) : 0.0f;
+  const double inv_scale = bucket_scale > 0.0f ? 1.0 / bucket_scale : std::numeric_limits<double>::infinity();
+  const double slack = 1e-12 + (bucket_scale > 0.0f ? 2.5 * 0x1p-24 * (NUM_LINEAR_BUCKETS + 1) * inv_scale : 0.0);
+  const ExpSums sums = exp_pass<true>(x, vocab_size, scan, bucket_scale, next_row, ws);
   const int32_t* count = ws.count.data();
   const int64_t num_positive = vocab_size - sums.num_zero;
 
@@ -60,7 +62,7 @@ RowStatus plan_row(const float* x, int64_t vocab_size, int64_t top_k, double top
     int last = 0;
     for (int64_t seen = count[0]; seen < top_k; seen += count[++last]) {
     }
-    bucket_prefix_pass(ws, padded, last, ws.list);
+    bucket_prefix_pass(ws, padded, last == BUCKET_TINY ? BUCKET_TINY_LAST : last, ws.list);
     const Hit kth = resolve(ws.list, {0, 0.0}, top_k, 0.0, 0, ws);
     Cut cut = kth.found ? Cut{kth.token.e, kth.token.id} : KEEP_ALL_POSITIVE;
     ws.kept.clear();
@@ -91,7 +93,7 @@ RowStatus plan_row(const float* x, int64_t vocab_size, int64_t top_k, double top
   // anywhere when the buckets are too narrow for that to hold.
   const bool narrow = inv_scale < 1e-10;
   const int first = narrow ? 0 : std::max(bracket.first - 1, 0);
-  const int last = narrow ? BUCKET_TINY : std::min(bracket.last + 1, BUCKET_TINY);
+  const int last = narrow || bracket.last + 1 >= BUCKET_TINY ? BUCKET_TINY_LAST : bracket.last + 1;
   double* block_mass = ws.block_mass.data();
   const double mass_above =
       window_pass(ws, padded, bracket.e_above, bracket.e_below, first, last, ws.list, block_mass);
@@ -107,7 +109,7 @@ RowStatus plan_row(const float* x, int64_t vocab_size, int64_t top_k, double top
     }
   }
   // Rounding defeated the bounds (never seen in practice): resolve over every token with p > 0.
-  bucket_prefix_pass(ws, padded, BUCKET_TINY, ws.list);
+  bucket_prefix_pass(ws, padded, BUCKET_TINY_LAST, ws.list);
   const Hit boundary = resolve(ws.list, {0, 0.0}, 0, target, 0, ws);
   const Cut cut = boundary.found ? Cut{boundary.token.e, boundary.token.id} : KEEP_ALL_POSITIVE;
   *plan = {with_min_p(cut, min_p), KeptSource::kScan};

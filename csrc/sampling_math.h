@@ -16,9 +16,11 @@ namespace fastgpt2 {
 namespace sampling_detail {
 
 constexpr int NUM_LINEAR_BUCKETS = 2046;  // buckets 0..2045 split max - x in [0, range] evenly
-constexpr int BUCKET_TINY = 2046;  // x < max - range, p == 0 included
-constexpr int BUCKET_PAD = 2047;  // the padding past the vocab, in no bucket range
-constexpr int NUM_BUCKETS = 2048;
+constexpr int BUCKET_TINY = 2046;  // x < max - range, p == 0 included; stored as BUCKET_TINY + (token id % 8)
+constexpr int NUM_TINY_LANES = 8;  // the tiny bucket's stored copies (so that counting them forms no chain)
+constexpr int BUCKET_TINY_LAST = BUCKET_TINY + NUM_TINY_LANES - 1;
+constexpr int BUCKET_PAD = BUCKET_TINY_LAST + 1;  // the padding past the vocab, in no bucket range
+constexpr int NUM_BUCKETS = BUCKET_PAD + 1;  // entries of a count histogram
 constexpr double RANGE_MAX = 64.0;  // the linear buckets cover at most e^-64 .. 1 relative to p_max
 constexpr double EXP_MIN = -708.0;  // e = 0 below this (exp(-708) is still a normal double)
 constexpr int64_t BLOCK = 64;  // tokens per draw partial sum; buffers are padded to a multiple of it
@@ -62,17 +64,22 @@ inline double exp_nonpositive(double d) {
   return d >= EXP_MIN ? double_of(bits) : 0.0;
 }
 
-// The histogram bucket of d = x - max: floor(-d * scale), monotone in d; NaN (-inf * 0) and overflow go to
-// BUCKET_TINY. Matches the AVX2 path (truncating conversion, then an unsigned min).
-inline uint32_t bucket_of(double d, double bucket_scale) {
-  const double t = -d * bucket_scale;
-  return t < double(BUCKET_TINY) ? static_cast<uint32_t>(t) : uint32_t{BUCKET_TINY};
+// The histogram bucket of x: floor((max - x) * scale) in float32 arithmetic (monotone in x, as are both roundings);
+// +-inf, NaN and values past the last linear bucket go to BUCKET_TINY. The AVX2 path does the same float32
+// operations (truncating conversion, then an unsigned min) and stores the tiny bucket as BUCKET_TINY + id % 8.
+// The two roundings move a token by at most 2 * 2^-24 * (max - x) * scale, which the bracket's bounds allow for.
+inline uint32_t bucket_of(float x, float max, float scale) {
+  const float t = (max - x) * scale;
+  return t < float(BUCKET_TINY) ? static_cast<uint32_t>(t) : uint32_t{BUCKET_TINY};
 }
 
 #ifdef FASTGPT2_AVX2
-// exp_nonpositive on 4 lanes; `valid` gets the lanes with d >= EXP_MIN (all ones) or p == 0 (zero).
+// exp_nonpositive on 4 lanes; `valid` gets the lanes with d >= EXP_MIN (all ones) or p == 0 (zero). Without CLAMP
+// the caller guarantees EXP_MIN <= d <= 0 in every lane (no -inf), and the clamp and the mask are skipped; the
+// arithmetic on such lanes is the same, so are the results.
+template <bool CLAMP>
 inline __m256d exp_nonpositive4(__m256d d, __m256d* valid) {
-  const __m256d dc = _mm256_max_pd(d, _mm256_set1_pd(EXP_MIN));
+  const __m256d dc = CLAMP ? _mm256_max_pd(d, _mm256_set1_pd(EXP_MIN)) : d;
   const __m256d shifted = _mm256_fmadd_pd(dc, _mm256_set1_pd(LOG2E), _mm256_set1_pd(ROUND_SHIFT));
   const __m256d k = _mm256_sub_pd(shifted, _mm256_set1_pd(ROUND_SHIFT));
   const __m256d r = _mm256_fnmadd_pd(k, _mm256_set1_pd(LN2), dc);
@@ -80,6 +87,7 @@ inline __m256d exp_nonpositive4(__m256d d, __m256d* valid) {
   for (int i = 1; i < EXP_POLY_LEN; ++i) q = _mm256_fmadd_pd(q, r, _mm256_set1_pd(EXP_POLY[i]));
   const __m256d p = _mm256_fmadd_pd(q, r, _mm256_set1_pd(1.0));
   const __m256i bits = _mm256_add_epi64(_mm256_castpd_si256(p), _mm256_slli_epi64(_mm256_castpd_si256(shifted), 52));
+  if (!CLAMP) return _mm256_castsi256_pd(bits);
   *valid = _mm256_cmp_pd(d, _mm256_set1_pd(EXP_MIN), _CMP_GE_OQ);
   return _mm256_and_pd(_mm256_castsi256_pd(bits), *valid);
 }

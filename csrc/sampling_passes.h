@@ -14,9 +14,10 @@ struct RowScan {
   float max;
   float min_finite;
   bool has_nan;
+  bool has_neg_inf;
 };
 
-// The max, the smallest finite value and whether a NaN is present. read V floats.
+// The max, the smallest finite value and whether a NaN or a -inf is present. read V floats.
 RowScan scan_row(const float* x, int64_t vocab_size);
 
 struct ExpSums {
@@ -24,11 +25,11 @@ struct ExpSums {
   int64_t num_zero;  // tokens with e == 0
 };
 
-// e = exp(x - max), its sum and its zeros; with HIST also each token's bucket and the tokens per bucket.
-// read V floats; write V doubles (+ V uint16 and a 2048-entry count histogram). next_row (or nullptr) is prefetched.
-// Instantiated for HIST = false and true in sampling_passes.cpp.
+// e = exp(x - max), its sum and its zeros; with HIST also each token's bucket (bucket_of with bucket_scale) and the
+// tokens per bucket (the tiny bucket's lanes folded into count[BUCKET_TINY]). read V floats; write V doubles
+// (+ V uint16 and the count histogram). next_row (or nullptr) is prefetched. Instantiated for HIST = false and true.
 template <bool HIST>
-ExpSums exp_pass(const float* x, int64_t vocab_size, float max, double bucket_scale, const float* next_row,
+ExpSums exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, float bucket_scale, const float* next_row,
                  Workspace& ws);
 
 // Tokens with bucket <= last, appended to `out` in id order (the top-k candidates). read padded V uint16.
