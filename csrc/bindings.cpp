@@ -1,6 +1,7 @@
 // The compiled module fastgpt2._C: declarations only; the checked entry points live in sampling_launcher.cpp.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 namespace py = pybind11;
 
@@ -9,6 +10,10 @@ namespace fastgpt2 {
 py::array_t<int64_t> topk_topp_minp_sample_checked(const py::array& logits, const py::array& top_k,
                                                    const py::array& top_p, const py::array& min_p,
                                                    const py::array& uniform, int num_threads);
+void topk_topp_minp_sample_raw(uintptr_t logits_addr, int64_t num_rows, int64_t vocab_size, int64_t stride_row,
+                               const std::vector<int64_t>& top_k, const std::vector<double>& top_p,
+                               const std::vector<double>& min_p, const std::vector<double>& uniform, uintptr_t out_addr,
+                               int num_threads);
 py::tuple topk_topp_minp_select_checked(const py::array& logits, const py::array& top_k, const py::array& top_p,
                                         const py::array& min_p, int num_threads);
 // Defined in attention_launcher.cpp.
@@ -28,6 +33,11 @@ PYBIND11_MODULE(_C, m) {
         "uniform (B,) float64|float32; returns (B,) int64 token ids.",
         py::arg("logits"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"), py::arg("uniform"),
         py::arg("num_threads") = 1);
+  m.def("_topk_topp_minp_sample_raw", &fastgpt2::topk_topp_minp_sample_raw,
+        "Internal (fastgpt2.engine.cpu_sampler): topk_topp_minp_sample on the addresses of a checked float32 logits "
+        "tensor (rows, vocab, row stride) and an int64 output tensor, with the parameters as lists.",
+        py::arg("logits_addr"), py::arg("num_rows"), py::arg("vocab_size"), py::arg("stride_row"), py::arg("top_k"),
+        py::arg("top_p"), py::arg("min_p"), py::arg("uniform"), py::arg("out_addr"), py::arg("num_threads"));
   m.def("topk_topp_minp_select", &fastgpt2::topk_topp_minp_select_checked,
         "Kept candidates per row: (ids (B, N) int64 padded -1, probs (B, N) float32 padded 0, counts (B,) int64).",
         py::arg("logits"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"), py::arg("num_threads") = 1);

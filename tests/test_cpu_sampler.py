@@ -285,3 +285,23 @@ def test_fallback_matches_extension_and_warns_once(monkeypatch):
         assert torch.equal(drawn, built[0])
         assert torch.equal(selected[0], built[1][0]) and torch.equal(selected[2], built[1][2])
         torch.testing.assert_close(selected[1], built[1][1], rtol=1e-6, atol=1e-7)  # float32 renormalised probs
+
+
+@needs_extension
+def test_raw_entry_point_checks_sizes_and_values():
+    """The lean entry point cpu_sampler uses (addresses + lists) still checks what it can: sizes and value ranges."""
+    from fastgpt2 import _C
+
+    logits = torch.randn(2, 10)
+    out = torch.full((2,), -7, dtype=torch.int64)
+    args = [logits.data_ptr(), 2, 10, 10, [0, 0], [0.9, 0.9], [0.0, 0.0], [0.5, 0.5], out.data_ptr(), 1]
+    _C._topk_topp_minp_sample_raw(*args)
+    assert torch.equal(out, cpu_sampler.topk_topp_minp_sample(
+        logits, torch.zeros(2, dtype=torch.int64), torch.full((2,), 0.9), torch.zeros(2), torch.full((2,), 0.5)))
+    for index, value, message in ((4, [0.9], "top_p must have 2 values"), (5, [0.0, 1.5], r"min_p\[1\] = 1.5"),
+                                  (7, [0.5, 1.0], r"uniform\[1\] = 1.0 is outside \[0, 1\)"),
+                                  (3, 5, "non-overlapping rows")):
+        bad = list(args)
+        bad[index] = value
+        with pytest.raises(ValueError, match=message):
+            _C._topk_topp_minp_sample_raw(*bad)
