@@ -298,7 +298,7 @@ def test_raw_entry_point_checks_sizes_and_values():
     _C._topk_topp_minp_sample_raw(*args)
     assert torch.equal(out, cpu_sampler.topk_topp_minp_sample(
         logits, torch.zeros(2, dtype=torch.int64), torch.full((2,), 0.9), torch.zeros(2), torch.full((2,), 0.5)))
-    for index, value, message in ((4, [0.9], "top_p must have 2 values"), (5, [0.0, 1.5], r"min_p\[1\] = 1.5"),
+    for index, value, message in ((5, [0.9], "top_p must have 2 values"), (6, [0.0, 1.5], r"min_p\[1\] = 1.5"),
                                   (7, [0.5, 1.0], r"uniform\[1\] = 1.0 is outside \[0, 1\)"),
                                   (3, 5, "non-overlapping rows")):
         bad = list(args)
