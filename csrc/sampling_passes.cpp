@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 
 namespace fastgpt2 {
 namespace sampling_detail {
@@ -65,37 +66,54 @@ int64_t exp_loop(const float* x, int64_t vocab_size, float max, float bucket_sca
   int32_t* count = ws.count.data();
   const __m256d max_v = _mm256_set1_pd(max);
   const __m256 max_f = _mm256_set1_ps(max), scale_f = _mm256_set1_ps(bucket_scale);
-  const __m256i tiny_v = _mm256_set1_epi32(BUCKET_TINY), lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i tiny_lanes = _mm256_add_epi32(_mm256_set1_epi32(BUCKET_TINY), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   __m256d sum0 = _mm256_setzero_pd(), sum1 = _mm256_setzero_pd();
   __m256i valid_count = _mm256_setzero_si256();
-  int64_t j = 0;
-  for (; j + 8 <= vocab_size; j += 8) {
+  // G groups of 8 tokens from j: their e (the exp's constants shared by the 2G vectors), sums and buckets.
+  auto step = [&](int64_t j, auto groups) {
+    constexpr int G = decltype(groups)::value;
     // The next row's logits come from memory while this compute-bound loop runs (its scan then reads them from L2).
     if (next_row != nullptr && (j & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(next_row + j), _MM_HINT_T1);
-    const __m256 xv = _mm256_loadu_ps(x + j);
-    const __m256d d0 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(xv)), max_v);
-    const __m256d d1 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(xv, 1)), max_v);
-    __m256d valid0, valid1;
-    const __m256d e0 = exp_nonpositive4<CLAMP>(d0, &valid0), e1 = exp_nonpositive4<CLAMP>(d1, &valid1);
-    _mm256_storeu_pd(e + j, e0);
-    _mm256_storeu_pd(e + j + 4, e1);
-    sum0 = _mm256_add_pd(sum0, e0);
-    sum1 = _mm256_add_pd(sum1, e1);
-    if (CLAMP) {
-      valid_count = _mm256_sub_epi64(valid_count, _mm256_castpd_si256(valid0));
-      valid_count = _mm256_sub_epi64(valid_count, _mm256_castpd_si256(valid1));
+    __m256 xv[G];
+    __m256d d[2 * G], ev[2 * G], valid[2 * G];
+    for (int g = 0; g < G; ++g) {
+      xv[g] = _mm256_loadu_ps(x + j + 8 * g);
+      d[2 * g] = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(xv[g])), max_v);
+      d[2 * g + 1] = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(xv[g], 1)), max_v);
     }
-    if (HIST) {
-      __m256i b = _mm256_min_epu32(_mm256_cvttps_epi32(_mm256_mul_ps(_mm256_sub_ps(max_f, xv), scale_f)), tiny_v);
-      b = _mm256_add_epi32(b, _mm256_and_si256(_mm256_cmpeq_epi32(b, tiny_v), lanes));  // tiny: one copy per lane
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(bucket + j),
-                       _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
-      if (j >= COUNT_LAG) {
-        const uint16_t* done = bucket + j - COUNT_LAG;
-        for (int t = 0; t < 8; t += 2) ++count[done[t]], ++odd[done[t + 1]];
+    exp_nonpositive4<CLAMP>(d, ev, valid);
+    for (int g = 0; g < G; ++g) {
+      _mm256_storeu_pd(e + j + 8 * g, ev[2 * g]);
+      _mm256_storeu_pd(e + j + 8 * g + 4, ev[2 * g + 1]);
+      sum0 = _mm256_add_pd(sum0, ev[2 * g]);
+      sum1 = _mm256_add_pd(sum1, ev[2 * g + 1]);
+      if (CLAMP) {
+        valid_count = _mm256_sub_epi64(valid_count, _mm256_castpd_si256(valid[2 * g]));
+        valid_count = _mm256_sub_epi64(valid_count, _mm256_castpd_si256(valid[2 * g + 1]));
       }
     }
-  }
+    if (HIST) {
+      for (int g = 0; g < G; ++g) {
+        // The unsigned min with BUCKET_TINY + lane sends every tiny token to one of the tiny bucket's copies (a
+        // linear bucket is < BUCKET_TINY, so it passes unchanged).
+        const __m256i b = _mm256_min_epu32(_mm256_cvttps_epi32(_mm256_mul_ps(_mm256_sub_ps(max_f, xv[g]), scale_f)),
+                                           tiny_lanes);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(bucket + j + 8 * g),
+                         _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
+      }
+      if (j >= COUNT_LAG) {  // 4 buckets per 64-bit load: the load ports are busy enough with the exp's constants
+        const uint16_t* done = bucket + j - COUNT_LAG;
+        for (int t = 0; t < 8 * G; t += 4) {
+          uint64_t four;
+          std::memcpy(&four, done + t, sizeof(four));
+          ++count[four & 0xffff], ++odd[(four >> 16) & 0xffff], ++count[(four >> 32) & 0xffff], ++odd[four >> 48];
+        }
+      }
+    }
+  };
+  int64_t j = 0;
+  for (; j + 16 <= vocab_size; j += 16) step(j, std::integral_constant<int, 2>{});
+  if (j + 8 <= vocab_size) step(j, std::integral_constant<int, 1>{}), j += 8;
   if (HIST) {
     for (int64_t i = std::max<int64_t>(j - COUNT_LAG, 0); i < j; i += 2) ++count[bucket[i]], ++odd[bucket[i + 1]];
   }
