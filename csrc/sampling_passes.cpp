@@ -10,42 +10,53 @@ namespace fastgpt2 {
 namespace sampling_detail {
 
 // Lane-wise accumulators so that gcc vectorises the loop.
-RowScan scan_row(const float* x, int64_t vocab_size) {
-  constexpr int LANES = 16;
+namespace {
+
+// max and min over the row (NaN compares false and changes neither), whether a NaN is present; FINITE_ONLY leaves
+// -inf out of the min.
+template <bool FINITE_ONLY>
+bool min_max(const float* x, int64_t vocab_size, float* min_out, float* max_out) {
   constexpr float INF = std::numeric_limits<float>::infinity();
-  float max_lane[LANES], min_lane[LANES];
-  int32_t nan_lane[LANES], neg_inf_lane[LANES];
-  for (int j = 0; j < LANES; ++j) {
-    max_lane[j] = -INF;
-    min_lane[j] = INF;
-    nan_lane[j] = 0;
-    neg_inf_lane[j] = 0;
-  }
+  float lo = INF, hi = -INF;
+  bool has_nan = false;
   int64_t i = 0;
-  for (; i + LANES <= vocab_size; i += LANES) {
-    for (int j = 0; j < LANES; ++j) {
-      const float v = x[i + j];
-      nan_lane[j] |= (v != v);
-      neg_inf_lane[j] |= (v == -INF);
-      max_lane[j] = v > max_lane[j] ? v : max_lane[j];
-      const float finite_or_inf = v > -INF ? v : INF;
-      min_lane[j] = finite_or_inf < min_lane[j] ? finite_or_inf : min_lane[j];
+#ifdef FASTGPT2_AVX2
+  const __m256 inf_v = _mm256_set1_ps(INF), neg_inf_v = _mm256_set1_ps(-INF);
+  __m256 hi_v[2] = {neg_inf_v, neg_inf_v}, lo_v[2] = {inf_v, inf_v}, nan_v[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (; i + 16 <= vocab_size; i += 16) {
+    for (int h = 0; h < 2; ++h) {
+      const __m256 v = _mm256_loadu_ps(x + i + 8 * h);
+      const __m256 for_min = FINITE_ONLY ? _mm256_blendv_ps(v, inf_v, _mm256_cmp_ps(v, neg_inf_v, _CMP_EQ_OQ)) : v;
+      nan_v[h] = _mm256_or_ps(nan_v[h], _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      hi_v[h] = _mm256_max_ps(v, hi_v[h]);  // the second operand when the first is NaN
+      lo_v[h] = _mm256_min_ps(for_min, lo_v[h]);
     }
   }
+  alignas(32) float lanes[2][8];
+  _mm256_store_ps(lanes[0], _mm256_max_ps(hi_v[0], hi_v[1]));
+  _mm256_store_ps(lanes[1], _mm256_min_ps(lo_v[0], lo_v[1]));
+  has_nan = _mm256_movemask_ps(_mm256_or_ps(nan_v[0], nan_v[1])) != 0;
+  for (int j = 0; j < 8; ++j) hi = std::max(hi, lanes[0][j]), lo = std::min(lo, lanes[1][j]);
+#endif
   for (; i < vocab_size; ++i) {
     const float v = x[i];
-    nan_lane[0] |= (v != v);
-    neg_inf_lane[0] |= (v == -INF);
-    max_lane[0] = v > max_lane[0] ? v : max_lane[0];
-    if (v > -INF) min_lane[0] = std::min(min_lane[0], v);
+    has_nan |= v != v;
+    hi = v > hi ? v : hi;
+    if (!(FINITE_ONLY && v == -INF)) lo = v < lo ? v : lo;
   }
-  RowScan scan{-INF, INF, false, false};
-  for (int j = 0; j < LANES; ++j) {
-    scan.max = std::max(scan.max, max_lane[j]);
-    scan.min_finite = std::min(scan.min_finite, min_lane[j]);
-    scan.has_nan |= nan_lane[j] != 0;
-    scan.has_neg_inf |= neg_inf_lane[j] != 0;
-  }
+  *min_out = lo;
+  *max_out = hi;
+  return has_nan;
+}
+
+}  // namespace
+
+RowScan scan_row(const float* x, int64_t vocab_size) {
+  RowScan scan{};
+  scan.has_nan = min_max<false>(x, vocab_size, &scan.min_finite, &scan.max);
+  scan.has_neg_inf = scan.min_finite == -std::numeric_limits<float>::infinity();
+  // A row with -inf (banned tokens) takes a second pass for its smallest finite value.
+  if (scan.has_neg_inf) min_max<true>(x, vocab_size, &scan.min_finite, &scan.max);
   return scan;
 }
 
