@@ -16,11 +16,14 @@
 //
 // Method (per row, no sort of the vocabulary): one pass for the max; one pass computing e (AVX2 + FMA when built
 // with them, else the same arithmetic in scalar code) together with a count histogram over 2046 linear buckets of
-// x - max. Counts are exact, so the top-k boundary's bucket is known and the tokens up to it are collected; for
-// top-p, rigorous per-bucket bounds on e bracket the boundary in a few buckets, and one pass sums the exact mass
-// above them (per block of 64 tokens, for the draw) while collecting their tokens. The boundary is then placed
-// exactly on the collected tokens by an MSB-first radix select on the float64 bits of e (count and mass per bucket,
-// ties in id order). The kept set is {e > e_cut} U {e == e_cut and id <= id_cut}, intersected with e >= min_p.
+// x - max (bucket index in float32; the loop counts each token 64 tokens after storing its bucket). Counts are
+// exact, so the top-k boundary's bucket is known and the tokens up to it are collected; for top-p, rigorous
+// per-bucket bounds on e (widened by the float32 bucket index's rounding) bracket the boundary in a few buckets, and
+// one pass sums the exact mass above them (per block of 64 tokens, for the draw) while collecting their tokens, or,
+// when at most 1024 tokens lie at or above the bracket (a peaked row), those are collected and all the rest works
+// on that list. The boundary is then placed exactly on the collected tokens by an MSB-first radix select on the
+// float64 bits of e (count and mass per bucket, ties in id order). The kept set is
+// {e > e_cut} U {e == e_cut and id <= id_cut}, intersected with e >= min_p.
 #pragma once
 
 #include <cstdint>

@@ -32,7 +32,8 @@ template <bool HIST>
 ExpSums exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, float bucket_scale, const float* next_row,
                  Workspace& ws);
 
-// Tokens with bucket <= last, appended to `out` in id order (the top-k candidates). read padded V uint16.
+// Tokens with bucket <= last (BUCKET_TINY_LAST takes in the tiny bucket's copies), appended to `out` in id order
+// (the top-k candidates, or a peaked row's top-p list). read padded V uint16.
 void bucket_prefix_pass(const Workspace& ws, int64_t padded, int last, std::vector<RankedToken>& out);
 
 // The top-p pass: returns the mass of the tokens with e > e_above and writes it per block into block_mass; appends
