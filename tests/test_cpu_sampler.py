@@ -100,11 +100,16 @@ def adversarial_logits(kind, num_rows, vocab_size, g):
     if kind == "peaked":  # three tokens hold almost all the mass
         logits[:, :3] += 12.0
         return logits
+    if kind == "wide":  # max - min far beyond the histogram's 64: many tokens with p > 0 in its tiny bucket
+        return logits * 40
+    if kind == "offset":  # large logits: max - x is rounded in the float32 bucket index
+        return logits + 3.0e4
     raise AssertionError(kind)
 
 
 @needs_extension
-@pytest.mark.parametrize("kind", ["rounded", "integers", "all_equal", "banned", "single_finite", "peaked"])
+@pytest.mark.parametrize("kind", ["rounded", "integers", "all_equal", "banned", "single_finite", "peaked", "wide",
+                                  "offset"])
 @pytest.mark.parametrize("vocab_size", [7, 1000, 50257])
 def test_adversarial_logits_match_reference(kind, vocab_size):
     num_rows = 6 if vocab_size > 5000 else 24
