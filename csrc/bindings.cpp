@@ -11,9 +11,8 @@ py::array_t<int64_t> topk_topp_minp_sample_checked(const py::array& logits, cons
                                                    const py::array& top_p, const py::array& min_p,
                                                    const py::array& uniform, int num_threads);
 void topk_topp_minp_sample_raw(uintptr_t logits_addr, int64_t num_rows, int64_t vocab_size, int64_t stride_row,
-                               const std::vector<int64_t>& top_k, const std::vector<double>& top_p,
-                               const std::vector<double>& min_p, const std::vector<double>& uniform, uintptr_t out_addr,
-                               int num_threads);
+                               std::vector<int64_t> top_k, std::vector<double> top_p, std::vector<double> min_p,
+                               const std::vector<double>& uniform, uintptr_t out_addr, int num_threads);
 py::tuple topk_topp_minp_select_checked(const py::array& logits, const py::array& top_k, const py::array& top_p,
                                         const py::array& min_p, int num_threads);
 // Defined in attention_launcher.cpp.

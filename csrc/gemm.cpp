@@ -70,8 +70,8 @@ inline void microkernel(const float* panel, const float* xp, int64_t K, float* a
   __m256 c[MR][2];
   for (int i = 0; i < MR; ++i) c[i][0] = c[i][1] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    __m256 b0 = _mm256_loadu_ps(panel + k * kGemmPanel), b1 = _mm256_loadu_ps(panel + k * kGemmPanel + 8);
-    __asm__("" : "+x"(b0), "+x"(b1));  // keep B in registers: gcc would otherwise fold both loads into every FMA
+    const __m256 b0 = in_register(_mm256_loadu_ps(panel + k * kGemmPanel));
+    const __m256 b1 = in_register(_mm256_loadu_ps(panel + k * kGemmPanel + 8));
     for (int i = 0; i < MR; ++i) {
       const __m256 a = _mm256_broadcast_ss(xp + k * MR + i);
       c[i][0] = _mm256_fmadd_ps(a, b0, c[i][0]);

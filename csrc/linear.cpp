@@ -5,7 +5,6 @@
 #include "linear.h"
 
 #include <cmath>
-#include <type_traits>
 
 #include "simd.h"
 
@@ -18,22 +17,6 @@ inline void finish(float acc, const float* bias, int64_t r, float* y, Epilogue e
     y[r] += v;
   } else {
     y[r] = v;  // GELU is applied afterwards, vectorised, over the whole range
-  }
-}
-
-// dot(W row, x) for the rows the AVX2 blocks leave over (and every row without AVX2).
-template <typename W>
-float dot_row(const W* w, const float* x, int64_t n) {
-  if constexpr (std::is_same_v<W, float>) {
-    return dot(w, x, n);
-  } else {
-    float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-      for (int j = 0; j < 8; ++j) lane[j] += to_float(w[i + j]) * x[i + j];
-    float s = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
-    for (; i < n; ++i) s += to_float(w[i]) * x[i];
-    return s;
   }
 }
 
@@ -162,7 +145,7 @@ void linear_rows(const W* weight, const float* bias, const float* x, int64_t ldx
   row_blocks(weight, bias, x, ldx, y, ldy, K, row_begin, blocked_end, 0, num_tokens, epilogue);
 #endif
   for (int64_t r = blocked_end; r < row_end; ++r)
-    for (int64_t t = 0; t < num_tokens; ++t) finish(dot_row(weight + r * K, x + t * ldx, K), bias, r, y + t * ldy, epilogue);
+    for (int64_t t = 0; t < num_tokens; ++t) finish(dot(weight + r * K, x + t * ldx, K), bias, r, y + t * ldy, epilogue);
   if (epilogue == Epilogue::kGelu)
     for (int64_t t = 0; t < num_tokens; ++t) gelu_range(y + t * ldy + row_begin, row_end - row_begin);
 }

@@ -9,6 +9,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "sampling.h"
@@ -91,6 +92,13 @@ struct Checked {
   std::vector<double> top_p, min_p;
 };
 
+// The parameters' ranges and the thread count.
+void check_values(const Checked& in, int num_threads) {
+  check_range(in.top_p, "top_p", 0.0, true, 1.0, false, "(0, 1]");
+  check_range(in.min_p, "min_p", 0.0, false, 1.0, false, "[0, 1]");
+  if (num_threads < 1) throw py::value_error("num_threads must be >= 1, got " + std::to_string(num_threads));
+}
+
 Checked check_inputs(const py::array& logits, const py::array& top_k, const py::array& top_p, const py::array& min_p,
                      int num_threads) {
   check_logits(logits);  // logits: (num_rows, vocab_size) float32
@@ -102,9 +110,7 @@ Checked check_inputs(const py::array& logits, const py::array& top_k, const py::
              read_vector<int64_t, int32_t>(top_k, "top_k", "an int64 or int32", num_rows),  // (num_rows,)
              read_vector<double, float>(top_p, "top_p", "a float64 or float32", num_rows),  // (num_rows,)
              read_vector<double, float>(min_p, "min_p", "a float64 or float32", num_rows)};  // (num_rows,)
-  check_range(in.top_p, "top_p", 0.0, true, 1.0, false, "(0, 1]");
-  check_range(in.min_p, "min_p", 0.0, false, 1.0, false, "[0, 1]");
-  if (num_threads < 1) throw py::value_error("num_threads must be >= 1, got " + std::to_string(num_threads));
+  check_values(in, num_threads);
   return in;
 }
 
@@ -127,6 +133,18 @@ void raise_for_status(const std::vector<int32_t>& status) {
   }
 }
 
+// Checks the uniforms, then draws every row of checked inputs into out_ptr (num_rows,) without the GIL.
+void sample_rows(const Checked& in, const std::vector<double>& uniform, int64_t* out_ptr, int num_threads) {
+  check_range(uniform, "uniform", 0.0, false, 1.0, true, "[0, 1)");
+  std::vector<int32_t> status(in.num_rows, kOk);
+  {
+    py::gil_scoped_release release;
+    topk_topp_minp_sample(in.logits_ptr, in.num_rows, in.vocab_size, in.stride_row, in.top_k.data(), in.top_p.data(),
+                          in.min_p.data(), uniform.data(), out_ptr, status.data(), num_threads);
+  }
+  raise_for_status(status);
+}
+
 }  // namespace
 
 // Returns (num_rows,) int64 sampled token ids.
@@ -135,16 +153,8 @@ py::array_t<int64_t> topk_topp_minp_sample_checked(const py::array& logits, cons
                                                    const py::array& uniform, int num_threads) {
   const Checked in = check_inputs(logits, top_k, top_p, min_p, num_threads);
   const std::vector<double> u = read_vector<double, float>(uniform, "uniform", "a float64 or float32", in.num_rows);
-  check_range(u, "uniform", 0.0, false, 1.0, true, "[0, 1)");
   py::array_t<int64_t> out(in.num_rows);
-  int64_t* out_ptr = out.mutable_data();
-  std::vector<int32_t> status(in.num_rows, kOk);
-  {
-    py::gil_scoped_release release;
-    topk_topp_minp_sample(in.logits_ptr, in.num_rows, in.vocab_size, in.stride_row, in.top_k.data(),
-                          in.top_p.data(), in.min_p.data(), u.data(), out_ptr, status.data(), num_threads);
-  }
-  raise_for_status(status);
+  sample_rows(in, u, out.mutable_data(), num_threads);
   return out;
 }
 
@@ -153,9 +163,8 @@ py::array_t<int64_t> topk_topp_minp_sample_checked(const py::array& logits, cons
 // stride_row (elements, vocab dimension contiguous) and of a (num_rows,) int64 buffer; the parameters come as
 // lists. Saves the ~15 us per call that four numpy conversions and their checks cost at batch 1.
 void topk_topp_minp_sample_raw(uintptr_t logits_addr, int64_t num_rows, int64_t vocab_size, int64_t stride_row,
-                               const std::vector<int64_t>& top_k, const std::vector<double>& top_p,
-                               const std::vector<double>& min_p, const std::vector<double>& uniform, uintptr_t out_addr,
-                               int num_threads) {
+                               std::vector<int64_t> top_k, std::vector<double> top_p, std::vector<double> min_p,
+                               const std::vector<double>& uniform, uintptr_t out_addr, int num_threads) {
   if (num_rows < 0 || vocab_size < 1 || vocab_size > std::numeric_limits<int32_t>::max() ||
       (num_rows > 1 && stride_row < vocab_size)) {
     throw py::value_error("logits must be (batch, vocab) with 1 <= vocab < 2^31 and non-overlapping rows");
@@ -167,18 +176,10 @@ void topk_topp_minp_sample_raw(uintptr_t logits_addr, int64_t num_rows, int64_t 
                             " values, one per logits row, got " + std::to_string(size));
     }
   }
-  check_range(top_p, "top_p", 0.0, true, 1.0, false, "(0, 1]");
-  check_range(min_p, "min_p", 0.0, false, 1.0, false, "[0, 1]");
-  check_range(uniform, "uniform", 0.0, false, 1.0, true, "[0, 1)");
-  if (num_threads < 1) throw py::value_error("num_threads must be >= 1, got " + std::to_string(num_threads));
-  std::vector<int32_t> status(num_rows, kOk);
-  {
-    py::gil_scoped_release release;
-    topk_topp_minp_sample(reinterpret_cast<const float*>(logits_addr), num_rows, vocab_size, stride_row, top_k.data(),
-                          top_p.data(), min_p.data(), uniform.data(), reinterpret_cast<int64_t*>(out_addr),
-                          status.data(), num_threads);
-  }
-  raise_for_status(status);
+  const Checked in{reinterpret_cast<const float*>(logits_addr), num_rows, vocab_size, stride_row, std::move(top_k),
+                   std::move(top_p), std::move(min_p)};
+  check_values(in, num_threads);
+  sample_rows(in, uniform, reinterpret_cast<int64_t*>(out_addr), num_threads);
 }
 
 // Returns (ids (num_rows, max_count) int64 padded with -1, probs (num_rows, max_count) float32 padded with 0,

@@ -7,10 +7,7 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define FASTGPT2_AVX2 1
-#endif
+#include "simd.h"  // FASTGPT2_AVX2, in_register, hsum
 
 namespace fastgpt2 {
 namespace sampling_detail {
@@ -75,15 +72,6 @@ inline uint32_t bucket_of(float x, float max, float scale) {
 }
 
 #ifdef FASTGPT2_AVX2
-// A broadcast constant held in a register: gcc would otherwise fold every use into its instruction as a memory
-// operand, and with ~13 constant loads per 4 lanes the exp loop was bound by the load ports (measured 41 -> 33 us
-// per row of 50257 with the constants in registers, each shared by U vectors).
-inline __m256d in_register(double c) {
-  __m256d v = _mm256_set1_pd(c);
-  asm("" : "+x"(v));
-  return v;
-}
-
 // exp_nonpositive on U vectors of 4 lanes, each step's constant loaded once for all U; valid[u] gets the lanes with
 // d >= EXP_MIN (all ones) or p == 0 (zero). Without CLAMP the caller guarantees EXP_MIN <= d <= 0 in every lane
 // (no -inf), and the clamp and the mask are skipped. Every lane goes through the same IEEE operations as
@@ -91,22 +79,24 @@ inline __m256d in_register(double c) {
 template <bool CLAMP, int U>
 inline void exp_nonpositive4(const __m256d (&d)[U], __m256d (&e)[U], __m256d (&valid)[U]) {
   __m256d dc[U], shifted[U], r[U], q[U];
-  const __m256d log2e = in_register(LOG2E), round_shift = in_register(ROUND_SHIFT);
+  const __m256d log2e = in_register(_mm256_set1_pd(LOG2E));
+  const __m256d round_shift = in_register(_mm256_set1_pd(ROUND_SHIFT));
   for (int u = 0; u < U; ++u) {
     dc[u] = CLAMP ? _mm256_max_pd(d[u], _mm256_set1_pd(EXP_MIN)) : d[u];
     shifted[u] = _mm256_fmadd_pd(dc[u], log2e, round_shift);
   }
-  const __m256d ln2 = in_register(LN2);
+  const __m256d ln2 = in_register(_mm256_set1_pd(LN2));
   for (int u = 0; u < U; ++u) r[u] = _mm256_fnmadd_pd(_mm256_sub_pd(shifted[u], round_shift), ln2, dc[u]);
   {
-    const __m256d c0 = in_register(EXP_POLY[0]), c1 = in_register(EXP_POLY[1]);
+    const __m256d c0 = in_register(_mm256_set1_pd(EXP_POLY[0]));
+    const __m256d c1 = in_register(_mm256_set1_pd(EXP_POLY[1]));
     for (int u = 0; u < U; ++u) q[u] = _mm256_fmadd_pd(c0, r[u], c1);
   }
   for (int i = 2; i < EXP_POLY_LEN; ++i) {
-    const __m256d c = in_register(EXP_POLY[i]);
+    const __m256d c = in_register(_mm256_set1_pd(EXP_POLY[i]));
     for (int u = 0; u < U; ++u) q[u] = _mm256_fmadd_pd(q[u], r[u], c);
   }
-  const __m256d one = in_register(1.0);
+  const __m256d one = in_register(_mm256_set1_pd(1.0));
   for (int u = 0; u < U; ++u) {
     const __m256d p = _mm256_fmadd_pd(q[u], r[u], one);
     const __m256i bits = _mm256_add_epi64(_mm256_castpd_si256(p), _mm256_slli_epi64(_mm256_castpd_si256(shifted[u]), 52));
@@ -119,10 +109,6 @@ inline void exp_nonpositive4(const __m256d (&d)[U], __m256d (&e)[U], __m256d (&v
   }
 }
 
-inline double hsum(__m256d v) {
-  const __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
-  return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
-}
 #endif
 
 // A cut in rank order: token i is kept iff e_i > e or (e_i == e and i <= id). {0, -1} keeps every token with e > 0.
