@@ -101,8 +101,7 @@ RowStatus plan_row(const float* x, int64_t vocab_size, int64_t top_k, double top
   constexpr int64_t MAX_LISTED = 1024;
   int64_t num_listed = 0;  // tokens in buckets <= last
   for (int b = 0; b <= std::min(last, int{BUCKET_TINY}); ++b) num_listed += count[b];
-  const bool use_list = num_listed <= MAX_LISTED;
-  if (use_list) {
+  if (num_listed <= MAX_LISTED) {
     bucket_prefix_pass(ws, padded, last, ws.kept);
     double mass_above = 0.0;
     ws.list.clear();
@@ -120,21 +119,20 @@ RowStatus plan_row(const float* x, int64_t vocab_size, int64_t top_k, double top
         return kOk;
       }
     }
-  }
-  double* block_mass = ws.block_mass.data();
-  const double mass_above =
-      use_list
-          ? target  // the list said rounding defeated the bounds: straight to the fallback
-          : window_pass(ws, padded, bracket.e_above, bracket.e_below, first, last, ws.list, block_mass);
-  if (mass_above < target) {
-    const Hit boundary = resolve(ws.list, {0, mass_above}, 0, target, 0, ws);
-    if (boundary.found) {
-      const Cut cut = with_min_p({boundary.token.e, boundary.token.id}, min_p);
-      for (const RankedToken& t : ws.list) {
-        if (is_kept(t.e, t.id, cut)) block_mass[t.id / BLOCK] += t.e;
+  } else {
+    double* block_mass = ws.block_mass.data();
+    const double mass_above =
+        window_pass(ws, padded, bracket.e_above, bracket.e_below, first, last, ws.list, block_mass);
+    if (mass_above < target) {
+      const Hit boundary = resolve(ws.list, {0, mass_above}, 0, target, 0, ws);
+      if (boundary.found) {
+        const Cut cut = with_min_p({boundary.token.e, boundary.token.id}, min_p);
+        for (const RankedToken& t : ws.list) {
+          if (is_kept(t.e, t.id, cut)) block_mass[t.id / BLOCK] += t.e;
+        }
+        *plan = {cut, KeptSource::kBlocks};
+        return kOk;
       }
-      *plan = {cut, KeptSource::kBlocks};
-      return kOk;
     }
   }
   // Rounding defeated the bounds (never seen in practice): resolve over every token with p > 0.
