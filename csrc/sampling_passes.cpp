@@ -87,9 +87,11 @@ int64_t exp_loop(const float* x, int64_t vocab_size, float max, float bucket_sca
     __m256 xv[G];
     __m256d d[2 * G], ev[2 * G], valid[2 * G];
     for (int g = 0; g < G; ++g) {
-      xv[g] = _mm256_loadu_ps(x + j + 8 * g);
-      d[2 * g] = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(xv[g])), max_v);
-      d[2 * g + 1] = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(xv[g], 1)), max_v);
+      xv[g] = _mm256_loadu_ps(x + j + 8 * g);  // for the buckets
+      // Each half converted from memory rather than extracted from xv: one shuffle less per 8 tokens, 5-7% faster
+      // per row (alternated runs).
+      d[2 * g] = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + j + 8 * g)), max_v);
+      d[2 * g + 1] = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + j + 8 * g + 4)), max_v);
     }
     exp_nonpositive4<CLAMP>(d, ev, valid);
     for (int g = 0; g < G; ++g) {
