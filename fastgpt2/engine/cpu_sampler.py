@@ -77,6 +77,27 @@ def _check_values(logits, top_p, min_p, uniform=None) -> None:
             raise ValueError(f"logits row {int(rows.nonzero()[0])} {problem}")
 
 
+_Tensor = torch.Tensor
+_FLOAT32 = torch.float32
+_INTEGER_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8})
+_FLOATING_DTYPES = frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat16})
+
+
+def _plain_call(logits, top_k, top_p, min_p, uniform) -> bool:
+    """True for the usual inputs, which need none of the checks' messages and no copy: plain CPU tensors, contiguous
+    (B, V) float32 logits with V >= 1, (B,) parameters of the accepted dtypes. Anything else takes the checked path."""
+    if not (type(logits) is _Tensor and logits.dtype is _FLOAT32 and logits.is_cpu and logits.dim() == 2
+            and logits.is_contiguous()):
+        return False
+    num_rows, vocab_size = logits.shape
+    shape = (num_rows,)
+    return (vocab_size >= 1 and type(top_k) is _Tensor and top_k.dtype in _INTEGER_DTYPES and top_k.is_cpu
+            and top_k.shape == shape and type(top_p) is _Tensor and top_p.dtype in _FLOATING_DTYPES and top_p.is_cpu
+            and top_p.shape == shape and type(min_p) is _Tensor and min_p.dtype in _FLOATING_DTYPES
+            and min_p.is_cpu and min_p.shape == shape and type(uniform) is _Tensor
+            and uniform.dtype in _FLOATING_DTYPES and uniform.is_cpu and uniform.shape == shape)
+
+
 def _threads(num_threads: int | None) -> int:
     return torch.get_num_threads() if num_threads is None else num_threads
 
@@ -110,6 +131,14 @@ def topk_topp_minp_sample(
     -------
     (B,) int64 tensor of token ids.
     """
+    if _C is not None and _plain_call(logits, top_k, top_p, min_p, uniform):
+        # The common call, checked in one expression (the sampler's per-call overhead is part of its per-row time).
+        num_rows, vocab_size = logits.shape
+        out = torch.empty(num_rows, dtype=torch.int64)
+        _C._topk_topp_minp_sample_raw(logits.data_ptr(), num_rows, vocab_size, vocab_size, top_k.tolist(),
+                                      top_p.tolist(), min_p.tolist(), uniform.tolist(), out.data_ptr(),
+                                      _threads(num_threads))
+        return out
     num_rows = _check_logits(logits)
     _check_param("top_k", top_k, num_rows, True)
     _check_param("top_p", top_p, num_rows, False)
