@@ -3,6 +3,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "sampling.h"
+
 namespace py = pybind11;
 
 namespace fastgpt2 {
@@ -37,6 +39,25 @@ PYBIND11_MODULE(_C, m) {
         "tensor (rows, vocab, row stride) and an int64 output tensor, with the parameters as lists.",
         py::arg("logits_addr"), py::arg("num_rows"), py::arg("vocab_size"), py::arg("stride_row"), py::arg("top_k"),
         py::arg("top_p"), py::arg("min_p"), py::arg("uniform"), py::arg("out_addr"), py::arg("num_threads"));
+  m.def(
+      "_sampler_fast_path_stats",
+      [] {
+        const fastgpt2::FastPathStats stats = fastgpt2::fast_path_stats();
+        return py::make_tuple(stats.decided, stats.deferred);
+      },
+      "Internal (tests, benchmarks): (rows the fast top-p path decided, rows it handed to the exact path) so far.");
+  m.def(
+      "_exp32_of_gaps",
+      [](const py::array_t<float, py::array::c_style | py::array::forcecast>& gaps) {
+        py::array_t<float> out(gaps.size());
+        fastgpt2::exp32_of_gaps(gaps.data(), gaps.size(), out.mutable_data());
+        const fastgpt2::Exp32Bound bound = fastgpt2::exp32_bound();
+        return py::make_tuple(out, bound.rel_error, bound.gap_error, bound.gap_max);
+      },
+      "Internal (tests): the fast sampler path's float32 exp(-t) of gaps t = max - x (1-D float32), with its error "
+      "bound (rel_error, gap_error, gap_max): |e / exp(x - max) - 1| <= rel_error + t * gap_error for t <= gap_max, "
+      "e = 0 above.",
+      py::arg("gaps"));
   m.def("topk_topp_minp_select", &fastgpt2::topk_topp_minp_select_checked,
         "Kept candidates per row: (ids (B, N) int64 padded -1, probs (B, N) float32 padded 0, counts (B,) int64).",
         py::arg("logits"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"), py::arg("num_threads") = 1);

@@ -3,6 +3,7 @@
 #include "sampling.h"
 
 #include <algorithm>
+#include <atomic>
 #include <exception>
 #include <limits>
 #include <system_error>
@@ -28,13 +29,17 @@ struct RowPlan {
   KeptSource source;
 };
 
-// Steps 1-6 of sampling.h for one row: fills ws.e and returns how to find the kept set.
-RowStatus plan_row(const float* x, int64_t vocab_size, int64_t top_k, double top_p, double min_p,
-                   const float* next_row, Workspace& ws, RowPlan* plan) {
-  const RowScan scan = scan_row(x, vocab_size);
+// Whether a row's logits can be sampled at all.
+RowStatus row_status(const RowScan& scan) {
   if (scan.has_nan) return kNaN;
   if (scan.max == std::numeric_limits<float>::infinity()) return kPosInf;
   if (scan.max == -std::numeric_limits<float>::infinity()) return kNoFinite;
+  return kOk;
+}
+
+// Steps 1-6 of sampling.h for one row whose scan has status kOk: fills ws.e and returns how to find the kept set.
+void plan_row(const float* x, int64_t vocab_size, const RowScan& scan, int64_t top_k, double top_p, double min_p,
+              const float* next_row, Workspace& ws, RowPlan* plan) {
   const int64_t padded = (vocab_size + BLOCK - 1) / BLOCK * BLOCK;
   ws.reserve(padded);
   const Cut min_p_only = with_min_p(KEEP_ALL_POSITIVE, min_p);
@@ -42,7 +47,7 @@ RowStatus plan_row(const float* x, int64_t vocab_size, int64_t top_k, double top
   if (top_p >= 1.0 && !topk_requested) {  // min-p at most: a threshold, no histogram
     exp_pass<false>(x, vocab_size, scan, 0.0f, next_row, ws);
     *plan = {min_p_only, KeptSource::kScan};
-    return kOk;
+    return;
   }
 
   // 1. e, its sum and the bucket histogram over max - x in [0, range]. The bucket index is computed in float32
@@ -62,7 +67,7 @@ RowStatus plan_row(const float* x, int64_t vocab_size, int64_t top_k, double top
     int last = 0;
     for (int64_t seen = count[0]; seen < top_k; seen += count[++last]) {
     }
-    bucket_prefix_pass(ws, padded, last == BUCKET_TINY ? BUCKET_TINY_LAST : last, ws.list);
+    bucket_range_pass(ws, padded, 0, last == BUCKET_TINY ? BUCKET_TINY_LAST : last, ws.list, true);
     const Hit kth = resolve(ws.list, {0, 0.0}, top_k, 0.0, 0, ws);
     Cut cut = kth.found ? Cut{kth.token.e, kth.token.id} : KEEP_ALL_POSITIVE;
     ws.kept.clear();
@@ -74,11 +79,11 @@ RowStatus plan_row(const float* x, int64_t vocab_size, int64_t top_k, double top
       if (boundary.found) cut = {boundary.token.e, boundary.token.id};
     }
     *plan = {with_min_p(cut, min_p), KeptSource::kList};
-    return kOk;
+    return;
   }
   if (top_p >= 1.0) {
     *plan = {min_p_only, KeptSource::kScan};
-    return kOk;
+    return;
   }
 
   // 3. top-p: the bounds bracket the boundary in a few buckets. When few tokens lie at or above them (a peaked row),
@@ -89,7 +94,7 @@ RowStatus plan_row(const float* x, int64_t vocab_size, int64_t top_k, double top
   const Bracket bracket = bracket_mass(count, target, inv_scale, slack);
   if (min_p > bracket.e_above) {  // min-p cuts above every token the top-p boundary could fall on
     *plan = {min_p_only, KeptSource::kScan};
-    return kOk;
+    return;
   }
   // Tokens between e_below and e_above sit in buckets [first - 1, last + 1] (bounds overlap by the slack only), or
   // anywhere when the buckets are too narrow for that to hold.
@@ -102,7 +107,7 @@ RowStatus plan_row(const float* x, int64_t vocab_size, int64_t top_k, double top
   int64_t num_listed = 0;  // tokens in buckets <= last
   for (int b = 0; b <= std::min(last, int{BUCKET_TINY}); ++b) num_listed += count[b];
   if (num_listed <= MAX_LISTED) {
-    bucket_prefix_pass(ws, padded, last, ws.kept);
+    bucket_range_pass(ws, padded, 0, last, ws.kept, true);
     double mass_above = 0.0;
     ws.list.clear();
     for (const RankedToken& t : ws.kept) {
@@ -116,7 +121,7 @@ RowStatus plan_row(const float* x, int64_t vocab_size, int64_t top_k, double top
       const Hit boundary = resolve(ws.list, {0, mass_above}, 0, target, 0, ws);
       if (boundary.found) {
         *plan = {with_min_p({boundary.token.e, boundary.token.id}, min_p), KeptSource::kList};
-        return kOk;
+        return;
       }
     }
   } else {
@@ -131,16 +136,104 @@ RowStatus plan_row(const float* x, int64_t vocab_size, int64_t top_k, double top
           if (is_kept(t.e, t.id, cut)) block_mass[t.id / BLOCK] += t.e;
         }
         *plan = {cut, KeptSource::kBlocks};
-        return kOk;
+        return;
       }
     }
   }
   // Rounding defeated the bounds (never seen in practice): resolve over every token with p > 0.
-  bucket_prefix_pass(ws, padded, BUCKET_TINY_LAST, ws.list);
+  bucket_range_pass(ws, padded, 0, BUCKET_TINY_LAST, ws.list, true);
   const Hit boundary = resolve(ws.list, {0, 0.0}, 0, target, 0, ws);
   const Cut cut = boundary.found ? Cut{boundary.token.e, boundary.token.id} : KEEP_ALL_POSITIVE;
   *plan = {with_min_p(cut, min_p), KeptSource::kScan};
-  return kOk;
+}
+
+// Rows the fast path takes: top-p alone (no top-k, no min-p).
+bool fast_path_applies(int64_t top_k, double top_p, double min_p, int64_t vocab_size) {
+  return top_p < 1.0 && !(top_k > 0 && top_k < vocab_size) && !(min_p > 0.0);
+}
+
+std::atomic<int64_t> fast_rows_decided{0}, fast_rows_deferred{0};
+
+// Steps 1-7 for a top-p-only row with the float32 exp (exp32_of_gap): about half the exact path's arithmetic and
+// memory. Every sum it compares carries a bound on its error against exact arithmetic; a decision is taken only
+// when its margin exceeds that bound, so the result is always the exact path's. Returns false (and the caller runs
+// the exact path) when the boundary is not safely inside the window or the draw is too close to call.
+//
+// With A = mass of the buckets above the window (e32 sums), W = the window's exact masses and B = the mass below
+// it (T32 - A - window e32), rank r is kept iff A + W_before(r) < p (A + W + B), i.e. W_before(r) < tau with
+// tau = p (W + B) - (1 - p) A, whose error is at most (1 - p) eps_A A + p eps_B B: small even where p is close to 1,
+// as B then is.
+bool sample_top_p_fast(const float* x, int64_t vocab_size, const RowScan& scan, double top_p, double uniform,
+                       const float* next_row, Workspace& ws, int64_t* token) {
+  const double full_range = static_cast<double>(scan.max) - scan.min_finite;  // +inf with -inf logits
+  const double range = std::min(full_range, RANGE_MAX);
+  const float bucket_scale = range >= 1e-30 ? static_cast<float>(NUM_LINEAR_BUCKETS / range) : 0.0f;
+  if (!(bucket_scale > 0.0f) || 1.0 / bucket_scale < 1e-10) return false;  // one bucket, or buckets too narrow
+  const double inv_scale = 1.0 / bucket_scale;
+  const int64_t padded = (vocab_size + BLOCK - 1) / BLOCK * BLOCK;
+  ws.reserve(padded);
+  const double total32 = fast_exp_pass(x, vocab_size, scan, bucket_scale, next_row, ws);
+  // The bracket only guides where the window lies (the decision below is checked): bounds as in plan_row.
+  const double slack = 1e-12 + 2.5 * 0x1p-24 * (NUM_LINEAR_BUCKETS + 1) * inv_scale + 4 * EXP32_REL_ERROR;
+  const Bracket bracket = bracket_mass(ws.count.data(), top_p * total32, inv_scale, slack);
+  const int first = std::max(bracket.first - 1, 0), last = bracket.last + 1;
+  if (last >= BUCKET_TINY) return false;
+  double* block_mass = ws.block_mass.data();
+  const FastWindow sums = fast_window_pass(ws, x, scan.max, bucket_scale, vocab_size, first, last, ws.list, block_mass);
+  double window = 0.0;
+  for (const RankedToken& t : ws.list) window += t.e;
+  const double above = sums.above, below = std::max(total32 - above - sums.window_e32, 0.0);
+  // Error bounds on e32 against the exact e: a token above the window has gap < (first + 1) / scale (its float32
+  // bucket index is < first); one below it has gap <= min(full range, EXP32_GAP_MAX), or its e32 is 0 and its exact
+  // e < EXP32_TINY. `above` also carries the block sums' float32 rounding, which reaches `below` through the
+  // subtraction with the weight p + (1 - p) = 1.
+  const double eps_above_exp = EXP32_REL_ERROR + EXP32_GAP_ERROR * (first + 1) * inv_scale;
+  const double eps_above = eps_above_exp + FAST_BLOCK_SUM_ERROR;
+  const double eps_below = EXP32_REL_ERROR + EXP32_GAP_ERROR * std::min(full_range, double{EXP32_GAP_MAX});
+  const double rounding = 4.0 * (vocab_size + BLOCK) * 0x1p-53 * (above + window + below);  // float64 sums
+  const double bound = 1.01 * ((1.0 - top_p) * eps_above_exp * above + FAST_BLOCK_SUM_ERROR * above +
+                               top_p * eps_below * below + top_p * vocab_size * EXP32_TINY) + rounding;
+  const double tau = top_p * (window + below) - (1.0 - top_p) * above;
+  if (!(tau > bound && tau < window - bound)) return false;
+  const Hit boundary = resolve(ws.list, {0, 0.0}, 0, tau, 0, ws);
+  if (!boundary.found || !(boundary.incl.mass - tau > bound && tau - (boundary.incl.mass - boundary.token.e) > bound)) {
+    return false;
+  }
+  const Cut cut{boundary.token.e, boundary.token.id};
+
+  // Step 7 on the kept set: every token above the window (e32) and the window's tokens up to the cut (exact e).
+  double kept = above;
+  for (const RankedToken& t : ws.list) {
+    if (is_kept(t.e, t.id, cut)) block_mass[t.id / BLOCK] += t.e, kept += t.e;
+  }
+  const double target = uniform * kept;
+  const int64_t num_blocks = padded / BLOCK;
+  double running = 0.0;
+  int64_t blk = 0;
+  while (blk < num_blocks && !(running + block_mass[blk] > target)) running += block_mass[blk++];
+  const float* e32 = ws.e32.data();
+  const uint16_t* bucket = ws.bucket.data();
+  for (int64_t i = blk * BLOCK; i < vocab_size; ++i) {
+    double mass = 0.0;
+    if (bucket[i] < first) {
+      mass = e32[i];
+    } else if (bucket[i] <= last) {
+      const double e = exp_nonpositive(static_cast<double>(x[i]) - static_cast<double>(scan.max));
+      if (is_kept(e, i, cut)) mass = e;
+    }
+    if (mass == 0.0) continue;
+    const double before = running;
+    running += mass;
+    if (running > target) {  // the exact running mass crosses u * (kept mass) here too if the margins allow
+      const double draw_bound = 1.01 * eps_above * (running + uniform * above) + rounding;
+      if (running - target > draw_bound && target - before > draw_bound) {
+        *token = i;
+        return true;
+      }
+      return false;
+    }
+  }
+  return false;  // rounding left no hit: the exact path decides
 }
 
 // Step 7: the smallest kept id whose running kept mass in id order exceeds uniform * (kept mass).
@@ -239,16 +332,46 @@ void parallel_rows(int64_t num_rows, int num_threads, const RowFn& row_fn) {
 }  // namespace
 }  // namespace sampling_detail
 
+void exp32_of_gaps(const float* t, int64_t n, float* out) {
+  using namespace sampling_detail;
+  int64_t i = 0;
+#ifdef FASTGPT2_AVX2
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, exp32_of_gap8<true>(_mm256_loadu_ps(t + i)));
+#endif
+  for (; i < n; ++i) out[i] = exp32_of_gap(t[i]);
+}
+
+Exp32Bound exp32_bound() {
+  using namespace sampling_detail;
+  return {EXP32_REL_ERROR, EXP32_GAP_ERROR, EXP32_GAP_MAX};
+}
+
+FastPathStats fast_path_stats() {
+  return {sampling_detail::fast_rows_decided.load(std::memory_order_relaxed),
+          sampling_detail::fast_rows_deferred.load(std::memory_order_relaxed)};
+}
+
 void topk_topp_minp_sample(const float* logits_ptr, int64_t num_rows, int64_t vocab_size, int64_t stride_row,
                            const int64_t* top_k_ptr, const double* top_p_ptr, const double* min_p_ptr,
                            const double* uniform_ptr, int64_t* out_ptr, int32_t* status_ptr, int num_threads) {
   using namespace sampling_detail;
   parallel_rows(num_rows, num_threads, [&](int64_t row, bool last, Workspace& ws) {
-    RowPlan plan;
     const float* x = logits_ptr + row * stride_row;
-    status_ptr[row] = plan_row(x, vocab_size, top_k_ptr[row], top_p_ptr[row], min_p_ptr[row],
-                               last ? nullptr : x + stride_row, ws, &plan);
-    out_ptr[row] = status_ptr[row] == kOk ? draw_row(ws, vocab_size, plan, uniform_ptr[row]) : -1;
+    const float* next_row = last ? nullptr : x + stride_row;
+    const RowScan scan = scan_row(x, vocab_size);
+    status_ptr[row] = row_status(scan);
+    out_ptr[row] = -1;
+    if (status_ptr[row] != kOk) return;
+    if (fast_path_applies(top_k_ptr[row], top_p_ptr[row], min_p_ptr[row], vocab_size)) {
+      if (sample_top_p_fast(x, vocab_size, scan, top_p_ptr[row], uniform_ptr[row], next_row, ws, &out_ptr[row])) {
+        fast_rows_decided.fetch_add(1, std::memory_order_relaxed);
+        return;
+      }
+      fast_rows_deferred.fetch_add(1, std::memory_order_relaxed);
+    }
+    RowPlan plan;
+    plan_row(x, vocab_size, scan, top_k_ptr[row], top_p_ptr[row], min_p_ptr[row], next_row, ws, &plan);
+    out_ptr[row] = draw_row(ws, vocab_size, plan, uniform_ptr[row]);
   });
 }
 
@@ -258,11 +381,14 @@ void topk_topp_minp_select(const float* logits_ptr, int64_t num_rows, int64_t vo
   using namespace sampling_detail;
   candidates.resize(num_rows);
   parallel_rows(num_rows, num_threads, [&](int64_t row, bool last, Workspace& ws) {
-    RowPlan plan;
     const float* x = logits_ptr + row * stride_row;
-    status_ptr[row] = plan_row(x, vocab_size, top_k_ptr[row], top_p_ptr[row], min_p_ptr[row],
-                               last ? nullptr : x + stride_row, ws, &plan);
-    if (status_ptr[row] == kOk) collect_row(ws, vocab_size, plan, candidates[row]);
+    const RowScan scan = scan_row(x, vocab_size);
+    status_ptr[row] = row_status(scan);
+    if (status_ptr[row] != kOk) return;
+    RowPlan plan;
+    plan_row(x, vocab_size, scan, top_k_ptr[row], top_p_ptr[row], min_p_ptr[row], last ? nullptr : x + stride_row, ws,
+             &plan);
+    collect_row(ws, vocab_size, plan, candidates[row]);
   });
 }
 

@@ -24,6 +24,11 @@
 // on that list. The boundary is then placed exactly on the collected tokens by an MSB-first radix select on the
 // float64 bits of e (count and mass per bucket, ties in id order). The kept set is
 // {e > e_cut} U {e == e_cut and id <= id_cut}, intersected with e >= min_p.
+//
+// Fast path (sampling only, rows with top-p and neither top-k nor min-p): the same passes with a float32 exp (8 lanes,
+// about half the work and memory) whose error against the exact exp is bounded; the window's tokens get the exact e
+// and every comparison of sums is taken only when its margin exceeds the bound on its error, else the row goes
+// through the exact path (sampling.cpp, sample_top_p_fast). The result is the exact path's in every case.
 #pragma once
 
 #include <cstdint>
@@ -44,6 +49,22 @@ struct RowCandidates {
   std::vector<int64_t> ids;
   std::vector<float> probs;
 };
+
+// How many rows the fast top-p path (float32 exp, checked margins) decided, and how many it handed to the exact path,
+// since the module was loaded (all threads).
+struct FastPathStats {
+  int64_t decided;
+  int64_t deferred;
+};
+FastPathStats fast_path_stats();
+
+// The fast path's float32 exp of gaps t = max - x >= 0 (or +inf), n values, and the bound on its relative error
+// against the exact exp(x - max): rel_error + t * gap_error (for tests).
+void exp32_of_gaps(const float* t, int64_t n, float* out);
+struct Exp32Bound {
+  double rel_error, gap_error, gap_max;
+};
+Exp32Bound exp32_bound();
 
 // Truncates each row and draws one token with the given uniform.
 //   logits_ptr: (num_rows, vocab_size) float32, row r at logits_ptr + r * stride_row, vocab dimension contiguous.

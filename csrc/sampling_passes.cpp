@@ -186,21 +186,170 @@ ExpSums exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, float 
 template ExpSums exp_pass<false>(const float*, int64_t, const RowScan&, float, const float*, Workspace&);
 template ExpSums exp_pass<true>(const float*, int64_t, const RowScan&, float, const float*, Workspace&);
 
-void bucket_prefix_pass(const Workspace& ws, int64_t padded, int last, std::vector<RankedToken>& out) {
-  const double* e = ws.e.data();
+namespace {
+
+#ifdef FASTGPT2_AVX2
+// The AVX2 loop of fast_exp_pass over whole groups of 16 tokens (the bucket and count steps as in exp_loop); returns
+// the number of tokens done and adds the sum of e32 to *total.
+template <bool CLAMP>
+int64_t fast_exp_loop(const float* x, int64_t vocab_size, float max, float bucket_scale, const float* next_row,
+                      Workspace& ws, int32_t* odd, double* total) {
+  float* e32 = ws.e32.data();
+  uint16_t* bucket = ws.bucket.data();
+  int32_t* count = ws.count.data();
+  const __m256 max_f = _mm256_set1_ps(max), scale_f = _mm256_set1_ps(bucket_scale);
+  const __m256i tiny_lanes = _mm256_add_epi32(_mm256_set1_epi32(BUCKET_TINY), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256d sum0 = _mm256_setzero_pd(), sum1 = _mm256_setzero_pd();
+  int64_t j = 0;
+  for (; j + 16 <= vocab_size; j += 16) {
+    if (next_row != nullptr) _mm_prefetch(reinterpret_cast<const char*>(next_row + j), _MM_HINT_T1);
+    for (int g = 0; g < 2; ++g) {
+      const __m256 t = _mm256_sub_ps(max_f, _mm256_loadu_ps(x + j + 8 * g));  // the gap, >= 0 (+inf for -inf)
+      _mm256_storeu_ps(e32 + j + 8 * g, exp32_of_gap8<CLAMP>(t));
+      const __m256i b = _mm256_min_epu32(_mm256_cvttps_epi32(_mm256_mul_ps(t, scale_f)), tiny_lanes);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(bucket + j + 8 * g),
+                       _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
+    }
+    // The float64 sum reloads the stored e32 as halves (a load is cheaper than a lane extract here).
+    sum0 = _mm256_add_pd(sum0, _mm256_cvtps_pd(_mm_loadu_ps(e32 + j)));
+    sum1 = _mm256_add_pd(sum1, _mm256_cvtps_pd(_mm_loadu_ps(e32 + j + 4)));
+    sum0 = _mm256_add_pd(sum0, _mm256_cvtps_pd(_mm_loadu_ps(e32 + j + 8)));
+    sum1 = _mm256_add_pd(sum1, _mm256_cvtps_pd(_mm_loadu_ps(e32 + j + 12)));
+    if (j >= COUNT_LAG) {
+      const uint16_t* done = bucket + j - COUNT_LAG;
+      for (int t = 0; t < 16; t += 4) {
+        uint64_t four;
+        std::memcpy(&four, done + t, sizeof(four));
+        ++count[four & 0xffff], ++odd[(four >> 16) & 0xffff], ++count[(four >> 32) & 0xffff], ++odd[four >> 48];
+      }
+    }
+  }
+  for (int64_t i = std::max<int64_t>(j - COUNT_LAG, 0); i < j; i += 2) ++count[bucket[i]], ++odd[bucket[i + 1]];
+  *total += hsum(_mm256_add_pd(sum0, sum1));
+  return j;
+}
+#endif
+
+}  // namespace
+
+double fast_exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, float bucket_scale, const float* next_row,
+                     Workspace& ws) {
+  float* e32 = ws.e32.data();
+  uint16_t* bucket = ws.bucket.data();
+  int32_t* count = ws.count.data();
+  int32_t odd[NUM_BUCKETS];
+  std::fill(count, count + NUM_BUCKETS, 0);
+  std::fill(odd, odd + NUM_BUCKETS, 0);
+  static_cast<void>(next_row);
+  const float max = scan.max;
+  double total = 0.0;
+  int64_t j = 0;
+#ifdef FASTGPT2_AVX2
+  const bool clamp = scan.has_neg_inf || static_cast<double>(scan.max) - scan.min_finite > EXP32_GAP_MAX;
+  j = clamp ? fast_exp_loop<true>(x, vocab_size, max, bucket_scale, next_row, ws, odd, &total)
+            : fast_exp_loop<false>(x, vocab_size, max, bucket_scale, next_row, ws, odd, &total);
+#endif
+  for (; j < vocab_size; ++j) {
+    e32[j] = exp32_of_gap(max - x[j]);
+    total += e32[j];
+    const uint32_t b = bucket_of(x[j], max, bucket_scale);
+    bucket[j] = static_cast<uint16_t>(b == BUCKET_TINY ? BUCKET_TINY + (j % NUM_TINY_LANES) : b);
+    ++count[bucket[j]];
+  }
+  for (int b = 0; b < NUM_BUCKETS; ++b) count[b] += odd[b];
+  for (int b = BUCKET_TINY + 1; b <= BUCKET_TINY_LAST; ++b) count[BUCKET_TINY] += count[b], count[b] = 0;
+  const int64_t padded = (vocab_size + BLOCK - 1) / BLOCK * BLOCK;
+  std::fill(e32 + vocab_size, e32 + padded, 0.0f);
+  std::fill(bucket + vocab_size, bucket + padded, static_cast<uint16_t>(BUCKET_PAD));
+  return total;
+}
+
+FastWindow fast_window_pass(const Workspace& ws, const float* x, float max, float bucket_scale, int64_t vocab_size,
+                            int first, int last, std::vector<RankedToken>& window, double* block_mass) {
+  const float* e32 = ws.e32.data();
   const uint16_t* bucket = ws.bucket.data();
+  const int64_t padded = (vocab_size + BLOCK - 1) / BLOCK * BLOCK;
+  FastWindow sums{0.0, 0.0};
+  // 1. Per block, the e32 mass of the tokens in buckets < first. Two loops rather than one: the window's collection
+  // (a push_back, a call) made the compiler keep this loop's constants in memory (measured 3-4 us per row slower).
+  int64_t start = 0;
+#ifdef FASTGPT2_AVX2
+  {
+    // bucket < first recomputed from x in the float lanes: (max - x) * scale < first, the same float32 operations
+    // as the stored bucket index (cheaper than widening a 16-bit compare to the float lanes).
+    const __m256 max_f = _mm256_set1_ps(max), scale_f = _mm256_set1_ps(bucket_scale);
+    const __m256 first_f = _mm256_set1_ps(static_cast<float>(first));
+    for (; start + BLOCK <= vocab_size; start += BLOCK) {  // whole blocks: x ends at vocab_size
+      __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
+      for (int64_t j = start; j < start + BLOCK; j += 16) {
+        const __m256 m0 = _mm256_mul_ps(_mm256_sub_ps(max_f, _mm256_loadu_ps(x + j)), scale_f);
+        const __m256 m1 = _mm256_mul_ps(_mm256_sub_ps(max_f, _mm256_loadu_ps(x + j + 8)), scale_f);
+        const __m256 v0 = _mm256_and_ps(_mm256_loadu_ps(e32 + j), _mm256_cmp_ps(m0, first_f, _CMP_LT_OQ));
+        const __m256 v1 = _mm256_and_ps(_mm256_loadu_ps(e32 + j + 8), _mm256_cmp_ps(m1, first_f, _CMP_LT_OQ));
+        // One float32 addition (relative error <= 2^-24 < FAST_BLOCK_SUM_ERROR), then float64.
+        const __m256 v = _mm256_add_ps(v0, v1);
+        acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+        acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+      }
+      block_mass[start / BLOCK] = hsum(_mm256_add_pd(acc0, acc1));
+      sums.above += block_mass[start / BLOCK];
+    }
+  }
+#endif
+  for (; start < padded; start += BLOCK) {  // the padding's e32 is 0
+    double block = 0.0;
+    for (int64_t j = start; j < start + BLOCK; ++j) block += bucket[j] < first ? e32[j] : 0.0f;
+    block_mass[start / BLOCK] = block;
+    sums.above += block;
+  }
+  // 2. The window: tokens in buckets [first, last] (the padding's buckets are past `last`), then their exact e, the
+  // same as exp_pass's (bit-identical scalar and AVX2 exp).
+  bucket_range_pass(ws, padded, first, last, window, false);
+  const double max_d = max;
+  RankedToken* w = window.data();
+  const size_t n = window.size();
+  size_t i = 0;
+#ifdef FASTGPT2_AVX2
+  // 8 at a time: the window's tokens are finite and within RANGE_MAX of the max, so no clamp (~3 us less per row of
+  // 50257 than the scalar exp's latency-bound loop).
+  const __m256d max_v = _mm256_set1_pd(max_d);
+  for (; i + 8 <= n; i += 8) {
+    __m256d d[2], ev[2], valid[2];
+    for (int u = 0; u < 2; ++u) {
+      const RankedToken* t = w + i + 4 * u;
+      d[u] = _mm256_sub_pd(_mm256_setr_pd(x[t[0].id], x[t[1].id], x[t[2].id], x[t[3].id]), max_v);
+    }
+    exp_nonpositive4<false>(d, ev, valid);
+    alignas(32) double lanes[8];
+    _mm256_store_pd(lanes, ev[0]);
+    _mm256_store_pd(lanes + 4, ev[1]);
+    for (int l = 0; l < 8; ++l) w[i + l].e = lanes[l];
+  }
+#endif
+  for (; i < n; ++i) w[i].e = exp_nonpositive(static_cast<double>(x[w[i].id]) - max_d);
+  for (const RankedToken& t : window) sums.window_e32 += e32[t.id];
+  return sums;
+}
+
+void bucket_range_pass(const Workspace& ws, int64_t padded, int first, int last, std::vector<RankedToken>& out,
+                       bool with_e) {
+  const double* e = with_e ? ws.e.data() : nullptr;
+  const uint16_t* bucket = ws.bucket.data();
+  auto token = [e](int64_t i) { return RankedToken{e != nullptr ? e[i] : 0.0, i}; };
   out.clear();
   int64_t j = 0;
 #ifdef FASTGPT2_AVX2
+  const __m256i first_v = _mm256_set1_epi16(static_cast<int16_t>(first));
   const __m256i last_v = _mm256_set1_epi16(static_cast<int16_t>(last));
   for (; j < padded; j += 16) {
     const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bucket + j));
-    uint32_t in = ~static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpgt_epi16(b, last_v)));  // 2 bits per token
-    for (; in; in &= in - 1, in &= in - 1) out.push_back({e[j + (__builtin_ctz(in) >> 1)], j + (__builtin_ctz(in) >> 1)});
+    const __m256i outside = _mm256_or_si256(_mm256_cmpgt_epi16(first_v, b), _mm256_cmpgt_epi16(b, last_v));
+    uint32_t in = ~static_cast<uint32_t>(_mm256_movemask_epi8(outside));  // 2 bits per token
+    for (; in; in &= in - 1, in &= in - 1) out.push_back(token(j + (__builtin_ctz(in) >> 1)));
   }
 #endif
   for (; j < padded; ++j) {
-    if (bucket[j] <= last) out.push_back({e[j], j});
+    if (bucket[j] >= first && bucket[j] <= last) out.push_back(token(j));
   }
 }
 

@@ -32,9 +32,31 @@ template <bool HIST>
 ExpSums exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, float bucket_scale, const float* next_row,
                  Workspace& ws);
 
-// Tokens with bucket <= last (BUCKET_TINY_LAST takes in the tiny bucket's copies), appended to `out` in id order
-// (the top-k candidates, or a peaked row's top-p list). read padded V uint16.
-void bucket_prefix_pass(const Workspace& ws, int64_t padded, int last, std::vector<RankedToken>& out);
+// The fast top-p path's pass (AVX2 builds only): e32 = exp32_of_gap(max - x) into ws.e32 and each token's bucket and
+// the count histogram as exp_pass<true> stores them. Returns the sum of e32 in float64. read V floats; write V floats
+// + V uint16 and the count histogram.
+double fast_exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, float bucket_scale, const float* next_row,
+                     Workspace& ws);
+
+constexpr double FAST_BLOCK_SUM_ERROR = 6.1e-8;  // one float32 rounding (2^-24), with a margin
+
+struct FastWindow {
+  double above;  // sum of e32 over buckets < first
+  double window_e32;  // sum of e32 over the window's tokens
+};
+
+// The fast path's top-p pass: per block, the e32 mass of the tokens in buckets < first into block_mass (pairs added
+// in float32, then summed in float64: relative error < FAST_BLOCK_SUM_ERROR); the tokens in buckets [first, last] appended to
+// `window` (id order) with their exact e (exp_nonpositive of x - max). bucket_scale is fast_exp_pass's.
+// read padded V floats (e32) + V floats (x) + padded V uint16.
+FastWindow fast_window_pass(const Workspace& ws, const float* x, float max, float bucket_scale, int64_t vocab_size,
+                            int first, int last, std::vector<RankedToken>& window, double* block_mass);
+
+// Tokens with first <= bucket <= last (BUCKET_TINY_LAST takes in the tiny bucket's copies), appended to `out` in id
+// order with their e (or 0 without with_e): the top-k candidates, a peaked row's top-p list, the fast path's window.
+// read padded V uint16.
+void bucket_range_pass(const Workspace& ws, int64_t padded, int first, int last, std::vector<RankedToken>& out,
+                       bool with_e);
 
 // The top-p pass: returns the mass of the tokens with e > e_above and writes it per block into block_mass; appends
 // the tokens with e_below < e <= e_above to `window` in id order. Window tokens are looked for only in buckets

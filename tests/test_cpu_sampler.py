@@ -310,3 +310,59 @@ def test_raw_entry_point_checks_sizes_and_values():
         bad[index] = value
         with pytest.raises(ValueError, match=message):
             _C._topk_topp_minp_sample_raw(*bad)
+
+
+@needs_extension
+def test_fast_path_exp_error_bound_holds():
+    """The fast top-p path (float32 exp) takes a decision only when its margin exceeds a bound built on this error
+    bound of its exp against the exact exp(x - max); it must hold for any float32 logits and max."""
+    from fastgpt2.engine.native import _C
+
+    rng = np.random.default_rng(0)
+    n = 1 << 18
+    maxes = np.concatenate([rng.uniform(-300, 300, n), rng.uniform(-1, 1, n), rng.uniform(-3e4, 3e4, n),
+                            np.ldexp(1.0, rng.integers(-30, 15, n)) * rng.choice([-1.0, 1.0], n)]).astype(np.float32)
+    gaps = np.concatenate([rng.uniform(0, 90, 2 * n), rng.uniform(0, 1, n),
+                           np.ldexp(rng.uniform(1, 2, n), rng.integers(-40, 7, n))])
+    x = np.minimum((maxes - gaps).astype(np.float32), maxes)  # float32 logits at or below their max
+    t = maxes - x  # the gap as the extension rounds it (float32 subtraction)
+    e, rel_error, gap_error, gap_max = _C._exp32_of_gaps(t)
+    exact = np.exp(x.astype(np.float64) - maxes.astype(np.float64))
+    inside = t <= gap_max
+    assert inside.mean() > 0.9 and (~inside).sum() > 1000
+    ratio = np.abs(e[inside] / exact[inside] - 1) / (rel_error + t[inside].astype(np.float64) * gap_error)
+    assert ratio.max() <= 1.0, f"exp32 error exceeds its bound by {ratio.max():.3f}x"
+    assert ratio.max() > 0.3, "the bound is so loose that it would defer too many rows"
+    assert (e[~inside] == 0).all() and (exact[~inside] <= np.exp(-gap_max * (1 - 1e-6))).all()
+    special, *_ = _C._exp32_of_gaps(np.array([0.0, np.inf, 1e-30, 0.5], dtype=np.float32))
+    assert special[0] == 1.0 and special[1] == 0.0 and special[2] == 1.0
+    assert abs(special[3] / math.exp(-0.5) - 1) < 3e-7
+
+
+@needs_extension
+@pytest.mark.parametrize("scale", [0.5, 1.0, 3.0, 8.0])
+def test_fast_top_p_path_equals_exact_path(scale):
+    """Top-p-only rows take the fast path (float32 exp, checked margins); min_p = 1e-300, which keeps every token of
+    these rows, sends the same rows through the exact path. Draws must be identical, the fast path must decide most
+    rows, and a few rows are checked against the reference too (decided and deferred ones)."""
+    from fastgpt2.engine.native import _C
+
+    g = torch.Generator().manual_seed(int(scale * 10))
+    top_p_values = [0.3, 0.5, 0.8, 0.9, 0.95, 0.99, 0.999, 1 - 1e-6]
+    num_rows, vocab_size = 6 * len(top_p_values), 50257
+    logits = torch.randn(num_rows, vocab_size, generator=g) * scale  # (B, V) float32
+    top_k = torch.zeros(num_rows, dtype=torch.int64)
+    top_p = torch.tensor(top_p_values * 6, dtype=torch.float64)
+    uniform = torch.rand(num_rows, dtype=torch.float64, generator=g)
+    before = _C._sampler_fast_path_stats()
+    fast = cpu_sampler.topk_topp_minp_sample(logits, top_k, top_p, torch.zeros(num_rows), uniform, num_threads=1)
+    decided, deferred = (after - start for after, start in zip(_C._sampler_fast_path_stats(), before))
+    assert decided + deferred == num_rows
+    assert decided >= num_rows // 2, f"the fast path decided only {decided} of {num_rows} rows"
+    exact = cpu_sampler.topk_topp_minp_sample(logits, top_k, top_p, torch.full((num_rows,), 1e-300, dtype=torch.float64),
+                                              uniform, num_threads=1)
+    assert _C._sampler_fast_path_stats() == (before[0] + decided, before[1] + deferred), "min_p > 0 must skip it"
+    assert torch.equal(fast, exact)
+    rows = slice(0, len(top_p_values))  # one row of each top_p
+    assert torch.equal(fast[rows], reference.topk_topp_minp_sample(logits[rows], top_k[rows], top_p[rows],
+                                                                   torch.zeros(len(top_p_values)), uniform[rows]))
