@@ -61,7 +61,48 @@ RowScan scan_row(const float* x, int64_t vocab_size) {
 
 namespace {
 
-constexpr int64_t COUNT_LAG = 64;  // the exp loop counts the buckets it stored this many tokens earlier
+constexpr int64_t COUNT_LAG = 64;  // the exp loops count the buckets they stored this many tokens earlier
+
+// Counts n stored buckets (n a multiple of 4) into the two sub-histograms, 4 per 64-bit load (as fast as 16-bit loads
+// in alternated runs, fewer loads).
+inline void count_buckets(const uint16_t* bucket, int64_t n, int32_t* count, int32_t* odd) {
+  for (int64_t t = 0; t < n; t += 4) {
+    uint64_t four;
+    std::memcpy(&four, bucket + t, sizeof(four));
+    ++count[four & 0xffff], ++odd[(four >> 16) & 0xffff], ++count[(four >> 32) & 0xffff], ++odd[four >> 48];
+  }
+}
+
+// The portable loops' bucket of token j, stored and counted (a tiny token as one of the tiny bucket's copies).
+inline void bucket_and_count(const float* x, int64_t j, float max, float bucket_scale, uint16_t* bucket,
+                             int32_t* count) {
+  const uint32_t b = bucket_of(x[j], max, bucket_scale);
+  bucket[j] = static_cast<uint16_t>(b == BUCKET_TINY ? BUCKET_TINY + (j % NUM_TINY_LANES) : b);
+  ++count[bucket[j]];
+}
+
+// Folds the second sub-histogram and the tiny bucket's copies into count; the padding's buckets get BUCKET_PAD.
+inline void finish_histogram(int32_t* count, const int32_t* odd, uint16_t* bucket, int64_t vocab_size) {
+  for (int b = 0; b < NUM_BUCKETS; ++b) count[b] += odd[b];
+  for (int b = BUCKET_TINY + 1; b <= BUCKET_TINY_LAST; ++b) count[BUCKET_TINY] += count[b], count[b] = 0;
+  const int64_t padded = (vocab_size + BLOCK - 1) / BLOCK * BLOCK;
+  std::fill(bucket + vocab_size, bucket + padded, static_cast<uint16_t>(BUCKET_PAD));
+}
+
+#ifdef FASTGPT2_AVX2
+// Stores the buckets of 8 tokens from their gaps max - x: floor(gap * scale) in float32, as bucket_of. The unsigned
+// min with BUCKET_TINY + lane sends every tiny token (+inf and out-of-range gaps included) to one of the tiny bucket's
+// copies (a linear bucket is < BUCKET_TINY, so it passes unchanged).
+inline void store_buckets8(uint16_t* dst, __m256 gap, __m256 scale, __m256i tiny_lanes) {
+  const __m256i b = _mm256_min_epu32(_mm256_cvttps_epi32(_mm256_mul_ps(gap, scale)), tiny_lanes);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm_packus_epi32(_mm256_castsi256_si128(b),
+                                                                     _mm256_extracti128_si256(b, 1)));
+}
+
+inline __m256i tiny_lanes8() {
+  return _mm256_add_epi32(_mm256_set1_epi32(BUCKET_TINY), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+#endif
 
 #ifdef FASTGPT2_AVX2
 // The AVX2 loop of exp_pass over whole groups of 8 tokens; returns the number of tokens done. Each group's buckets
@@ -76,7 +117,7 @@ int64_t exp_loop(const float* x, int64_t vocab_size, float max, float bucket_sca
   int32_t* count = ws.count.data();
   const __m256d max_v = _mm256_set1_pd(max);
   const __m256 max_f = _mm256_set1_ps(max), scale_f = _mm256_set1_ps(bucket_scale);
-  const __m256i tiny_lanes = _mm256_add_epi32(_mm256_set1_epi32(BUCKET_TINY), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const __m256i tiny_lanes = tiny_lanes8();
   __m256d sum0 = _mm256_setzero_pd(), sum1 = _mm256_setzero_pd();
   __m256i valid_count = _mm256_setzero_si256();
   // G groups of 8 tokens from j: their e (the exp's constants shared by the 2G vectors), sums and buckets.
@@ -105,29 +146,16 @@ int64_t exp_loop(const float* x, int64_t vocab_size, float max, float bucket_sca
       }
     }
     if (HIST) {
-      for (int g = 0; g < G; ++g) {
-        // The unsigned min with BUCKET_TINY + lane sends every tiny token to one of the tiny bucket's copies (a
-        // linear bucket is < BUCKET_TINY, so it passes unchanged).
-        const __m256i b = _mm256_min_epu32(_mm256_cvttps_epi32(_mm256_mul_ps(_mm256_sub_ps(max_f, xv[g]), scale_f)),
-                                           tiny_lanes);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(bucket + j + 8 * g),
-                         _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
-      }
-      if (j >= COUNT_LAG) {  // 4 buckets per 64-bit load (as fast as 16-bit loads in alternated runs, fewer loads)
-        const uint16_t* done = bucket + j - COUNT_LAG;
-        for (int t = 0; t < 8 * G; t += 4) {
-          uint64_t four;
-          std::memcpy(&four, done + t, sizeof(four));
-          ++count[four & 0xffff], ++odd[(four >> 16) & 0xffff], ++count[(four >> 32) & 0xffff], ++odd[four >> 48];
-        }
-      }
+      for (int g = 0; g < G; ++g) store_buckets8(bucket + j + 8 * g, _mm256_sub_ps(max_f, xv[g]), scale_f, tiny_lanes);
+      if (j >= COUNT_LAG) count_buckets(bucket + j - COUNT_LAG, 8 * G, count, odd);
     }
   };
   int64_t j = 0;
   for (; j + 16 <= vocab_size; j += 16) step(j, std::integral_constant<int, 2>{});
   if (j + 8 <= vocab_size) step(j, std::integral_constant<int, 1>{}), j += 8;
   if (HIST) {
-    for (int64_t i = std::max<int64_t>(j - COUNT_LAG, 0); i < j; i += 2) ++count[bucket[i]], ++odd[bucket[i + 1]];
+    const int64_t uncounted = std::max<int64_t>(j - COUNT_LAG, 0);
+    count_buckets(bucket + uncounted, j - uncounted, count, odd);
   }
   sums->total = hsum(_mm256_add_pd(sum0, sum1));
   if (CLAMP) {
@@ -167,19 +195,12 @@ ExpSums exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, float 
     e[j] = exp_nonpositive(d);
     sums.total += e[j];
     sums.num_zero += !(d >= EXP_MIN);
-    if (HIST) {
-      const uint32_t b = bucket_of(x[j], max, bucket_scale);
-      bucket[j] = static_cast<uint16_t>(b == BUCKET_TINY ? BUCKET_TINY + (j % NUM_TINY_LANES) : b);
-      ++count[bucket[j]];
-    }
+    if (HIST) bucket_and_count(x, j, max, bucket_scale, bucket, count);
   }
-  if (HIST) {
-    for (int b = 0; b < NUM_BUCKETS; ++b) count[b] += odd[b];
-    for (int b = BUCKET_TINY + 1; b <= BUCKET_TINY_LAST; ++b) count[BUCKET_TINY] += count[b], count[b] = 0;
-  }
+  if (HIST) finish_histogram(count, odd, bucket, vocab_size);
   const int64_t padded = (vocab_size + BLOCK - 1) / BLOCK * BLOCK;
   std::fill(e + vocab_size, e + padded, 0.0);
-  std::fill(bucket + vocab_size, bucket + padded, static_cast<uint16_t>(BUCKET_PAD));
+  if (!HIST) std::fill(bucket + vocab_size, bucket + padded, static_cast<uint16_t>(BUCKET_PAD));
   return sums;
 }
 
@@ -198,7 +219,7 @@ int64_t fast_exp_loop(const float* x, int64_t vocab_size, float max, float bucke
   uint16_t* bucket = ws.bucket.data();
   int32_t* count = ws.count.data();
   const __m256 max_f = _mm256_set1_ps(max), scale_f = _mm256_set1_ps(bucket_scale);
-  const __m256i tiny_lanes = _mm256_add_epi32(_mm256_set1_epi32(BUCKET_TINY), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const __m256i tiny_lanes = tiny_lanes8();
   __m256d sum0 = _mm256_setzero_pd(), sum1 = _mm256_setzero_pd();
   int64_t j = 0;
   for (; j + 16 <= vocab_size; j += 16) {
@@ -206,25 +227,17 @@ int64_t fast_exp_loop(const float* x, int64_t vocab_size, float max, float bucke
     for (int g = 0; g < 2; ++g) {
       const __m256 t = _mm256_sub_ps(max_f, _mm256_loadu_ps(x + j + 8 * g));  // the gap, >= 0 (+inf for -inf)
       _mm256_storeu_ps(e32 + j + 8 * g, exp32_of_gap8<CLAMP>(t));
-      const __m256i b = _mm256_min_epu32(_mm256_cvttps_epi32(_mm256_mul_ps(t, scale_f)), tiny_lanes);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(bucket + j + 8 * g),
-                       _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
+      store_buckets8(bucket + j + 8 * g, t, scale_f, tiny_lanes);
     }
     // The float64 sum reloads the stored e32 as halves (a load is cheaper than a lane extract here).
     sum0 = _mm256_add_pd(sum0, _mm256_cvtps_pd(_mm_loadu_ps(e32 + j)));
     sum1 = _mm256_add_pd(sum1, _mm256_cvtps_pd(_mm_loadu_ps(e32 + j + 4)));
     sum0 = _mm256_add_pd(sum0, _mm256_cvtps_pd(_mm_loadu_ps(e32 + j + 8)));
     sum1 = _mm256_add_pd(sum1, _mm256_cvtps_pd(_mm_loadu_ps(e32 + j + 12)));
-    if (j >= COUNT_LAG) {
-      const uint16_t* done = bucket + j - COUNT_LAG;
-      for (int t = 0; t < 16; t += 4) {
-        uint64_t four;
-        std::memcpy(&four, done + t, sizeof(four));
-        ++count[four & 0xffff], ++odd[(four >> 16) & 0xffff], ++count[(four >> 32) & 0xffff], ++odd[four >> 48];
-      }
-    }
+    if (j >= COUNT_LAG) count_buckets(bucket + j - COUNT_LAG, 16, count, odd);
   }
-  for (int64_t i = std::max<int64_t>(j - COUNT_LAG, 0); i < j; i += 2) ++count[bucket[i]], ++odd[bucket[i + 1]];
+  const int64_t uncounted = std::max<int64_t>(j - COUNT_LAG, 0);
+  count_buckets(bucket + uncounted, j - uncounted, count, odd);
   *total += hsum(_mm256_add_pd(sum0, sum1));
   return j;
 }
@@ -252,15 +265,10 @@ double fast_exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, fl
   for (; j < vocab_size; ++j) {
     e32[j] = exp32_of_gap(max - x[j]);
     total += e32[j];
-    const uint32_t b = bucket_of(x[j], max, bucket_scale);
-    bucket[j] = static_cast<uint16_t>(b == BUCKET_TINY ? BUCKET_TINY + (j % NUM_TINY_LANES) : b);
-    ++count[bucket[j]];
+    bucket_and_count(x, j, max, bucket_scale, bucket, count);
   }
-  for (int b = 0; b < NUM_BUCKETS; ++b) count[b] += odd[b];
-  for (int b = BUCKET_TINY + 1; b <= BUCKET_TINY_LAST; ++b) count[BUCKET_TINY] += count[b], count[b] = 0;
-  const int64_t padded = (vocab_size + BLOCK - 1) / BLOCK * BLOCK;
-  std::fill(e32 + vocab_size, e32 + padded, 0.0f);
-  std::fill(bucket + vocab_size, bucket + padded, static_cast<uint16_t>(BUCKET_PAD));
+  finish_histogram(count, odd, bucket, vocab_size);
+  std::fill(e32 + vocab_size, e32 + (vocab_size + BLOCK - 1) / BLOCK * BLOCK, 0.0f);
   return total;
 }
 
