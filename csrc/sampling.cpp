@@ -161,8 +161,8 @@ std::atomic<int64_t> fast_rows_decided{0}, fast_rows_deferred{0};
 //
 // With A = mass of the buckets above the window (e32 sums), W = the window's exact masses and B = the mass below
 // it (T32 - A - window e32), rank r is kept iff A + W_before(r) < p (A + W + B), i.e. W_before(r) < tau with
-// tau = p (W + B) - (1 - p) A, whose error is at most (1 - p) eps_A A + p eps_B B: small even where p is close to 1,
-// as B then is.
+// tau = p (W + B) - (1 - p) A, whose error is at most (1 - p) eps_A A + p eps_B B (+ the block sums' float32
+// rounding and the float64 rounding): small even where p is close to 1, as B then is.
 bool sample_top_p_fast(const float* x, int64_t vocab_size, const RowScan& scan, double top_p, double uniform,
                        const float* next_row, Workspace& ws, int64_t* token) {
   const double full_range = static_cast<double>(scan.max) - scan.min_finite;  // +inf with -inf logits
