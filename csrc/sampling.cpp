@@ -176,7 +176,12 @@ bool sample_top_p_fast(const float* x, int64_t vocab_size, const RowScan& scan, 
   // The bracket only guides where the window lies (the decision below is checked): bounds as in plan_row.
   const double slack = 1e-12 + 2.5 * 0x1p-24 * (NUM_LINEAR_BUCKETS + 1) * inv_scale + 4 * EXP32_REL_ERROR;
   const Bracket bracket = bracket_mass(ws.count.data(), top_p * total32, inv_scale, slack);
-  const int first = std::max(bracket.first - 1, 0), last = bracket.last + 1;
+  // With top-p close to 1 the lower bounds may never reach the target (they lose up to a bucket's width of every
+  // token's e): the window then ends two buckets past the estimated crossing instead (checked like any window).
+  const int last = bracket.last < BUCKET_TINY
+                       ? bracket.last + 1
+                       : estimated_crossing(ws.count.data(), top_p * total32, inv_scale) + 2;
+  const int first = std::max(bracket.first - 1, 0);
   if (last >= BUCKET_TINY) return false;
   double* block_mass = ws.block_mass.data();
   const FastWindow sums = fast_window_pass(ws, x, scan.max, bucket_scale, vocab_size, first, last, ws.list, block_mass);

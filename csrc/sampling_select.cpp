@@ -60,7 +60,9 @@ Hit resolve(const std::vector<RankedToken>& tokens, Walk before, int64_t need_co
 Bracket bracket_mass(const int32_t* count, double target, double inv_scale, double slack) {
   const double ratio = std::exp(-inv_scale);
   double e_top = 1.0;  // exp(-b / scale)
-  double upper = 0.0, lower = 0.0;  // bounds on the mass of buckets < b
+  // Bounds on the mass of buckets < b. The max itself has e = 1 exactly (bucket 0): the lower bound counts it so,
+  // which lets it reach targets close to the total on peaked rows (else it loses a bucket's width of the max's e).
+  double upper = 0.0, lower = 1.0 - ratio * (1.0 - slack);
   Bracket bracket{0, BUCKET_TINY, 1.0 + slack, 0.0};
   for (int b = 0; b <= BUCKET_TINY; ++b) {
     const double e_hi = e_top * (1.0 + slack);
@@ -76,6 +78,18 @@ Bracket bracket_mass(const int32_t* count, double target, double inv_scale, doub
     e_top *= ratio;
   }
   return bracket;
+}
+
+int estimated_crossing(const int32_t* count, double target, double inv_scale) {
+  const double ratio = std::exp(-inv_scale);
+  double e_mid = std::exp(-0.5 * inv_scale);  // exp(-(b + 1/2) / scale)
+  double mass = 1.0 - e_mid;  // the max itself has e = 1 exactly, at the top of bucket 0 (peaked rows hinge on it)
+  for (int b = 0; b < BUCKET_TINY; ++b) {
+    mass += count[b] * e_mid;
+    if (mass >= target) return b;
+    e_mid *= ratio;
+  }
+  return BUCKET_TINY;
 }
 
 }  // namespace sampling_detail
