@@ -3,6 +3,8 @@
 Run: python bench/bench_sampler.py [--repeats 30] [--batches 1,64] [--scales 1,3]
 Prints microseconds per row of 50257 float32 logits (top_k 0, top_p 0.9, min_p 0): medians after warm-up, the
 implementations alternating so that a change in machine load hits them alike; the speed-up ratios come last.
+     python bench/bench_sampler.py --fast-path-table
+Prints how many of 64 fresh rows per (scale, top_p) the C++ fast top-p path hands to the exact path.
 """
 from __future__ import annotations
 
@@ -63,8 +65,27 @@ def measure(inputs, torch_threads: int, repeats: int, fns: dict) -> dict:
         torch.set_num_threads(previous)
 
 
+def fast_path_table(scales=(0.5, 1, 3, 6, 12, 30), top_ps=(0.5, 0.9, 0.95, 0.99, 0.999, 1 - 1e-6), rows=64) -> None:
+    """Rows per cell that the fast top-p path could not decide (the exact path then samples them too)."""
+    stats = cpu_sampler._C._sampler_fast_path_stats
+    print(f"rows of {rows} handed to the exact path (logits = randn * scale, top-p only)")
+    print(f"{'scale':>8}" + "".join(f"{p:>12.6g}" for p in top_ps))
+    for scale in scales:
+        cells = []
+        for p in top_ps:
+            g = torch.Generator().manual_seed(int(scale * 100 + p * 1000))
+            logits = torch.randn(rows, VOCAB, generator=g) * scale  # (B, V) float32
+            before = stats()
+            cpu_sampler.topk_topp_minp_sample(logits, torch.zeros(rows, dtype=torch.int64),
+                                              torch.full((rows,), p, dtype=torch.float64), torch.zeros(rows),
+                                              torch.rand(rows, dtype=torch.float64, generator=g), num_threads=1)
+            cells.append(stats()[1] - before[1])
+        print(f"{scale:>8g}" + "".join(f"{c:>12d}" for c in cells))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fast-path-table", action="store_true", help="print the fast top-p path's hand-over table")
     parser.add_argument("--repeats", type=int, default=30, help="timed runs per implementation (reference: fewer)")
     parser.add_argument("--batches", default="1,64", help="comma-separated batch sizes")
     parser.add_argument("--scales", default="1,3", help="logits = randn * scale; 1 is flat, 3 is peakier")
@@ -73,6 +94,9 @@ def main() -> None:
     if not cpu_sampler.HAS_EXTENSION:
         print("fastgpt2._C is not built (python setup.py build_ext --inplace): nothing to compare")
         raise SystemExit(2)
+    if args.fast_path_table:
+        fast_path_table()
+        return
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"top-p {TOP_P} on (B, {VOCAB}) float32 logits; torch {torch.__version__}; all threads = {all_threads}; "
           f"load average {load} (other processes skew the medians; best = least disturbed run)")

@@ -192,6 +192,8 @@ def sampling(batches: tuple[int, ...], repeats: int) -> dict:
     except ImportError as exc:
         cpu_sampler, has_extension = None, f"not available ({exc})"
     warper = TopPLogitsWarper(0.9)
+    stats = getattr(getattr(cpu_sampler, "_C", None), "_sampler_fast_path_stats", None)
+    stats_before = stats() if stats else None
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     results = {}
@@ -221,4 +223,8 @@ def sampling(batches: tuple[int, ...], repeats: int) -> dict:
             results[batch] = {"us_per_row": {k: median(v) * 1e6 / batch for k, v in raw.items()}, "raw_s": raw}
     finally:
         torch.set_num_threads(threads)
-    return {"has_extension": has_extension, "torch_threads": 1, "top_p": 0.9, "batches": results}
+    # Rows the C++ fast top-p path decided / handed to the exact path during this case (warm-up included).
+    fast_path = None if stats is None else dict(zip(("decided", "deferred"),
+                                                    (a - b for a, b in zip(stats(), stats_before))))
+    return {"has_extension": has_extension, "torch_threads": 1, "top_p": 0.9, "batches": results,
+            "fast_path_rows": fast_path}

@@ -68,6 +68,9 @@ def targets(report: dict) -> list[dict]:
             us, ref = r["us_per_row"]["fastgpt2.cpu_sampler"], r["us_per_row"]["fastgpt2.reference"]
             ok &= us <= 100 and ref / us >= 5
             parts.append(f"B={batch}: {us:.1f} us/row, {ref / us:.1f}x the reference")
+        rows = samp.get("fast_path_rows")
+        if rows:
+            parts.append(f"rows decided by the fast top-p path: {rows['decided']} of {rows['decided'] + rows['deferred']}")
         add(name, ok, "; ".join(parts))
     elif samp:
         add(name, False if samp["has_extension"] is False else None,
