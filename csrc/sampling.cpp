@@ -196,14 +196,25 @@ bool sample_top_p_fast(const float* x, int64_t vocab_size, const RowScan& scan, 
   const double eps_above = eps_above_exp + FAST_BLOCK_SUM_ERROR;
   const double eps_below = EXP32_REL_ERROR + EXP32_GAP_ERROR * std::min(full_range, double{EXP32_GAP_MAX});
   const double rounding = 4.0 * (vocab_size + BLOCK) * 0x1p-53 * (above + window + below);  // float64 sums
-  const double bound = 1.01 * ((1.0 - top_p) * eps_above_exp * above + FAST_BLOCK_SUM_ERROR * above +
-                               top_p * eps_below * below + top_p * vocab_size * EXP32_TINY) + rounding;
-  const double tau = top_p * (window + below) - (1.0 - top_p) * above;
-  if (!(tau > bound && tau < window - bound)) return false;
-  const Hit boundary = resolve(ws.list, {0, 0.0}, 0, tau, 0, ws);
-  if (!boundary.found || !(boundary.incl.mass - tau > bound && tau - (boundary.incl.mass - boundary.token.e) > bound)) {
-    return false;
+  // The boundary: the first window token (rank order) whose inclusive window mass reaches tau, taken only when tau
+  // lies farther than the bound from both its masses. The first attempt gets `below` by subtraction; where that
+  // bound is too wide (it carries the block sums' rounding of all of `above`, which dominates when p is close to 1),
+  // the second sums `below` directly, whose rounding then enters with the weight 1 - p only.
+  Hit boundary{};
+  bool decided = false;
+  for (int attempt = 0; attempt < 2 && !decided; ++attempt) {
+    const double below_mass = attempt == 0 ? below : fast_mass_below(ws, padded, last);
+    const double sum_error = attempt == 0 ? FAST_BLOCK_SUM_ERROR * above
+                                          : FAST_BLOCK_SUM_ERROR * ((1.0 - top_p) * above + top_p * below_mass);
+    const double bound = 1.01 * ((1.0 - top_p) * eps_above_exp * above + sum_error + top_p * eps_below * below_mass +
+                                 top_p * vocab_size * EXP32_TINY) + rounding;
+    const double tau = top_p * (window + below_mass) - (1.0 - top_p) * above;
+    if (!(tau > bound && tau < window - bound)) continue;
+    boundary = resolve(ws.list, {0, 0.0}, 0, tau, 0, ws);
+    decided = boundary.found && boundary.incl.mass - tau > bound &&
+              tau - (boundary.incl.mass - boundary.token.e) > bound;
   }
+  if (!decided) return false;
   const Cut cut{boundary.token.e, boundary.token.id};
 
   // Step 7 on the kept set: every token above the window (e32) and the window's tokens up to the cut (exact e).

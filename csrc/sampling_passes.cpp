@@ -339,6 +339,34 @@ FastWindow fast_window_pass(const Workspace& ws, const float* x, float max, floa
   return sums;
 }
 
+double fast_mass_below(const Workspace& ws, int64_t padded, int last) {
+  const float* e32 = ws.e32.data();
+  const uint16_t* bucket = ws.bucket.data();
+  double total = 0.0;
+  int64_t j = 0;
+#ifdef FASTGPT2_AVX2
+  // Intrinsics on purpose: gcc 12.2 at -O3 -mavx2 miscompiles the plain loop that selects e32 by a uint16 compare
+  // and adds the pairs in float32 (a wrong sum; reproduced in a 15-line program).
+  const __m256i last_v = _mm256_set1_epi16(static_cast<int16_t>(last));
+  __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
+  for (; j < padded; j += 16) {
+    const __m256i below = _mm256_cmpgt_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bucket + j)), last_v);
+    const __m256 v0 = _mm256_and_ps(_mm256_loadu_ps(e32 + j),
+                                    _mm256_castsi256_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(below))));
+    const __m256 v1 = _mm256_and_ps(_mm256_loadu_ps(e32 + j + 8),
+                                    _mm256_castsi256_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(below, 1))));
+    const __m256 v = _mm256_add_ps(v0, v1);  // one float32 addition per pair, then float64
+    acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+    acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+  }
+  total = hsum(_mm256_add_pd(acc0, acc1));
+#endif
+  for (; j < padded; ++j) {  // float64 throughout (within the same bound)
+    if (bucket[j] > last) total += e32[j];
+  }
+  return total;
+}
+
 void bucket_range_pass(const Workspace& ws, int64_t padded, int first, int last, std::vector<RankedToken>& out,
                        bool with_e) {
   const double* e = with_e ? ws.e.data() : nullptr;

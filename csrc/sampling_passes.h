@@ -52,6 +52,10 @@ struct FastWindow {
 FastWindow fast_window_pass(const Workspace& ws, const float* x, float max, float bucket_scale, int64_t vocab_size,
                             int first, int last, std::vector<RankedToken>& window, double* block_mass);
 
+// The e32 mass of the tokens in buckets > last (the padding's e32 is 0), summed in float32 pairs then float64
+// (relative error < FAST_BLOCK_SUM_ERROR). read padded V floats + padded V uint16.
+double fast_mass_below(const Workspace& ws, int64_t padded, int last);
+
 // Tokens with first <= bucket <= last (BUCKET_TINY_LAST takes in the tiny bucket's copies), appended to `out` in id
 // order with their e (or 0 without with_e): the top-k candidates, a peaked row's top-p list, the fast path's window.
 // read padded V uint16.
