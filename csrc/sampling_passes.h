@@ -32,8 +32,8 @@ template <bool HIST>
 ExpSums exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, float bucket_scale, const float* next_row,
                  Workspace& ws);
 
-// The fast top-p path's pass (AVX2 builds only): e32 = exp32_of_gap(max - x) into ws.e32 and each token's bucket and
-// the count histogram as exp_pass<true> stores them. Returns the sum of e32 in float64. read V floats; write V floats
+// The fast top-p path's pass: e32 = exp32_of_gap(max - x) into ws.e32 and each token's bucket and the count
+// histogram as exp_pass<true> stores them. Returns the sum of e32 in float64. read V floats; write V floats
 // + V uint16 and the count histogram.
 double fast_exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, float bucket_scale, const float* next_row,
                      Workspace& ws);
@@ -46,8 +46,8 @@ struct FastWindow {
 };
 
 // The fast path's top-p pass: per block, the e32 mass of the tokens in buckets < first into block_mass (pairs added
-// in float32, then summed in float64: relative error < FAST_BLOCK_SUM_ERROR); the tokens in buckets [first, last] appended to
-// `window` (id order) with their exact e (exp_nonpositive of x - max). bucket_scale is fast_exp_pass's.
+// in float32, then summed in float64: relative error < FAST_BLOCK_SUM_ERROR); the tokens in buckets [first, last]
+// appended to `window` (id order) with their exact e (exp_nonpositive of x - max). bucket_scale is fast_exp_pass's.
 // read padded V floats (e32) + V floats (x) + padded V uint16.
 FastWindow fast_window_pass(const Workspace& ws, const float* x, float max, float bucket_scale, int64_t vocab_size,
                             int first, int last, std::vector<RankedToken>& window, double* block_mass);

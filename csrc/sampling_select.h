@@ -43,8 +43,9 @@ struct Bracket {
 Bracket bracket_mass(const int32_t* count, double target, double inv_scale, double slack);
 
 // The bucket where the mass of the linear buckets, each token counted at its bucket's middle e (the max at e = 1),
-// first reaches target; BUCKET_TINY if it never does. An estimate, not a bound: the fast path uses it where bracket_mass's lower
-// bounds (every token at its bucket's bottom) never reach a target close to the total, and checks its outcome.
+// first reaches target; BUCKET_TINY if it never does. An estimate, not a bound: the fast path uses it where
+// bracket_mass's lower bounds (every token at its bucket's bottom) never reach a target close to the total, and
+// checks its outcome.
 int estimated_crossing(const int32_t* count, double target, double inv_scale);
 
 }  // namespace sampling_detail

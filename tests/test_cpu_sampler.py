@@ -359,8 +359,8 @@ def test_fast_top_p_path_equals_exact_path(scale):
     decided, deferred = (after - start for after, start in zip(_C._sampler_fast_path_stats(), before))
     assert decided + deferred == num_rows
     assert decided >= num_rows // 2, f"the fast path decided only {decided} of {num_rows} rows"
-    exact = cpu_sampler.topk_topp_minp_sample(logits, top_k, top_p, torch.full((num_rows,), 1e-300, dtype=torch.float64),
-                                              uniform, num_threads=1)
+    min_p_tiny = torch.full((num_rows,), 1e-300, dtype=torch.float64)
+    exact = cpu_sampler.topk_topp_minp_sample(logits, top_k, top_p, min_p_tiny, uniform, num_threads=1)
     assert _C._sampler_fast_path_stats() == (before[0] + decided, before[1] + deferred), "min_p > 0 must skip it"
     assert torch.equal(fast, exact)
     rows = slice(0, len(top_p_values))  # one row of each top_p

@@ -70,7 +70,8 @@ def targets(report: dict) -> list[dict]:
             parts.append(f"B={batch}: {us:.1f} us/row, {ref / us:.1f}x the reference")
         rows = samp.get("fast_path_rows")
         if rows:
-            parts.append(f"rows decided by the fast top-p path: {rows['decided']} of {rows['decided'] + rows['deferred']}")
+            total = rows["decided"] + rows["deferred"]
+            parts.append(f"rows decided by the fast top-p path: {rows['decided']} of {total}")
         add(name, ok, "; ".join(parts))
     elif samp:
         add(name, False if samp["has_extension"] is False else None,
