@@ -37,6 +37,23 @@ RowStatus row_status(const RowScan& scan) {
   return kOk;
 }
 
+// The histogram's scale over max - x in [0, range] (range = max - min_finite, at most RANGE_MAX). The bucket index is
+// computed in float32 (bucket_of): its two roundings move a token's e by at most a relative 2 * 2^-24 * (2047 /
+// scale) off its bucket's bounds, which the slack covers with the rounding of the exp and of the bound recurrence
+// (< 3e-13). scale is 0 (inv_scale +inf) when every finite logit is the same.
+struct BucketScale {
+  float scale;
+  double inv_scale, slack;
+};
+
+BucketScale bucket_scale_of(const RowScan& scan) {
+  const double range = std::min(static_cast<double>(scan.max) - scan.min_finite, RANGE_MAX);
+  const float scale = range >= 1e-30 ? static_cast<float>(NUM_LINEAR_BUCKETS / range) : 0.0f;
+  const double inv_scale = scale > 0.0f ? 1.0 / scale : std::numeric_limits<double>::infinity();
+  const double slack = 1e-12 + (scale > 0.0f ? 2.5 * 0x1p-24 * (NUM_LINEAR_BUCKETS + 1) * inv_scale : 0.0);
+  return {scale, inv_scale, slack};
+}
+
 // Steps 1-6 of sampling.h for one row whose scan has status kOk: fills ws.e and returns how to find the kept set.
 void plan_row(const float* x, int64_t vocab_size, const RowScan& scan, int64_t top_k, double top_p, double min_p,
               const float* next_row, Workspace& ws, RowPlan* plan) {
@@ -50,13 +67,8 @@ void plan_row(const float* x, int64_t vocab_size, const RowScan& scan, int64_t t
     return;
   }
 
-  // 1. e, its sum and the bucket histogram over max - x in [0, range]. The bucket index is computed in float32
-  // (bucket_of): its two roundings move a token's e by at most a relative 2 * 2^-24 * (2047 / scale) off its
-  // bucket's bounds, which the slack covers with the rounding of the exp and of the bound recurrence (< 3e-13).
-  const double range = std::min(static_cast<double>(scan.max) - scan.min_finite, RANGE_MAX);
-  const float bucket_scale = range >= 1e-30 ? static_cast<float>(NUM_LINEAR_BUCKETS / range) : 0.0f;
-  const double inv_scale = bucket_scale > 0.0f ? 1.0 / bucket_scale : std::numeric_limits<double>::infinity();
-  const double slack = 1e-12 + (bucket_scale > 0.0f ? 2.5 * 0x1p-24 * (NUM_LINEAR_BUCKETS + 1) * inv_scale : 0.0);
+  // 1. e, its sum and the bucket histogram over max - x in [0, range].
+  const auto [bucket_scale, inv_scale, slack] = bucket_scale_of(scan);
   const ExpSums sums = exp_pass<true>(x, vocab_size, scan, bucket_scale, next_row, ws);
   const int32_t* count = ws.count.data();
   const int64_t num_positive = vocab_size - sums.num_zero;
@@ -166,15 +178,16 @@ std::atomic<int64_t> fast_rows_decided{0}, fast_rows_deferred{0};
 bool sample_top_p_fast(const float* x, int64_t vocab_size, const RowScan& scan, double top_p, double uniform,
                        const float* next_row, Workspace& ws, int64_t* token) {
   const double full_range = static_cast<double>(scan.max) - scan.min_finite;  // +inf with -inf logits
-  const double range = std::min(full_range, RANGE_MAX);
-  const float bucket_scale = range >= 1e-30 ? static_cast<float>(NUM_LINEAR_BUCKETS / range) : 0.0f;
-  if (!(bucket_scale > 0.0f) || 1.0 / bucket_scale < 1e-10) return false;  // one bucket, or buckets too narrow
-  const double inv_scale = 1.0 / bucket_scale;
+  const BucketScale buckets = bucket_scale_of(scan);
+  const float bucket_scale = buckets.scale;
+  const double inv_scale = buckets.inv_scale;
+  if (!(bucket_scale > 0.0f) || inv_scale < 1e-10) return false;  // one bucket, or buckets too narrow
   const int64_t padded = (vocab_size + BLOCK - 1) / BLOCK * BLOCK;
   ws.reserve(padded);
   const double total32 = fast_exp_pass(x, vocab_size, scan, bucket_scale, next_row, ws);
-  // The bracket only guides where the window lies (the decision below is checked): bounds as in plan_row.
-  const double slack = 1e-12 + 2.5 * 0x1p-24 * (NUM_LINEAR_BUCKETS + 1) * inv_scale + 4 * EXP32_REL_ERROR;
+  // The bracket only guides where the window lies (the decision below is checked): bounds as in plan_row, widened
+  // by the float32 exp's error.
+  const double slack = buckets.slack + 4 * EXP32_REL_ERROR;
   const Bracket bracket = bracket_mass(ws.count.data(), top_p * total32, inv_scale, slack);
   // With top-p close to 1 the lower bounds may never reach the target (they lose up to a bucket's width of every
   // token's e): the window then ends two buckets past the estimated crossing instead (checked like any window).

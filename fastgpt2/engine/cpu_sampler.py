@@ -131,27 +131,23 @@ def topk_topp_minp_sample(
     -------
     (B,) int64 tensor of token ids.
     """
-    if _C is not None and _plain_call(logits, top_k, top_p, min_p, uniform):
-        # The common call, checked in one expression (the sampler's per-call overhead is part of its per-row time).
-        num_rows, vocab_size = logits.shape
-        out = torch.empty(num_rows, dtype=torch.int64)
-        _C._topk_topp_minp_sample_raw(logits.data_ptr(), num_rows, vocab_size, vocab_size, top_k.tolist(),
-                                      top_p.tolist(), min_p.tolist(), uniform.tolist(), out.data_ptr(),
-                                      _threads(num_threads))
-        return out
-    num_rows = _check_logits(logits)
-    _check_param("top_k", top_k, num_rows, True)
-    _check_param("top_p", top_p, num_rows, False)
-    _check_param("min_p", min_p, num_rows, False)
-    _check_param("uniform", uniform, num_rows, False)
-    if _C is None:
-        _warn_no_extension()
-        _check_values(logits, top_p, min_p, uniform)
-        return reference.topk_topp_minp_sample(logits, top_k, top_p, min_p, uniform)
+    # The common call is checked in one expression (the sampler's per-call overhead is part of its per-row time);
+    # anything else gets the checks that name the problem.
+    if _C is None or not _plain_call(logits, top_k, top_p, min_p, uniform):
+        num_rows = _check_logits(logits)
+        _check_param("top_k", top_k, num_rows, True)
+        _check_param("top_p", top_p, num_rows, False)
+        _check_param("min_p", min_p, num_rows, False)
+        _check_param("uniform", uniform, num_rows, False)
+        if _C is None:
+            _warn_no_extension()
+            _check_values(logits, top_p, min_p, uniform)
+            return reference.topk_topp_minp_sample(logits, top_k, top_p, min_p, uniform)
+        logits = _vocab_contiguous(logits)
     # The checked tensors go to the extension as addresses and lists: four numpy conversions would cost ~15 us.
-    logits = _vocab_contiguous(logits)
+    num_rows, vocab_size = logits.shape
     out = torch.empty(num_rows, dtype=torch.int64)
-    _C._topk_topp_minp_sample_raw(logits.data_ptr(), num_rows, logits.shape[1], logits.stride(0), top_k.tolist(),
+    _C._topk_topp_minp_sample_raw(logits.data_ptr(), num_rows, vocab_size, logits.stride(0), top_k.tolist(),
                                   top_p.tolist(), min_p.tolist(), uniform.tolist(), out.data_ptr(),
                                   _threads(num_threads))
     return out
