@@ -1,0 +1,43 @@
+"""The CPU benchmark suite's sampling case and its target report (fastgpt2.benchmarks): the case runs and records the
+fast top-p path's rows, and the report says PASS or MISS plainly from the figures."""
+import pytest
+
+from fastgpt2.benchmarks import cpu_cases, cpu_report
+from fastgpt2.engine import cpu_sampler
+
+SAMPLING_TARGET = "C++ top-p <= 100 us/row on one thread and >= 5x the torch reference"
+
+
+def sampling_status(sampling: dict) -> dict:
+    report = {"results": {"sampling": sampling}, "weights": {"dtype": "float32", "floor_ms_per_step": 25.0}}
+    (row,) = [t for t in cpu_report.targets(report) if t["target"] == SAMPLING_TARGET]
+    return row
+
+
+def synthetic(us_per_row: float, reference_us: float) -> dict:
+    batch = {"us_per_row": {"fastgpt2.cpu_sampler": us_per_row, "fastgpt2.reference": reference_us,
+                            "transformers": 5000.0}}
+    return {"has_extension": True, "batches": {1: batch, 64: batch}, "fast_path_rows": {"decided": 7, "deferred": 1}}
+
+
+def test_sampling_target_says_pass_and_miss_plainly():
+    assert sampling_status(synthetic(80.0, 7000.0))["status"] == "PASS"
+    missed = sampling_status(synthetic(120.0, 7000.0))
+    assert missed["status"] == "MISS" and "B=1: 120.0 us/row" in missed["detail"]
+    assert sampling_status(synthetic(90.0, 300.0))["status"] == "MISS"  # under 100 us but not 5x the reference
+    assert "rows decided by the fast top-p path: 7 of 8" in missed["detail"]
+    no_case = {"results": {}, "weights": {"dtype": "float32", "floor_ms_per_step": 25.0}}
+    (row,) = [t for t in cpu_report.targets(no_case) if t["target"] == SAMPLING_TARGET]
+    assert row["status"] == "not measured"
+
+
+@pytest.mark.skipif(not cpu_sampler.HAS_EXTENSION, reason="fastgpt2._C is not built")
+def test_sampling_case_runs_and_counts_fast_path_rows():
+    pytest.importorskip("transformers")
+    result = cpu_cases.sampling((1,), repeats=1)
+    times = result["batches"][1]["us_per_row"]
+    assert set(times) == {"fastgpt2.cpu_sampler", "fastgpt2.reference", "transformers"}
+    assert all(t > 0 for t in times.values())
+    rows = result["fast_path_rows"]
+    assert rows["decided"] + rows["deferred"] == 16 * 3  # 16 calls per timing: 2 warm-up rounds + 1 repeat
+    assert sampling_status(result)["status"] in ("PASS", "MISS")
