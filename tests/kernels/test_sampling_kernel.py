@@ -57,14 +57,17 @@ def test_matches_reference_random(device, num_rows, vocab_size, dtype):
 
 
 def _adversarial_rows(vocab_size: int = 16) -> torch.Tensor:
-    """Rows whose top-p cuts fall exactly on tie masses: 2^n equal logits (p exact in float32 and float64), or a top
-    group of q = 1 whose partial sums are exact."""
+    """Rows whose top-p cuts fall exactly on tie masses, with probabilities that are exact in float32 and float64
+    whatever exp's last-ulp rounding on this CPU: 2^n equal logits among -inf, or a tie group of 8 at the maximum
+    (exp(0) = 1) over a lower group 40 below it, whose total mass 8 e^-40 ~ 3e-17 vanishes against 8 in either
+    precision (with the lower group at 0.0 below 1.0, p = 1 / (8 + 8 / e) is rounded, and whether 6/8 of the kept
+    mass reaches top_p = 0.75 depended on the CPU's exp)."""
     rows = [
         torch.zeros(vocab_size),  # all tied, p = 1/16
         torch.where(torch.arange(vocab_size) % 4 == 1, 0.0, -INF),  # 4 tied finite tokens among -inf
         torch.where(torch.arange(vocab_size) == 11, 2.5, -INF),  # a single finite logit
         torch.where(torch.arange(vocab_size) % 2 == 0, 0.0, -0.0),  # +0.0 and -0.0 must tie
-        torch.where(torch.arange(vocab_size) < 8, 1.0, 0.0).flip(0),  # two tie groups, the higher one at the end
+        torch.where(torch.arange(vocab_size) < 8, 1.0, -39.0).flip(0),  # two tie groups, the higher one at the end
         torch.tensor([3.0, -INF, 3.0, 3.0, -INF, 3.0, -INF, -INF] * (vocab_size // 8)),  # 8 ties among -inf
     ]
     return torch.stack(rows)
