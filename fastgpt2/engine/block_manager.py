@@ -1,14 +1,25 @@
 """BlockManager: the KV block pool's bookkeeping (plain Python): free list, block tables, reference counts,
 copy-on-write of shared partly-filled blocks, and automatic prefix caching with least-recently-used eviction.
 
-A full block is identified by the chain hash (hash of the previous block, its token ids); a freed block keeps its hash
-and stays reusable until the free list hands it out again, least recently freed first.
+A full block is identified by its chain key, SHA-256 of (the previous block's key, its token ids), so two different
+prefixes never share a key in practice (Python's hash() collides by design, and a collision would serve another
+prompt's KV; vLLM moved to SHA-256 for the same reason). A freed block keeps its key and stays reusable until the free
+list hands it out again, least recently freed first.
 """
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 
 from fastgpt2.engine.sequence import Sequence
+
+
+def block_key(parent: bytes | None, tokens: tuple) -> bytes:
+    """Chain key of a full block: SHA-256 over the parent block's key and the block's token ids (int64 each)."""
+    digest = hashlib.sha256(parent or b"root")
+    digest.update(array("q", tokens).tobytes())
+    return digest.digest()
 
 
 class BlockManager:
@@ -20,8 +31,8 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
         self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # LRU order
-        self.hash_to_block: dict[int, int] = {}
-        self.block_to_hash: dict[int, int] = {}
+        self.hash_to_block: dict[bytes, int] = {}
+        self.block_to_hash: dict[int, bytes] = {}
         self.block_tokens: dict[int, tuple] = {}  # token ids of registered blocks, to rule out hash collisions
         self.num_cache_hits = 0  # tokens served from the prefix cache (for stats and tests)
 
@@ -41,7 +52,7 @@ class BlockManager:
         blocks, hashes, parent = [], [], None
         for i in range((seq.num_tokens - 1) // self.block_size):
             tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
-            h = hash((parent, tokens))
+            h = block_key(parent, tokens)
             block_id = self.hash_to_block.get(h)
             if block_id is None or self.block_tokens[block_id] != tokens:
                 break
@@ -97,7 +108,7 @@ class BlockManager:
         while len(seq.block_hashes) < num_full:
             i = len(seq.block_hashes)
             tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
-            h = hash((seq.block_hashes[-1] if seq.block_hashes else None, tokens))
+            h = block_key(seq.block_hashes[-1] if seq.block_hashes else None, tokens)
             seq.block_hashes.append(h)
             block_id = seq.block_table[i]
             if self.enable_prefix_caching and h not in self.hash_to_block and block_id not in self.block_to_hash:

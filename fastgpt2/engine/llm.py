@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 
 from fastgpt2.engine.config import GPT2Config
-from fastgpt2.engine.llm_engine import LLMEngine
+from fastgpt2.engine.llm_engine import MAX_LOGPROBS, LLMEngine, as_token_ids
 from fastgpt2.engine.model import GPT2
 from fastgpt2.engine.outputs import RequestOutput
 from fastgpt2.engine.sampling_params import SamplingParams
@@ -55,13 +55,15 @@ class LLM:
     block_size : tokens per KV block. max_num_seqs, max_num_batched_tokens : the per-step batch limits.
     enforce_eager : on CUDA, run decode steps eagerly instead of replaying CUDA graphs (captured at start-up for
         batch sizes 1, 2, 4, ... max_num_seqs; as vLLM's flag).
+    max_logprobs : the largest `logprobs` a request may ask for (20, as in vLLM).
     """
 
     def __init__(self, model="gpt2", *, device=None, dtype=None, seed: int = 0, kv_cache_memory: int | None = None,
                  block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                  enable_prefix_caching: bool = True, tokenizer: Tokenizer | str | None = None,
-                 enforce_eager: bool = False):
+                 enforce_eager: bool = False, max_logprobs: int = MAX_LOGPROBS):
         if isinstance(model, GPT2):
+            _check_instance_matches(model, device, dtype)
             self.model = model.eval()
         else:
             load_dtype, bf16_weights = _effective_dtype(device, dtype)
@@ -75,7 +77,8 @@ class LLM:
         self.engine = LLMEngine(self.model, tokenizer, seed=seed, kv_cache_memory=kv_cache_memory,
                                 block_size=block_size, max_num_seqs=max_num_seqs,
                                 max_num_batched_tokens=max_num_batched_tokens,
-                                enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager)
+                                enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
+                                max_logprobs=max_logprobs)
 
     @property
     def config(self) -> GPT2Config:
@@ -88,11 +91,13 @@ class LLM:
     def _normalise_prompts(prompts) -> list:
         if isinstance(prompts, str):
             return [prompts]
+        if isinstance(prompts, torch.Tensor) or type(prompts).__module__ == "numpy":
+            if getattr(prompts, "ndim", None) == 2:  # (num_prompts, num_tokens) token ids
+                return [row for row in prompts]
+        ids = as_token_ids(prompts)
+        if ids is not None and (ids or not isinstance(prompts, (list, tuple))):
+            return [ids]  # one prompt of token ids
         if isinstance(prompts, (list, tuple)):
-            if not prompts:
-                return []
-            if all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
-                return [list(prompts)]  # one prompt of token ids
             return list(prompts)
         raise TypeError(f"prompts must be a str, a list of str, or (lists of) token ids, got {type(prompts).__name__}")
 
@@ -109,10 +114,7 @@ class LLM:
             params = [sampling_params or SamplingParams()] * len(prompts)
         # Validate every prompt before any is queued, so a bad one leaves the engine untouched.
         for p, sp in zip(prompts, params):
-            if not isinstance(sp, SamplingParams):
-                raise TypeError(f"sampling params must be SamplingParams, got {type(sp).__name__}")
-            _, ids = self.engine.encode_prompt(p)
-            self.engine._check_fits(len(ids), sp)
+            self.engine.check_request(p, sp)
         ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
         results: dict[str, RequestOutput] = {}
         bar = None
@@ -136,7 +138,9 @@ class LLM:
         return [results[rid] for rid in ids]
 
     def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield text deltas of one completion as tokens arrive; UTF-8 safe, stop strings never shown."""
+        """Yield text deltas of one completion as tokens arrive; UTF-8 safe, stop strings never shown. The joined
+        deltas always equal the final text, also when another caller's step (a second stream, a generate() call)
+        finished this request. Closing the generator early aborts the request and frees its blocks."""
         params = sampling_params or SamplingParams()
         if params.n != 1:
             raise ValueError("stream() yields one completion; use n=1 (or generate() for several samples)")
@@ -146,9 +150,14 @@ class LLM:
         hold = max((len(s) for s in params.stop), default=1) - 1
         sent = 0
         try:
-            while not seq.is_finished:
-                self.engine.step()
-                end = len(seq.output_text) if seq.is_finished else max(sent, len(seq.output_text) - hold)
+            finished = False
+            while not finished:
+                if not seq.is_finished:
+                    self.engine.step()
+                # Read once: while suspended at the yield, another caller's step may finish the sequence, and the
+                # next pass must still send what that step added.
+                finished = seq.is_finished
+                end = len(seq.output_text) if finished else max(sent, len(seq.output_text) - hold)
                 if end > sent:
                     yield seq.output_text[sent:end]
                     sent = end
@@ -157,3 +166,17 @@ class LLM:
                 self.engine.abort(rid)
             else:
                 self.engine.requests.pop(rid, None)
+
+
+def _check_instance_matches(model: GPT2, device, dtype) -> None:
+    """LLM(a GPT2 instance) serves the module where it is, as it is; device= or dtype= that differ are refused."""
+    weight = model.wte.weight
+    if device is not None and torch.device(device).type != weight.device.type:
+        raise ValueError(f"device={device!r} does not match the given GPT2 module, which is on {weight.device}; "
+                         f"move it first (model.to({str(device)!r})) or leave device unset")
+    if dtype is not None:
+        want = getattr(torch, dtype) if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None),
+                                                                              torch.dtype) else dtype
+        if want != weight.dtype:
+            raise ValueError(f"dtype={dtype!r} does not match the given GPT2 module, whose weights are "
+                             f"{weight.dtype}; convert it first or leave dtype unset")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import numbers
 import time
 
 import torch
@@ -17,19 +18,45 @@ from fastgpt2.engine.sequence import Sequence
 from fastgpt2.engine.tokenizer import Tokenizer
 
 _DEFAULT_CPU_KV_BYTES = 2 << 30
+MAX_LOGPROBS = 20  # top-N logprobs per token at most by default, as vLLM's max_logprobs
+_VOCAB_PAD_MULTIPLE = 128  # a checkpoint's embedding may be padded up to the next multiple (nanoGPT: 50257 -> 50304)
+
+
+def sampling_vocab_size(model_vocab_size: int, tokenizer_vocab_size: int) -> int:
+    """Token ids the engine may emit: the tokenizer's, when the model's embedding is only padded past it."""
+    padded = -(-tokenizer_vocab_size // _VOCAB_PAD_MULTIPLE) * _VOCAB_PAD_MULTIPLE
+    if not tokenizer_vocab_size <= model_vocab_size <= padded:
+        raise ValueError(f"the model's vocabulary has {model_vocab_size} tokens but its tokenizer has "
+                         f"{tokenizer_vocab_size}; load the tokenizer that belongs to this checkpoint (only padding "
+                         f"the embedding up to {padded} rows is allowed)")
+    return tokenizer_vocab_size
+
+
+def as_token_ids(prompt) -> list[int] | None:
+    """A 1-D integer list, tuple, numpy array or tensor as a list of Python ints; None for anything else."""
+    if isinstance(prompt, torch.Tensor) or type(prompt).__module__ == "numpy":
+        if getattr(prompt, "ndim", None) != 1:
+            return None
+        prompt = prompt.tolist()
+    if isinstance(prompt, (list, tuple)) and all(
+            isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
+        return [int(t) for t in prompt]
+    return None
 
 
 class LLMEngine:
     def __init__(self, model: GPT2, tokenizer: Tokenizer, *, seed: int = 0, kv_cache_memory: int | None = None,
                  block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
-                 enable_prefix_caching: bool = True, enforce_eager: bool = False):
+                 enable_prefix_caching: bool = True, enforce_eager: bool = False, max_logprobs: int = MAX_LOGPROBS):
         for name, value, lo in (("block_size", block_size, 1), ("max_num_seqs", max_num_seqs, 1),
-                                ("max_num_batched_tokens", max_num_batched_tokens, 1)):
+                                ("max_num_batched_tokens", max_num_batched_tokens, 1), ("max_logprobs", max_logprobs, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
+        self.vocab_size = sampling_vocab_size(model.config.vocab_size, tokenizer.vocab_size)
+        self.max_logprobs = max_logprobs
         self.block_size = block_size
         bytes_per_block = kv_bytes_per_block(model, block_size)
         if kv_cache_memory is None:
@@ -42,7 +69,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.runner = ModelRunner(model, num_blocks, block_size, max_num_seqs, use_cuda_graphs=not enforce_eager)
-        self.sampler = Sampler(tokenizer.eos_token_id, torch.Generator().manual_seed(seed))
+        self.sampler = Sampler(tokenizer.eos_token_id, torch.Generator().manual_seed(seed), self.vocab_size)
         self.requests: dict[str, tuple[RequestOutput, list[Sequence]]] = {}
         self._ids = itertools.count()
 
@@ -60,13 +87,14 @@ class LLMEngine:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
             text = prompt
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            ids, text = list(prompt), None
-            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-            if bad:
-                raise ValueError(f"prompt token id {bad[0]} is out of range for a vocabulary of {self.config.vocab_size}")
         else:
-            raise TypeError(f"a prompt must be a str or a list of int token ids, got {type(prompt).__name__}")
+            ids, text = as_token_ids(prompt), None
+            if ids is None:
+                raise TypeError(f"a prompt must be a str or a 1-D sequence of int token ids (list, numpy array or "
+                                f"tensor), got {type(prompt).__name__}")
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token id {bad[0]} is out of range for a vocabulary of {self.vocab_size}")
         if not ids:  # unconditional generation starts from <|endoftext|>, as in GPT-2's paper
             ids = [self.tokenizer.eos_token_id]
         n_ctx = self.config.n_positions
@@ -75,13 +103,31 @@ class LLMEngine:
                              f"no room for new tokens; shorten the prompt to at most {n_ctx - 1} tokens")
         return text, ids
 
-    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+    def check_request(self, prompt, params: SamplingParams | None) -> tuple[str | None, list[int], SamplingParams]:
+        """Everything about one request that can be wrong, checked before anything is queued, so that one bad
+        request never fails a batch of good ones. Returns (prompt text or None, prompt token ids, params)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         text, ids = self.encode_prompt(prompt)
+        if params.logprobs is not None and params.logprobs > self.max_logprobs:
+            raise ValueError(f"logprobs must be at most {self.max_logprobs} (this engine's max_logprobs), got "
+                             f"{params.logprobs}")
+        for name, token_ids in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in token_ids if t >= self.vocab_size]
+            if bad:
+                raise ValueError(f"{name} names token id {bad[0]}, out of range for a vocabulary of {self.vocab_size}")
         self._check_fits(len(ids), params)
-        request_id = request_id if request_id is not None else str(next(self._ids))
+        return text, ids, params
+
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        text, ids, params = self.check_request(prompt, params)
+        if request_id is None:
+            request_id = str(next(self._ids))
+            while request_id in self.requests:
+                request_id = str(next(self._ids))
+        elif request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use by an unfinished request; pick another")
         seq = Sequence(request_id, ids, params, index=0)
         self._attach(seq)
         out = RequestOutput(request_id, text, ids, metrics={"arrival": time.perf_counter()})
@@ -110,10 +156,24 @@ class LLMEngine:
 
     # -- one step -------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model, sample, and update sequences. Returns the requests that finished this step."""
+        """Schedule, run the model, sample, and update sequences. Returns the requests that finished this step.
+
+        Atomic for the engine: if anything raises inside the step (the model, a logits processor, the sampler, a
+        KeyboardInterrupt), every request scheduled in it is aborted (its blocks freed), the unseeded generator is
+        rewound, and the exception propagates; the engine then serves later requests as a fresh one would."""
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
+        generator_state = self.sampler.generator.get_state()
+        try:
+            return self._run_step(sched)
+        except BaseException:
+            for request_id in dict.fromkeys(seq.request_id for seq in sched.seqs):
+                self.abort(request_id)
+            self.sampler.generator.set_state(generator_state)
+            raise
+
+    def _run_step(self, sched) -> list[RequestOutput]:
         sample_mask = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in zip(sched.seqs, sched.num_new_tokens)]
         logits = self.runner.run(sched, sample_mask)
         rows = []
@@ -171,7 +231,8 @@ class LLMEngine:
         else:
             before = len(seq.output_text)
             seq.output_text += seq.detok.push(token)
-            if p.stop and self._truncate_at_stop(seq, before):
+            # Stop strings count only from min_tokens on, as in vLLM.
+            if p.stop and seq.num_output_tokens >= p.min_tokens and self._truncate_at_stop(seq, before):
                 reason, stopped_by_string = "stop", True
         if reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.config.n_positions):
             reason = "length"
@@ -204,7 +265,8 @@ class LLMEngine:
             for s in sorted(seqs, key=lambda s: s.index)
         ]
         out.finished = True
-        out.metrics.update(first_token=min(s.first_token_time for s in seqs), finish=max(s.finish_time for s in seqs))
+        out.metrics.update(first_token=min(s.first_token_time for s in seqs), finish=max(s.finish_time for s in seqs),
+                           num_preemptions=sum(s.num_preemptions for s in seqs))
         return out
 
     def abort(self, request_id: str) -> None:

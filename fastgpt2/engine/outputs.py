@@ -21,4 +21,4 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
-    metrics: dict = field(default_factory=dict)  # arrival, first-token and finish times (time.perf_counter)
+    metrics: dict = field(default_factory=dict)  # arrival, first_token, finish (time.perf_counter); num_preemptions

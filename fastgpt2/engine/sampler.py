@@ -1,6 +1,7 @@
 """Sampler: one batched step that applies every request's own parameters and draws the next tokens.
 
 Steps, in order, per row:
+  0. logits of padding ids past the tokenizer's vocabulary (a checkpoint padded 50257 -> 50304) are dropped;
   1. user logits processors, then logit_bias;
   2. min_tokens: EOS and stop_token_ids are banned until min_tokens tokens exist;
   3. repetition penalty (prompt + output tokens), presence and frequency penalties (output tokens);
@@ -34,13 +35,16 @@ def _truncated_sampler(device: torch.device):
 
 
 class Sampler:
-    def __init__(self, eos_token_id: int, generator: torch.Generator):
+    def __init__(self, eos_token_id: int, generator: torch.Generator, vocab_size: int | None = None):
         self.eos_token_id = eos_token_id
         self.generator = generator  # for requests without a seed
+        self.vocab_size = vocab_size  # ids at or past it are the embedding's padding and are never drawn
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         """logits: (B, V) float32, one row per sequence in seqs."""
+        if self.vocab_size is not None and logits.shape[1] > self.vocab_size:
+            logits = logits[:, :self.vocab_size].contiguous()  # (B, vocab_size)
         raw_logprobs = None
         if any(s.params.logprobs is not None for s in seqs):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
@@ -104,7 +108,10 @@ class Sampler:
         for i, s in enumerate(seqs):
             if s.generator is not None:
                 uniform[i] = torch.rand((), dtype=torch.float64, generator=s.generator)
-        temps = torch.tensor([s.params.temperature or 1.0 for s in seqs], dtype=logits.dtype, device=device)
+        # Greedy rows (temperature below 1e-5 included) are sampled at 1.0 and replaced by the argmax below: a tiny
+        # temperature must not turn the logits into infinities.
+        temps = torch.tensor([1.0 if g else s.params.temperature for s, g in zip(seqs, greedy)], dtype=logits.dtype,
+                             device=device)
         top_k = torch.tensor([s.params.top_k for s in seqs], dtype=torch.int64, device=device)
         top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32, device=device)
         min_p = torch.tensor([s.params.min_p for s in seqs], dtype=torch.float32, device=device)

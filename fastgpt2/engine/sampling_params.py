@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 # (generated_ids, logits (vocab,) float32 tensor) -> logits
+GREEDY_TEMPERATURE = 1e-5  # temperatures below this mean greedy decoding, as vLLM's _SAMPLING_EPS
 LogitsProcessor = Callable[[list, "object"], "object"]
 
 
@@ -32,7 +33,7 @@ class SamplingParams:
     """
 
     n: int = 1  # samples per prompt; they share the prompt's KV blocks
-    temperature: float = 1.0  # 0 means greedy (argmax, ties to the lowest id)
+    temperature: float = 1.0  # 0 (or below 1e-5) means greedy (argmax, ties to the lowest id)
     top_k: int = 0  # 0 (or -1) disables
     top_p: float = 1.0  # in (0, 1]; 1 disables
     min_p: float = 0.0  # in [0, 1]; keep tokens with p >= min_p * p_max
@@ -77,16 +78,20 @@ class SamplingParams:
         for t in self.stop_token_ids:
             _int("stop_token_ids", t, 0, "a list of non-negative token ids")
         if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias must be a dict of token id -> bias, got {type(self.logit_bias).__name__}")
             for k, v in self.logit_bias.items():
                 _int("logit_bias key", int(k) if isinstance(k, str) and k.isdigit() else k, 0, "a token id >= 0")
-                _number("logit_bias value", v, allowed="(a finite number)")
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise ValueError(f"logit_bias value must be a finite number, got {v!r} for token {k!r}; ban a "
+                                     f"token with a large negative bias such as -100")
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
         if not all(callable(p) for p in self.logits_processors):
             raise ValueError("logits_processors must be callables (generated_ids, logits) -> logits")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def needs_penalties(self) -> bool:

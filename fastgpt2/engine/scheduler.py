@@ -93,6 +93,7 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+        seq.num_preemptions += 1
 
     def add_running(self, seq: Sequence) -> None:
         """A forked sibling joins the running batch right behind its parent's position (it shares its blocks)."""

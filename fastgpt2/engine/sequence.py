@@ -25,7 +25,7 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.block_table: list[int] = []
-        self.block_hashes: list[int] = []  # chain hash of each full, computed block of block_table
+        self.block_hashes: list[bytes] = []  # chain key of each full, computed block of block_table
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.needs_fork = params.n > 1 and index == 0  # the parent forks its siblings after prefill
@@ -37,6 +37,7 @@ class Sequence:
         self.logprobs: list | None = [] if params.logprobs is not None else None
         self.arrival = 0.0
         self.first_token_time = None
+        self.num_preemptions = 0  # times its blocks were freed to make room (it is then recomputed)
         self.finish_time = None
 
     def __len__(self) -> int:
