@@ -146,6 +146,8 @@ def test_hub_name_offline_without_cache(tmp_path, monkeypatch):
 
 def test_not_a_name_or_dir():
     with pytest.raises(CheckpointError, match="neither a local directory nor a known GPT-2 name"):
+        GPT2.from_pretrained("no-such-model")
+    with pytest.raises(CheckpointError, match="The path './no/such/dir' does not exist"):
         GPT2.from_pretrained("./no/such/dir")
 
 

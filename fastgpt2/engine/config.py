@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 from dataclasses import dataclass
 
 # Canonical preset -> (n_layer, n_head, n_embd); all four share vocab 50257 and context 1024.
@@ -25,6 +27,30 @@ HUB_REPOS = {
     "774M": "openai-community/gpt2-large",
     "1558M": "openai-community/gpt2-xl",
 }
+
+
+# activation_function values that are GPT-2's tanh-approximated GELU, the one this model computes.
+_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
+# Boolean config.json fields that change the function the model computes -> (GPT-2's value, what the other one means).
+_ARCHITECTURE_FLAGS = {
+    "scale_attn_weights": (True, "attention scores without the 1/sqrt(head_dim) scale"),
+    "scale_attn_by_inverse_layer_idx": (False, "attention scores also divided by the layer number"),
+    "add_cross_attention": (False, "cross-attention to an encoder in every block"),
+    "tie_word_embeddings": (True, "an output head separate from wte"),
+}
+_JSON_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+
+
+def _read_field(d: dict, source: str, key: str, types, default):
+    """d[key] (or `default` when absent) if it has one of `types`; else a ValueError naming `source` and the field."""
+    types = types if isinstance(types, tuple) else (types,)
+    value = d.get(key, default)
+    # JSON true/false are Python bools, which are also ints: only a field that takes booleans accepts them.
+    if isinstance(value, types) and (bool in types or not isinstance(value, bool)):
+        return value
+    expected = " or ".join(_JSON_TYPE_NAMES[t] for t in types if not (t is int and float in types))
+    raise ValueError(f"{source}: field {key!r} must be {expected}, got {json.dumps(value)[:60]}; correct that field "
+                     f"(GPT-2 124M has {json.dumps(default)})")
 
 
 def canonical_preset(name: str) -> str | None:
@@ -51,8 +77,9 @@ class GPT2Config:
             raise ValueError(
                 f"GPT2Config.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
             )
-        if not (0.0 < float(self.layer_norm_epsilon) < 1.0):
-            raise ValueError(f"GPT2Config.layer_norm_epsilon must be in (0, 1), got {self.layer_norm_epsilon!r}")
+        eps = self.layer_norm_epsilon
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0.0 < eps < 1.0):
+            raise ValueError(f"GPT2Config.layer_norm_epsilon must be a number in (0, 1), got {eps!r}")
 
     @property
     def head_dim(self) -> int:
@@ -100,28 +127,38 @@ class GPT2Config:
 
     @classmethod
     def from_hf_dict(cls, d: dict, source: str = "config.json") -> "GPT2Config":
-        """Build from a Hugging Face config.json dict; refuses GPT-2 variants this engine does not implement."""
-        if d.get("model_type", "gpt2") != "gpt2":
-            raise ValueError(f"{source}: model_type is {d.get('model_type')!r}, but fastgpt2 only runs 'gpt2' models")
-        act = d.get("activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"{source}: activation_function {act!r} is not GPT-2's tanh GELU ('gelu_new')")
-        n_embd = d.get("n_embd", 768)
-        n_inner = d.get("n_inner")
-        if n_inner not in (None, 4 * n_embd):
-            raise ValueError(f"{source}: n_inner={n_inner} is not 4 * n_embd; only GPT-2's MLP width is supported")
-        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
-            if d.get(flag):
-                raise ValueError(f"{source}: {flag}=true is not supported by fastgpt2")
+        """Build from a Hugging Face config.json dict; refuses fields of the wrong type (naming `source` and the field)
+        and GPT-2 variants this engine does not implement."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object of config fields, got {type(d).__name__}")
+        get = functools.partial(_read_field, d, source)
+        model_type = get("model_type", str, "gpt2")
+        if model_type != "gpt2":
+            raise ValueError(f"{source}: model_type is {model_type!r}, but fastgpt2 only runs 'gpt2' models")
+        sizes = {name: get(name, int, default) for name, default in
+                 (("vocab_size", 50257), ("n_embd", 768), ("n_layer", 12), ("n_head", 12))}
+        # Old configs name the context n_ctx; n_positions wins when both are present, as in transformers.
+        n_positions = get("n_positions", int, 1024) if "n_positions" in d else get("n_ctx", int, 1024)
+        layer_norm_epsilon = get("layer_norm_epsilon", (float, int), 1e-5)
+        act = get("activation_function", str, "gelu_new")
+        if act not in _TANH_GELUS:
+            raise ValueError(f"{source}: activation_function {act!r} is not supported; fastgpt2 implements only "
+                             f"GPT-2's tanh-approximated GELU ('gelu_new' or 'gelu_pytorch_tanh', not the exact "
+                             f"'gelu'), so use transformers for this model")
+        n_inner = get("n_inner", (int, type(None)), None)
+        if n_inner not in (None, 4 * sizes["n_embd"]):
+            raise ValueError(f"{source}: n_inner={n_inner} is not 4 * n_embd ({4 * sizes['n_embd']}), the only MLP "
+                             f"width fastgpt2 implements; use transformers for this model")
+        for flag, (supported, meaning) in _ARCHITECTURE_FLAGS.items():
+            if get(flag, bool, supported) != supported:
+                raise ValueError(f"{source}: {flag}={str(not supported).lower()} ({meaning}) is not supported by "
+                                 f"fastgpt2, which implements GPT-2 with {flag}={str(supported).lower()}; use "
+                                 f"transformers for this model")
+        # reorder_and_upcast_attn only moves the attention scores to float32 (a numerics option, not another
+        # function); every attention path here already accumulates scores and softmax in float32, so it is accepted.
+        get("reorder_and_upcast_attn", bool, False)
         try:
-            return cls(
-                vocab_size=d.get("vocab_size", 50257),
-                n_positions=d.get("n_positions", d.get("n_ctx", 1024)),
-                n_embd=n_embd,
-                n_layer=d.get("n_layer", 12),
-                n_head=d.get("n_head", 12),
-                layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5),
-            )
+            return cls(n_positions=n_positions, layer_norm_epsilon=layer_norm_epsilon, **sizes)
         except ValueError as exc:
             raise ValueError(f"{source}: {exc}") from None
 
