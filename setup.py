@@ -52,7 +52,7 @@ setup(
     description="A fast GPT-2 engine: paged KV cache, continuous batching, Triton kernels, C++ sampling.",
     python_requires=">=3.10",
     packages=find_packages(include=["fastgpt2", "fastgpt2.*"]),
-    package_data={"fastgpt2.engine": ["data/*.tiktoken"]},
+    package_data={"fastgpt2.model": ["data/*.tiktoken"]},
     include_package_data=True,
     ext_modules=extensions(),
     cmdclass={"build_ext": OptionalBuildExt},

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from fastgpt2.engine import cpu_sampler
+from fastgpt2.kernels import cpu_sampling as cpu_sampler
 from fastgpt2.kernels import reference
 
 VOCAB = 50257

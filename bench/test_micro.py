@@ -54,7 +54,7 @@ def one_thread():
 @pytest.mark.parametrize("batch_size", [1, 64])
 def test_topp_sample(benchmark, one_thread, impl, batch_size):
     if impl == "cpu_sampler":
-        cpu_sampler = pytest.importorskip("fastgpt2.engine.cpu_sampler")
+        cpu_sampler = pytest.importorskip("fastgpt2.kernels.cpu_sampling")
         fn = cpu_sampler.topk_topp_minp_sample
         benchmark.extra_info["has_extension"] = bool(getattr(cpu_sampler, "HAS_EXTENSION", False))
     else:

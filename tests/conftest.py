@@ -9,7 +9,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from fastgpt2.engine.config import GPT2Config  # noqa: E402
+from fastgpt2.model.config import GPT2Config  # noqa: E402
 
 # Tiny configs: irregular widths, heads of 64 as in every GPT-2 size, short contexts.
 TINY_CONFIGS = {

@@ -3,7 +3,7 @@ fast top-p path's rows, and the report says PASS or MISS plainly from the figure
 import pytest
 
 from fastgpt2.benchmarks import cpu_cases, cpu_report
-from fastgpt2.engine import cpu_sampler
+from fastgpt2.kernels import cpu_sampling as cpu_sampler
 
 SAMPLING_TARGET = "C++ top-p <= 100 us/row on one thread and >= 5x the torch reference"
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastgpt2 import GPT2, GPT2Config
-from fastgpt2.engine.weights import CheckpointError
+from fastgpt2.model.checkpoint import CheckpointError
 from tests.conftest import make_hf_model
 
 # Small enough that a shard limit of a few tens of KB splits it into several files.

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fastgpt2.engine import native
+from fastgpt2.kernels import native
 from fastgpt2.kernels import reference
 
 pytestmark = pytest.mark.skipif(not native.HAS_EXTENSION, reason="C++ extension not built")

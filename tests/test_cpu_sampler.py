@@ -1,4 +1,4 @@
-"""CPU sampler (fastgpt2.engine.cpu_sampler, C++ extension fastgpt2._C) against the torch reference: exact kept sets and
+"""CPU sampler (fastgpt2.kernels.cpu_sampling, C++ extension fastgpt2._C) against the torch reference: exact kept sets and
 draws on random and adversarial logits, input errors, the torch fallback, and token frequencies over many draws."""
 import math
 import re
@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastgpt2.engine import cpu_sampler
+from fastgpt2.kernels import cpu_sampling as cpu_sampler
 from fastgpt2.kernels import reference
 
 needs_extension = pytest.mark.skipif(not cpu_sampler.HAS_EXTENSION, reason="fastgpt2._C is not built")
@@ -316,7 +316,7 @@ def test_raw_entry_point_checks_sizes_and_values():
 def test_fast_path_exp_error_bound_holds():
     """The fast top-p path (float32 exp) takes a decision only when its margin exceeds a bound built on this error
     bound of its exp against the exact exp(x - max); it must hold for any float32 logits and max."""
-    from fastgpt2.engine.native import _C
+    from fastgpt2.kernels.native import _C
 
     rng = np.random.default_rng(0)
     n = 1 << 18
@@ -345,7 +345,7 @@ def test_fast_top_p_path_equals_exact_path(scale):
     """Top-p-only rows take the fast path (float32 exp, checked margins); min_p = 1e-300, which keeps every token of
     these rows, sends the same rows through the exact path. Draws must be identical, the fast path must decide most
     rows, and a few rows are checked against the reference too (decided and deferred ones)."""
-    from fastgpt2.engine.native import _C
+    from fastgpt2.kernels.native import _C
 
     g = torch.Generator().manual_seed(int(scale * 10))
     top_p_values = [0.3, 0.5, 0.8, 0.9, 0.95, 0.99, 0.999, 1 - 1e-6]

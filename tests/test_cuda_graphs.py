@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastgpt2 import GPT2, GPT2Config, LLM, SamplingParams
-from fastgpt2.engine.attention import AttentionMetadata
+from fastgpt2.model.attention import AttentionMetadata
 from fastgpt2.engine.cuda_graphs import DecodeGraphs, batch_size_ladder
 
 CONFIG = GPT2Config(vocab_size=101, n_positions=96, n_embd=32, n_layer=2, n_head=2)

@@ -5,7 +5,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from fastgpt2 import LLM, SamplingParams
-from fastgpt2.engine import native
+from fastgpt2.kernels import native
 from fastgpt2.engine.llm import cpu_has_native_bf16
 from tests.conftest import TINY_CONFIGS, make_hf_model
 from tests.seeded_draws import assert_same_or_rounding_flip

@@ -7,7 +7,7 @@ import torch
 
 from fastgpt2 import GPT2, LLM, SamplingParams
 from fastgpt2.engine import block_manager
-from fastgpt2.engine.config import GPT2Config
+from fastgpt2.model.config import GPT2Config
 from tests.conftest import TINY_CONFIGS, make_hf_model
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from fastgpt2 import GPT2, GPT2Config
-from fastgpt2.engine import attention, native
-from fastgpt2.engine.attention import AttentionMetadata
-from fastgpt2.kernels import reference
+from fastgpt2.engine.cpu_decode import CpuDecodeStep
+from fastgpt2.kernels import native
+from fastgpt2.model.attention import AttentionMetadata
 
 pytestmark = pytest.mark.skipif(not native.HAS_EXTENSION, reason="C++ extension not built")
 
@@ -50,7 +50,7 @@ def _batch(model, batch_size, block_size, seed):
 
 
 def _torch_step(model, kv, ids, pos, slots, tables, lens, monkeypatch):
-    monkeypatch.setattr(attention, "native_decode", reference.paged_decode_attention)
+    monkeypatch.setenv("FASTGPT2_FORCE_REFERENCE", "1")  # the torch model on the reference kernels
     meta = AttentionMetadata(slot_mapping=slots, num_decode_tokens=len(ids), decode_block_tables=tables,
                              decode_seq_lens=lens, prefill_cu_seqlens_q=torch.zeros(1, dtype=torch.int32),
                              prefill_seq_lens=lens[:0], prefill_block_tables=tables[:0], num_prefills=0,
@@ -70,7 +70,7 @@ def test_matches_torch_model(name, batch_size, block_size, num_threads, monkeypa
     kv, ids, pos, slots, tables, lens = _batch(model, batch_size, block_size, seed=batch_size * 7 + block_size)
     kv_native = kv.clone()
     expected = _torch_step(model, kv, ids, pos, slots, tables, lens, monkeypatch)
-    step = native.CpuDecodeStep(model, kv_native)
+    step = CpuDecodeStep(model, kv_native)
     monkeypatch.setattr(torch, "get_num_threads", lambda: num_threads)
     logits = step(ids, pos, slots, tables, lens)
     torch.testing.assert_close(logits, expected, atol=2e-4, rtol=1e-4)
@@ -91,7 +91,7 @@ def test_bfloat16_weights_match_the_rounded_torch_model(name, batch_size, monkey
     expected = _torch_step(rounded, kv.clone(), ids, pos, slots, tables, lens, monkeypatch)
     unrounded = _torch_step(model, kv.clone(), ids, pos, slots, tables, lens, monkeypatch)
     model.decode_weight_dtype = torch.bfloat16
-    step = native.CpuDecodeStep(model, kv_native)
+    step = CpuDecodeStep(model, kv_native)
     assert step.weight_dtype == "bfloat16"
     logits = step(ids, pos, slots, tables, lens)
     torch.testing.assert_close(logits, expected, atol=2e-4, rtol=1e-4)
@@ -104,7 +104,7 @@ def test_steps_chain_like_the_torch_model(monkeypatch):
     c, bs = model.config, 16
     kv = torch.zeros(c.n_layer, 2, 8, bs, c.n_head, c.head_dim)
     kv_native = kv.clone()
-    step = native.CpuDecodeStep(model, kv_native)
+    step = CpuDecodeStep(model, kv_native)
     tables = torch.tensor([[5, 2, 7], [1, 6, 0]], dtype=torch.int32)
     tok_t = tok_n = torch.tensor([3, 77])
     for t in range(20):
@@ -128,7 +128,7 @@ def test_bad_batches_are_clear_errors(field, value, message):
     model = _model("tiny")
     kv, ids, pos, slots, tables, lens = _batch(model, 1, 16, seed=0)
     before = kv.clone()
-    step = native.CpuDecodeStep(model, kv)
+    step = CpuDecodeStep(model, kv)
     args = dict(ids=ids, pos=pos, slots=slots, tables=tables, lens=lens)
     args[field] = args[field].clone()
     args[field].view(-1)[0] = value
@@ -140,6 +140,6 @@ def test_bad_batches_are_clear_errors(field, value, message):
 def test_wrong_cache_shape_is_a_clear_error():
     model = _model("tiny")
     with pytest.raises(ValueError, match=r"kv_cache must have shape \(2, 2, \*, \*, 2, 16\)"):
-        native.CpuDecodeStep(model, torch.zeros(2, 2, 4, 16, 4, 8))(
+        CpuDecodeStep(model, torch.zeros(2, 2, 4, 16, 4, 8))(
             torch.tensor([1]), torch.tensor([0]), torch.tensor([0]), torch.zeros(1, 1, dtype=torch.int32),
             torch.tensor([1], dtype=torch.int32))

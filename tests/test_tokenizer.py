@@ -10,7 +10,7 @@ import tiktoken.load
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastgpt2.engine.tokenizer import SHIPPED_RANKS_PATH, Tokenizer
+from fastgpt2.model.tokenizer import SHIPPED_RANKS_PATH, Tokenizer
 
 GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 SHIPPED_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"

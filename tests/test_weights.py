@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastgpt2 import GPT2, GPT2Config
-from fastgpt2.engine.weights import CheckpointError
+from fastgpt2.model.checkpoint import CheckpointError
 
 
 def _copy(src, dst):

@@ -73,7 +73,7 @@ def build_systems(transformers, model, dtype: str, with_fp32: bool, device: str 
     LLM's own save, both on `device`."""
     from fastgpt2 import LLM, GPT2Config
     from fastgpt2.benchmarks.cpu_cases import Systems
-    from fastgpt2.engine.config import canonical_preset
+    from fastgpt2.model.config import canonical_preset
 
     torch.manual_seed(0)
     if isinstance(model, GPT2Config):
@@ -123,7 +123,7 @@ def _run_cases(systems, cases: list[str], sizes: dict, results: dict, save) -> N
 def _model_slug(model: str) -> str:
     from pathlib import Path
 
-    from fastgpt2.engine.config import canonical_preset
+    from fastgpt2.model.config import canonical_preset
 
     return canonical_preset(model) or Path(model).name.replace(" ", "_")
 

@@ -187,7 +187,7 @@ def sampling(batches: tuple[int, ...], repeats: int) -> dict:
     from fastgpt2.kernels import reference
 
     try:
-        from fastgpt2.engine import cpu_sampler
+        from fastgpt2.kernels import cpu_sampling as cpu_sampler
         has_extension = bool(getattr(cpu_sampler, "HAS_EXTENSION", False))
     except ImportError as exc:
         cpu_sampler, has_extension = None, f"not available ({exc})"

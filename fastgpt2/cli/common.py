@@ -20,14 +20,14 @@ def build_llm(args, **engine_kwargs):
     import random
 
     from fastgpt2 import LLM, GPT2Config
-    from fastgpt2.engine.config import canonical_preset
+    from fastgpt2.model.config import canonical_preset
 
     model = args.model
     if args.random_weights:
         if canonical_preset(model) is not None:
             model = GPT2Config.from_name(model)
         else:
-            from fastgpt2.engine.weights import read_config, resolve_checkpoint_dir
+            from fastgpt2.model.checkpoint import read_config, resolve_checkpoint_dir
 
             model = read_config(resolve_checkpoint_dir(model))
     seed = args.seed if args.seed is not None else random.randrange(2**31)

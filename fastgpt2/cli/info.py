@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from fastgpt2.engine.config import GPT2Config, canonical_preset
+from fastgpt2.model.config import GPT2Config, canonical_preset
 
 
 def add_parser(sub):
@@ -17,7 +17,7 @@ def run(args) -> int:
     if canonical_preset(args.model) is not None:
         config, source = GPT2Config.from_name(args.model), f"preset {canonical_preset(args.model)} (no weights read)"
     else:
-        from fastgpt2.engine.weights import read_config, resolve_checkpoint_dir
+        from fastgpt2.model.checkpoint import read_config, resolve_checkpoint_dir
 
         directory = resolve_checkpoint_dir(args.model)
         config, source = read_config(directory), str(directory)

@@ -1,1 +1,2 @@
-"""The serving engine: model, weights, tokenizer, KV cache, scheduler, sampler and the LLM API."""
+"""Serving only: sequences, block manager, scheduler, model runner, CUDA graphs, the C++ decode step's wrapper, sampler,
+LLMEngine and the LLM API. The model comes from fastgpt2.model, kernels from fastgpt2.kernels."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fastgpt2.engine.attention import AttentionMetadata
+from fastgpt2.model.attention import AttentionMetadata
 
 
 def batch_size_ladder(max_num_seqs: int) -> list[int]:

@@ -7,12 +7,12 @@ from typing import Iterator
 
 import torch
 
-from fastgpt2.engine.config import GPT2Config
+from fastgpt2.model.config import GPT2Config
 from fastgpt2.engine.llm_engine import MAX_LOGPROBS, LLMEngine, as_token_ids
-from fastgpt2.engine.model import GPT2
+from fastgpt2.model.gpt2 import GPT2
 from fastgpt2.engine.outputs import RequestOutput
 from fastgpt2.engine.sampling_params import SamplingParams
-from fastgpt2.engine.tokenizer import Tokenizer
+from fastgpt2.model.tokenizer import Tokenizer
 
 
 def cpu_has_native_bf16() -> bool:

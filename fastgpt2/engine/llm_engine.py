@@ -8,14 +8,14 @@ import time
 import torch
 
 from fastgpt2.engine.block_manager import BlockManager
-from fastgpt2.engine.model import GPT2
+from fastgpt2.model.gpt2 import GPT2
 from fastgpt2.engine.model_runner import ModelRunner, kv_bytes_per_block
 from fastgpt2.engine.outputs import CompletionOutput, RequestOutput
 from fastgpt2.engine.sampler import Sampler
 from fastgpt2.engine.sampling_params import SamplingParams
 from fastgpt2.engine.scheduler import Scheduler
 from fastgpt2.engine.sequence import Sequence
-from fastgpt2.engine.tokenizer import Tokenizer
+from fastgpt2.model.tokenizer import Tokenizer
 
 _DEFAULT_CPU_KV_BYTES = 2 << 30
 MAX_LOGPROBS = 20  # top-N logprobs per token at most by default, as vLLM's max_logprobs

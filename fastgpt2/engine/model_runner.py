@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from fastgpt2.engine.attention import AttentionMetadata
+from fastgpt2.model.attention import AttentionMetadata
 from fastgpt2.engine.cuda_graphs import DecodeGraphs
-from fastgpt2.engine.model import GPT2
-from fastgpt2.engine.native import CpuDecodeStep
+from fastgpt2.model.gpt2 import GPT2
+from fastgpt2.engine.cpu_decode import CpuDecodeStep
 from fastgpt2.engine.scheduler import SchedulerOutput
 
 

@@ -7,7 +7,7 @@ Steps, in order, per row:
   3. repetition penalty (prompt + output tokens), presence and frequency penalties (output tokens);
   4. temperature 0: argmax (ties to the lowest id); otherwise logits / temperature, then
   5. top-k -> top-p -> min-p truncation and one inverse-CDF draw with a uniform from the request's own generator
-     (C++ extension on CPU, Triton on CUDA; both equal the torch reference in fastgpt2.kernels.reference).
+     (picked by fastgpt2.kernels.dispatch: C++ on CPU, Triton on CUDA; both equal the torch reference).
 Logprobs are those of the model's raw distribution (before any of the steps), as in vLLM.
 """
 from __future__ import annotations
@@ -24,14 +24,6 @@ from fastgpt2.kernels import dispatch
 class SampleResult:
     token_ids: list[int]
     logprobs: list  # per row: None, or (sampled token logprob, {token_id: logprob} of the top-N)
-
-
-def _truncated_sampler(device: torch.device):
-    if dispatch.use_triton(device):
-        return dispatch.get("topk_topp_minp_sample", device)
-    from fastgpt2.engine import cpu_sampler
-
-    return cpu_sampler.topk_topp_minp_sample
 
 
 class Sampler:
@@ -116,7 +108,7 @@ class Sampler:
         top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32, device=device)
         min_p = torch.tensor([s.params.min_p for s in seqs], dtype=torch.float32, device=device)
         scaled = (logits / temps[:, None]).contiguous()
-        sampled = _truncated_sampler(device)(scaled, top_k, top_p, min_p, uniform.to(device))
+        sampled = dispatch.get("topk_topp_minp_sample", device)(scaled, top_k, top_p, min_p, uniform.to(device))
         if any(greedy):
             is_greedy = torch.tensor(greedy, device=device)
             sampled = torch.where(is_greedy, torch.argmax(logits, dim=-1), sampled)

@@ -1,1 +1,2 @@
-"""Triton kernels and their pure-torch references; `dispatch` picks one per device. Imports nothing from engine/."""
+"""Triton kernels, their pure-torch references, the Python side of the C++ extension (native.py, cpu_sampling.py)
+and the one dispatcher that picks among them per operation and device. Imports nothing from model/ or engine/."""

@@ -1,8 +1,9 @@
-"""Picks the Triton kernel on CUDA tensors and the pure-torch reference elsewhere.
+"""The one place that picks an implementation per operation and device: the Triton kernel on CUDA, the C++ kernel
+(fastgpt2._C through kernels/native.py) on CPU where one exists and is built, else the pure-torch reference.
 
-Set FASTGPT2_FORCE_REFERENCE=1 to use the references on CUDA too (debugging), or FASTGPT2_FORCE_TRITON=1 to run the
-Triton kernels on CPU tensors too (only meaningful under TRITON_INTERPRET=1: it is how the tests drive the whole engine
-through the kernels without a GPU).
+FASTGPT2_FORCE_REFERENCE=1 forces the references everywhere (CUDA, the C++ kernels and the C++ decode step included;
+for debugging). FASTGPT2_FORCE_TRITON=1 runs the Triton kernels on CPU tensors too (only meaningful under
+TRITON_INTERPRET=1: it is how the tests drive the whole engine through the kernels without a GPU).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 from fastgpt2.kernels import reference
 
-# public name -> module under fastgpt2.kernels that holds the Triton wrapper of the same name
+# operation -> module under fastgpt2.kernels holding the Triton wrapper of the same name
 _TRITON_MODULES = {
     "reshape_and_cache": "paged_attention",
     "paged_decode_attention": "paged_attention",
@@ -22,18 +23,32 @@ _TRITON_MODULES = {
     "topk_topp_minp_sample": "sampling",
     "cross_entropy": "cross_entropy",
 }
+# operation -> module under fastgpt2.kernels holding its CPU (C++) wrapper; each falls back to the reference by itself
+# (saying so once) when the extension is not built, and takes the reference for inputs it does not handle.
+_CPU_MODULES = {
+    "paged_decode_attention": "native",
+    "topk_topp_minp_sample": "cpu_sampling",
+}
+
+
+def force_reference() -> bool:
+    """FASTGPT2_FORCE_REFERENCE=1: every operation runs its torch reference."""
+    return os.environ.get("FASTGPT2_FORCE_REFERENCE", "0") == "1"
 
 
 def use_triton(device: torch.device) -> bool:
     """True when the Triton kernels should run for tensors on `device`."""
-    if os.environ.get("FASTGPT2_FORCE_REFERENCE", "0") == "1":
+    if force_reference():
         return False
     return device.type == "cuda" or os.environ.get("FASTGPT2_FORCE_TRITON", "0") == "1"
 
 
 def get(name: str, device: torch.device):
-    """The implementation of kernel `name` for `device`: the Triton wrapper on CUDA, else the torch reference."""
+    """The implementation of operation `name` for tensors on `device` (Triton, C++ or the torch reference)."""
+    if name not in _TRITON_MODULES:
+        raise KeyError(f"no kernel named {name!r}; known: {', '.join(sorted(_TRITON_MODULES))}")
     if use_triton(device):
-        module = importlib.import_module(f"fastgpt2.kernels.{_TRITON_MODULES[name]}")
-        return getattr(module, name)
+        return getattr(importlib.import_module(f"fastgpt2.kernels.{_TRITON_MODULES[name]}"), name)
+    if device.type == "cpu" and name in _CPU_MODULES and not force_reference():
+        return getattr(importlib.import_module(f"fastgpt2.kernels.{_CPU_MODULES[name]}"), name)
     return getattr(reference, name)

@@ -1,6 +1,7 @@
 """CPU top-k / top-p / min-p sampling: the C++ extension `fastgpt2._C` when it is built, else the torch reference.
 
-The compiled module comes through `fastgpt2.engine.native` (its one importer). Semantics are those of
+The compiled module comes through `fastgpt2.kernels.native` (its one importer); `fastgpt2.kernels.dispatch` picks this
+module for CPU tensors. Semantics are those of
 `fastgpt2.kernels.reference` (sampling section).
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 
 from fastgpt2.kernels import reference
 
-from fastgpt2.engine.native import _C
+from fastgpt2.kernels.native import _C
 
 HAS_EXTENSION: bool = _C is not None
 

@@ -1,7 +1,8 @@
 """The attention seam: dense causal attention (reference and training path) and paged attention over the KV cache.
 
 The model calls `attention(q, k, v, kv_cache, metadata)`; with metadata=None it runs dense causal attention, otherwise
-it writes the new K/V into the block pool and attends through block tables (Triton on CUDA, torch on CPU).
+it writes the new K/V into the block pool and attends through block tables (kernels picked by fastgpt2.kernels.dispatch:
+Triton on CUDA, C++ or torch on CPU).
 """
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fastgpt2.engine.native import paged_decode_attention as native_decode
 from fastgpt2.kernels import dispatch
 
 
@@ -46,7 +46,7 @@ def paged_attention(
     device = q.device
     dispatch.get("reshape_and_cache", device)(k, v, k_cache, v_cache, meta.slot_mapping)
     nd = meta.num_decode_tokens
-    decode = dispatch.get("paged_decode_attention", device) if dispatch.use_triton(device) else native_decode
+    decode = dispatch.get("paged_decode_attention", device)
     if meta.num_prefills == 0:
         return decode(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, meta.scale)
     prefill_out = dispatch.get("prefill_attention", device)(

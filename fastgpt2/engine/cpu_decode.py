@@ -1,43 +1,12 @@
-"""The one module that imports the C++ extension `fastgpt2._C`; CPU kernels built on it fall back to the torch
-references when it is missing (see cpu_sampler for sampling)."""
+"""CpuDecodeStep: the engine's wrapper of the C++ decode step (csrc/decode.cpp, reached through
+fastgpt2.kernels.native): one call per decode step of up to 256 CPU sequences."""
 from __future__ import annotations
 
-import functools
 import os
-import warnings
 
 import torch
 
-from fastgpt2.kernels import reference
-
-try:
-    from fastgpt2 import _C
-except ImportError:  # no compiler at install time, or not built yet
-    _C = None
-
-HAS_EXTENSION: bool = _C is not None
-
-
-@functools.cache
-def _warn_no_extension() -> None:
-    warnings.warn("fastgpt2._C (the C++ extension) is not built, so CPU decode attention uses the slower torch "
-                  "reference; build it with `pip install -e .`", RuntimeWarning, stacklevel=3)
-
-
-def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float, num_threads: int | None = None):
-    """reference.paged_decode_attention, in C++ for float32 CPU tensors: K/V are read in place through the block
-    table (no gather copies), work split over (sequence, head). Other dtypes and devices use the reference."""
-    if _C is None or q.dtype != torch.float32 or k_cache.dtype != torch.float32 or not q.is_cpu:
-        if _C is None:
-            _warn_no_extension()
-        return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
-    out = torch.empty(q.shape, dtype=q.dtype)  # C-contiguous even when q is a strided view
-    _C.paged_decode_attention(
-        q.contiguous().numpy(), k_cache.numpy(), v_cache.numpy(), block_tables.to(torch.int32).contiguous().numpy(),
-        seq_lens.to(torch.int32).contiguous().numpy(), out.numpy(), float(scale),
-        num_threads or torch.get_num_threads(),
-    )
-    return out
+from fastgpt2.kernels import dispatch, native
 
 
 def native_decode_disabled() -> bool:
@@ -59,7 +28,7 @@ class CpuDecodeStep:
     # Larger decode batches run the torch model. Up to this size the C++ step is faster at every batch: GEMV kernels
     # below 12 sequences, a packed-panel GEMM above (csrc/gemm.cpp; 64 concurrent: 162 vs 206 ms per step through
     # MKL in the torch model, same run). A build without AVX2 has no GEMM, and its GEMV loses to MKL above ~32.
-    max_batch_size = 256 if getattr(_C, "CPU_DECODER_HAS_GEMM", False) else 32
+    max_batch_size = 256 if native.cpu_decoder_has_gemm() else 32
 
     def __init__(self, model, kv_cache: torch.Tensor):
         c = model.config
@@ -71,7 +40,7 @@ class CpuDecodeStep:
             for b in model.h
         ]
         weight_dtype = "bfloat16" if model.decode_weight_dtype == torch.bfloat16 else "float32"
-        self._decoder = _C.CpuDecoder(arr(model.wte.weight), arr(model.wpe.weight), layers, arr(model.ln_f.weight),
+        self._decoder = native.new_cpu_decoder(arr(model.wte.weight), arr(model.wpe.weight), layers, arr(model.ln_f.weight),
                                       arr(model.ln_f.bias), c.n_head, c.layer_norm_epsilon, weight_dtype)
         self._kv_cache = kv_cache.numpy()
         self.vocab_size = c.vocab_size
@@ -84,7 +53,7 @@ class CpuDecodeStep:
     @staticmethod
     def supports(model, kv_cache: torch.Tensor) -> bool:
         w = model.wte.weight
-        return (_C is not None and not native_decode_disabled() and w.device.type == "cpu"
+        return (native.HAS_EXTENSION and not native_decode_disabled() and not dispatch.force_reference() and w.device.type == "cpu"
                 and w.dtype == torch.float32 and kv_cache.dtype == torch.float32 and kv_cache.is_contiguous()
                 and model.config.n_embd % 8 == 0)
 

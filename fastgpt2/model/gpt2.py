@@ -7,8 +7,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastgpt2.engine.attention import AttentionMetadata, dense_causal_attention, paged_attention
-from fastgpt2.engine.config import GPT2Config
+from fastgpt2.model.attention import AttentionMetadata, dense_causal_attention, paged_attention
+from fastgpt2.model import checkpoint
+from fastgpt2.model.config import GPT2Config
 from fastgpt2.kernels import dispatch
 
 
@@ -123,15 +124,11 @@ class GPT2(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, device=None, dtype=None) -> "GPT2":
         """Official weights by preset/hub name, a local Hugging Face directory, or random weights from a GPT2Config."""
-        from fastgpt2.engine.weights import load_model
-
-        return load_model(name_or_path, device=device, dtype=dtype)
+        return checkpoint.load_model(cls, name_or_path, device=device, dtype=dtype)
 
     def save_pretrained(self, directory, tokenizer=None) -> None:
         """Write config.json, model.safetensors, vocab.json and merges.txt (Hugging Face GPT-2 format)."""
-        from fastgpt2.engine.weights import save_pretrained
-
-        save_pretrained(self, directory, tokenizer)
+        checkpoint.save_pretrained(self, directory, tokenizer)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
