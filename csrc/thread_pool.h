@@ -6,6 +6,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -24,7 +25,10 @@ class ThreadPool {
   int num_threads() const { return static_cast<int>(workers_.size()) + 1; }
 
   // Runs task(i) for every i in [0, num_tasks), tasks handed out one at a time to the caller and the workers;
-  // returns when all have finished. Tasks must not throw. One region at a time: see with_pool.
+  // returns when all have finished. A task may throw (a thread_local buffer that cannot grow throws std::bad_alloc):
+  // the pool catches it on whichever thread ran the task, skips the tasks not yet started, waits for the running
+  // ones and rethrows the first exception in the caller; the pool stays usable. One region at a time: see with_pool.
+  // num_tasks must be below 2^32 - 1.
   void parallel_for(int64_t num_tasks, const std::function<void(int64_t)>& task);
 
   // Calls body(pool) with the process-wide pool of num_threads threads (rebuilt when the count changes), holding
@@ -36,12 +40,18 @@ class ThreadPool {
  private:
   void worker_loop();
   bool run_tasks(uint64_t generation);
+  void record_error();
 
-  // ticket_ = (generation << 32) | next task index; grabbing a task is a CAS that also checks the generation.
+  // ticket_ = (generation << 32) | next task index; grabbing a task is a CAS that also checks the generation. A
+  // finished region is closed by an index no count reaches (thread_pool.cpp says why).
   std::atomic<uint64_t> ticket_{0};
   std::atomic<int64_t> finished_{0};
   std::atomic<int64_t> num_tasks_{0};
   const std::function<void(int64_t)>* task_ = nullptr;
+  // The region's first exception; failed_ tells the other threads to skip the tasks they have not started.
+  std::atomic<bool> failed_{false};
+  std::exception_ptr error_;
+  std::mutex error_mutex_;
   std::atomic<bool> stop_{false};
   std::atomic<bool> linger_{false};
   std::atomic<int> sleepers_{0};

@@ -225,3 +225,30 @@ def test_prefix_cache_keys_do_not_depend_on_python_hash(monkeypatch):
     again = Sequence("c", [1, 2, 7, 8, 9], SamplingParams())
     blocks, keys = bm.find_cached_prefix(again)
     assert blocks == first.block_table[:2] and all(len(k) == 32 for k in keys)  # SHA-256 digests
+
+
+def test_extreme_but_valid_values_never_reach_torch(tiny_dir):
+    """Values SamplingParams accepts that once overflowed inside torch: top_k past int64, top_p below float32's
+    range (keeps the top token), a tiny repetition penalty (+inf logits), the largest seed (seed + index wraps)."""
+    llm = LLM(str(tiny_dir), device="cpu")
+    greedy = llm.generate([1, 2, 3], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    top1 = SamplingParams(temperature=1.0, top_p=1e-300, top_k=2**70, seed=2**64 - 1, n=2, max_tokens=12,
+                          ignore_eos=True)
+    outs = llm.generate([1, 2, 3], top1, use_tqdm=False)[0].outputs
+    assert [o.token_ids for o in outs] == [greedy, greedy]
+    out = llm.generate([1, 2, 3], SamplingParams(temperature=1.0, repetition_penalty=1e-300, seed=1, max_tokens=5),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 5 and max(out.token_ids) < 50257
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*64 - 1\]"):
+        SamplingParams(seed=2**64)
+    with pytest.raises(ValueError, match="^temperature must be a number >= 0"):
+        SamplingParams(temperature=float("nan"))
+
+
+def test_stream_checks_its_request_when_called(tiny_dir):
+    llm = LLM(str(tiny_dir), device="cpu")
+    with pytest.raises(ValueError, match="prompt has 300 tokens"):
+        llm.stream(list(range(300)), GREEDY)
+    with pytest.raises(ValueError, match="logprobs must be at most 20"):
+        llm.stream("Hi", SamplingParams(logprobs=50))
+    assert not llm.engine.has_unfinished()

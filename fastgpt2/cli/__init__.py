@@ -39,8 +39,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, TypeError) as exc:
-        # User-caused problems: one clear line and status 2, never a traceback.
+    except (ValueError, FileNotFoundError) as exc:
+        # User-caused problems: one clear line and status 2, never a traceback. A TypeError is a bug (an argument
+        # of the wrong type in the project's own calls) and keeps its traceback.
         print(f"fastgpt2: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

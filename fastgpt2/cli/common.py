@@ -13,7 +13,21 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, float16 on CUDA")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one each run)")
+    p.add_argument("--seed", type=_seed, default=None,
+                   help="random seed, an integer in [0, 2**64 - 1] (default: a fresh one each run)")
+
+
+def _seed(text: str) -> int:
+    # torch.Generator.manual_seed takes 64 bits; it also takes negative seeds down to -2**63, but as aliases
+    # (-1 seeds as 2**64 - 1), and SamplingParams.seed is non-negative, so negatives are refused.
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = None
+    if seed is None or not 0 <= seed < 2**64:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**64 - 1], got {text!r}; omit --seed for a "
+                                         f"fresh one each run")
+    return seed
 
 
 def build_llm(args, **engine_kwargs):

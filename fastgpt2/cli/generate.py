@@ -17,7 +17,8 @@ def add_parser(sub):
     p.add_argument("--prompt", help="the context; without --prompt/--prompt-file/--interactive: unconditional")
     p.add_argument("--prompt-file", help="read the context from this file ('-' for stdin)")
     p.add_argument("--interactive", "--is_interactive", "--is-interactive", action="store_true",
-                   help="REPL: type a context at 'Model input >>> ', get samples; Ctrl-D to quit")
+                   help="REPL: type a context at 'Model input >>> ', get samples; Ctrl-C cancels a sample, Ctrl-D "
+                        "(or Ctrl-C at the prompt) quits")
     p.add_argument("--nsamples", type=int, default=1, help="samples per context (default 1)")
     p.add_argument("--batch-size", "--batch_size", type=int, default=1, help="samples generated together (default 1)")
     p.add_argument("--max-decoding-length", "--max_decoding_length", "--max_decoding_len", type=int, default=None,
@@ -30,7 +31,8 @@ def add_parser(sub):
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable); not printed")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
-                   help="print tokens as they arrive (default: on in interactive mode)")
+                   help="print tokens as they arrive, one sample after another; needs --batch-size 1 "
+                        "(default: on in interactive mode with --batch-size 1)")
     p.set_defaults(func=run)
 
 
@@ -59,15 +61,62 @@ def _check_counts(args):
         raise ValueError(f"--nsamples ({args.nsamples}) must be a multiple of --batch-size ({args.batch_size})")
 
 
-def _samples(llm, context: str, args, stream: bool, out=sys.stdout):
+def _stream_mode(args) -> bool:
+    """Whether samples are printed token by token: --stream, or --interactive unless a batch is asked for.
+
+    A batch's samples are generated together, so none can be shown whole before the others; streaming them one after
+    another would ignore --batch-size, and interleaving them would be unreadable. An explicit --stream with a batch is
+    refused; interactive mode's default quietly gives way to the batch, with a note saying so.
+    """
+    if args.stream and args.batch_size > 1:
+        raise ValueError(f"--stream prints one sample at a time, so it needs --batch-size 1 (got {args.batch_size}); "
+                         f"drop --batch-size to stream the {args.nsamples} samples in turn, or drop --stream")
+    if args.stream is None and args.interactive:
+        if args.batch_size > 1:
+            print(f"fastgpt2: note: --batch-size {args.batch_size} generates samples together, so they are printed "
+                  f"when done, not streamed; use --batch-size 1 to stream", file=sys.stderr)
+        return args.batch_size == 1
+    return bool(args.stream)
+
+
+def _read_prompt_file(path: str) -> str:
+    """The file's text ('-': standard input), decoded as UTF-8 (a BOM dropped) with universal newlines."""
+    name = "--prompt-file - (standard input)" if path == "-" else f"--prompt-file {path}"
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{name} does not exist; pass the path of a text file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{name} is a directory; pass the path of a text file") from None
+    except OSError as exc:
+        raise ValueError(f"{name} cannot be read ({exc.strerror or exc})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{name} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                         f"convert it to UTF-8, e.g. with iconv -t UTF-8") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _samples(llm, context: str, args, stream: bool, out=None):
+    out = out or sys.stdout  # looked up per call: a default of sys.stdout would keep the stream of import time
     context_ids = llm.tokenizer.encode(context) if context else [llm.tokenizer.eos_token_id]
     params = _params(args, len(context_ids))
+    llm.engine.encode_prompt(context_ids)  # a prompt too long for the context fails here, before any rule is printed
     done = 0
     while done < args.nsamples:
-        if stream and args.batch_size == 1:
+        if stream:
             print(f"{_RULE} SAMPLE {done + 1} {_RULE}", file=out)
-            for piece in llm.stream(context_ids, params):
-                print(piece, end="", flush=True, file=out)
+            pieces = llm.stream(context_ids, params)
+            try:
+                for piece in pieces:
+                    print(piece, end="", flush=True, file=out)
+            finally:
+                pieces.close()  # on Ctrl-C too: closing the stream aborts its request and frees its blocks
             print(file=out)
             done += 1
             continue
@@ -79,26 +128,42 @@ def _samples(llm, context: str, args, stream: bool, out=sys.stdout):
     print(_RULE * 2 + "=" * 10, file=out)
 
 
+def _interactive(llm, args, stream: bool) -> int:
+    """Texar's REPL. A bad context (too long, say) prints one error line and asks again; Ctrl-C cancels the sample
+    being generated and asks again; Ctrl-D or Ctrl-C at the prompt ends the session."""
+    while True:
+        try:
+            context = input("Model input >>> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not context.strip():
+            print("Prompt should not be empty!")
+            continue
+        try:
+            _samples(llm, context, args, stream)
+        except ValueError as exc:
+            sys.stdout.flush()
+            print(f"fastgpt2: error: {exc}", file=sys.stderr)
+        except KeyboardInterrupt:
+            print()
+
+
 def run(args) -> int:
+    # Every flag and the prompt file are checked before the model is loaded, which can take minutes.
     _check_counts(args)
-    _params(args, 0)  # validate the sampling values before loading anything
+    _params(args, 0)
     if args.prompt is not None and args.prompt_file is not None:
         raise ValueError("give --prompt or --prompt-file, not both")
-    llm = build_llm(args)
-    if args.interactive:
-        stream = True if args.stream is None else args.stream
-        while True:
-            try:
-                context = input("Model input >>> ")
-            except EOFError:
-                print()
-                return 0
-            if not context.strip():
-                print("Prompt should not be empty!")
-                continue
-            _samples(llm, context, args, stream)
+    if args.interactive and (args.prompt is not None or args.prompt_file is not None):
+        raise ValueError("--interactive reads each context at its 'Model input >>> ' prompt; drop --prompt and "
+                         "--prompt-file, or drop --interactive")
+    stream = _stream_mode(args)
     context = args.prompt or ""
     if args.prompt_file is not None:
-        context = sys.stdin.read() if args.prompt_file == "-" else open(args.prompt_file, encoding="utf-8").read()
-    _samples(llm, context, args, bool(args.stream))
+        context = _read_prompt_file(args.prompt_file)
+    llm = build_llm(args)
+    if args.interactive:
+        return _interactive(llm, args, stream)
+    _samples(llm, context, args, stream)
     return 0

@@ -142,8 +142,13 @@ class LLM:
         deltas always equal the final text, also when another caller's step (a second stream, a generate() call)
         finished this request. Closing the generator early aborts the request and frees its blocks."""
         params = sampling_params or SamplingParams()
-        if params.n != 1:
+        if not isinstance(params, SamplingParams) or params.n != 1:
+            self.engine.check_request(prompt, params)  # a TypeError for anything but SamplingParams
             raise ValueError("stream() yields one completion; use n=1 (or generate() for several samples)")
+        self.engine.check_request(prompt, params)  # bad input fails here, not at the first next()
+        return self._stream(prompt, params)
+
+    def _stream(self, prompt, params: SamplingParams) -> Iterator[str]:
         rid = self.engine.add_request(prompt, params)
         seq = self.engine.requests[rid][1][0]
         # Text that could still turn out to be the start of a stop string is held back.

@@ -147,7 +147,7 @@ class LLMEngine:
 
     def _attach(self, seq: Sequence) -> None:
         if seq.params.seed is not None:
-            seq.generator = torch.Generator().manual_seed(seq.params.seed + seq.index)
+            seq.generator = torch.Generator().manual_seed((seq.params.seed + seq.index) % 2**64)
         seq.detok = self.tokenizer.incremental_decoder()
         seq.arrival = time.perf_counter()
 

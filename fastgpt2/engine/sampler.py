@@ -90,6 +90,7 @@ class Sampler:
             out_ids = torch.tensor(s.output_token_ids, dtype=torch.long, device=logits.device)
             counts = torch.bincount(out_ids, minlength=vocab)[:vocab].to(row.dtype)
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+        row.clamp_(max=torch.finfo(row.dtype).max)  # a tiny repetition penalty must not make +inf (-inf stays banned)
 
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence], greedy: list[bool]) -> torch.Tensor:
         device = logits.device
@@ -104,8 +105,11 @@ class Sampler:
         # temperature must not turn the logits into infinities.
         temps = torch.tensor([1.0 if g else s.params.temperature for s, g in zip(seqs, greedy)], dtype=logits.dtype,
                              device=device)
-        top_k = torch.tensor([s.params.top_k for s in seqs], dtype=torch.int64, device=device)
-        top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32, device=device)
+        # top_k past the vocabulary means no top-k (and must fit int64); a top_p below float32's range keeps only the
+        # top token, as it would in exact arithmetic.
+        vocab = logits.shape[1]
+        top_k = torch.tensor([min(s.params.top_k, vocab) for s in seqs], dtype=torch.int64, device=device)
+        top_p = torch.tensor([max(s.params.top_p, 1e-30) for s in seqs], dtype=torch.float32, device=device)
         min_p = torch.tensor([s.params.min_p for s in seqs], dtype=torch.float32, device=device)
         scaled = (logits / temps[:, None]).contiguous()
         sampled = dispatch.get("topk_topp_minp_sample", device)(scaled, top_k, top_p, min_p, uniform.to(device))

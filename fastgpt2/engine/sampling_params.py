@@ -12,7 +12,7 @@ LogitsProcessor = Callable[[list, "object"], "object"]
 
 def _number(name, value, lo=None, hi=None, lo_open=False, hi_open=False, allowed=""):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"{name} must be a number {allowed}, got {value!r}")
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
     bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (
         hi is not None and (value >= hi if hi_open else value > hi))
     if bad:
@@ -66,7 +66,9 @@ class SamplingParams:
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if self.seed is not None:
-            _int("seed", self.seed, 0, "a non-negative integer")
+            _int("seed", self.seed, 0, "an integer in [0, 2**64 - 1]")
+            if self.seed >= 2**64:
+                raise ValueError(f"seed must be an integer in [0, 2**64 - 1], got {self.seed!r}")
         if self.logprobs is not None:
             _int("logprobs", self.logprobs, 0, "an integer >= 0")
         if isinstance(self.stop, str):

@@ -138,9 +138,14 @@ def resolve_checkpoint_dir(name_or_path) -> Path:
     """
     text = os.fspath(name_or_path)
     path = Path(os.path.expanduser(text))
-    if path.is_dir():
+    try:
+        is_dir, exists = path.is_dir(), path.exists()
+    except OSError as exc:  # a parent directory we may not read, a name too long, ...
+        raise CheckpointError(f"cannot access {text!r} ({exc.strerror or exc}); pass a readable checkpoint "
+                              f"directory") from None
+    if is_dir:
         return path
-    if path.exists():
+    if exists:
         raise CheckpointError(f"{path} is a file; pass the directory that holds config.json and the weights")
     preset = canonical_preset(text) if isinstance(name_or_path, str) else None
     if preset is None and _is_path(name_or_path):
