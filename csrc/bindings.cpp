@@ -38,7 +38,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("logits"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"), py::arg("uniform"),
         py::arg("num_threads") = 1);
   m.def("_topk_topp_minp_sample_raw", &fastgpt2::topk_topp_minp_sample_raw,
-        "Internal (fastgpt2.engine.cpu_sampler): topk_topp_minp_sample on the addresses of a checked float32 logits "
+        "Internal (fastgpt2.kernels.cpu_sampling): topk_topp_minp_sample on the addresses of a checked float32 logits "
         "tensor (rows, vocab, row stride) and an int64 output tensor, with the parameters as lists.",
         py::arg("logits_addr"), py::arg("num_rows"), py::arg("vocab_size"), py::arg("stride_row"), py::arg("top_k"),
         py::arg("top_p"), py::arg("min_p"), py::arg("uniform"), py::arg("out_addr"), py::arg("num_threads"));

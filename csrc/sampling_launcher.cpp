@@ -158,7 +158,7 @@ py::array_t<int64_t> topk_topp_minp_sample_checked(const py::array& logits, cons
   return out;
 }
 
-// The lean entry point of fastgpt2.engine.cpu_sampler, which has checked the tensors' dtypes, devices and layout:
+// The lean entry point of fastgpt2.kernels.cpu_sampling, which has checked the tensors' dtypes, devices and layout:
 // logits and out are addresses (tensor.data_ptr()) of a (num_rows, vocab_size) float32 buffer with row stride
 // stride_row (elements, vocab dimension contiguous) and of a (num_rows,) int64 buffer; the parameters come as
 // lists. Saves the ~15 us per call that four numpy conversions and their checks cost at batch 1.

@@ -270,10 +270,11 @@ class _Session:
 
 
 def test_ctrl_c_cancels_the_sample_and_asks_again(tmp_path):
-    # 124M has a 1024-token context: the first sample could run for 1000 tokens, so Ctrl-C lands while it generates;
-    # the second prompt leaves room for only 14 tokens, so it finishes.
+    # 124M has a 1024-token context: the first sample runs for 1000 tokens (past EOS: random weights can sample it
+    # early, and a busy machine then finished the sample before the signal arrived), so Ctrl-C lands while it
+    # generates; the second prompt leaves room for only 14 tokens, so it finishes.
     s = _Session(["generate", "--model", "124M", "--random-weights", "--seed", "0", "--interactive",
-                  "--max-tokens", "1000"], tmp_path)
+                  "--max-tokens", "1000", "--ignore-eos"], tmp_path)
     try:
         s.wait_for("Model input >>> ")
         s.send("Hello")

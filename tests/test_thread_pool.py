@@ -3,7 +3,7 @@ pools of 2 to 8 threads, spinning and sleeping workers; every task must run exac
 reach Python as an exception and leave the pool usable."""
 import pytest
 
-from fastgpt2.engine import native
+from fastgpt2.kernels import native
 
 pytestmark = pytest.mark.skipif(not native.HAS_EXTENSION, reason="fastgpt2._C is not built")
 

@@ -30,6 +30,7 @@ def add_parser(sub):
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable); not printed")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|> (as vLLM's ignore_eos)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print tokens as they arrive, one sample after another; needs --batch-size 1 "
                         "(default: on in interactive mode with --batch-size 1)")
@@ -51,7 +52,7 @@ def _params(args, num_context_tokens: int):
     top_k = 0 if args.top_p is not None else args.top_k
     return SamplingParams(temperature=args.temperature, top_k=top_k, top_p=1.0 if args.top_p is None else args.top_p,
                           min_p=args.min_p, repetition_penalty=args.repetition_penalty, stop=args.stop,
-                          max_tokens=max_tokens)
+                          max_tokens=max_tokens, ignore_eos=args.ignore_eos)
 
 
 def _check_counts(args):
