@@ -44,7 +44,7 @@ def _assert_same_logits(model, hf, vocab_size):
     ids = torch.randint(0, vocab_size, (2, 23), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = hf(ids).logits
-        out = model(ids)
+        out = model(ids).logits
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)  # float32; the values reach ~30 (ln_f margin)
     assert not any(p.is_meta for p in model.parameters())
 
@@ -107,6 +107,50 @@ def test_index_disagreeing_with_its_shards(sharded, tmp_path):
     index["weight_map"][key] = next(s for s in shards if s != index["weight_map"][key])
     (d / INDEX[fmt]).write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="is not in this shard.*the index and the shards disagree"):
+        GPT2.from_pretrained(d)
+
+
+def _add_head_shard(directory: Path, fmt: str, head: torch.Tensor) -> str:
+    """Store `head` as lm_head.weight in a shard of its own and name it in the index; returns the shard's name."""
+    name = "lm_head." + ("safetensors" if fmt == "safetensors" else "bin")
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file({"lm_head.weight": head.contiguous()}, str(directory / name), metadata={"format": "pt"})
+    else:
+        torch.save({"lm_head.weight": head}, directory / name)
+    index = json.loads((directory / INDEX[fmt]).read_text())
+    index["weight_map"]["lm_head.weight"] = name
+    (directory / INDEX[fmt]).write_text(json.dumps(index))
+    return name
+
+
+def test_tied_head_in_its_own_shard_is_accepted_and_every_shard_opened_once(sharded, tmp_path, monkeypatch):
+    fmt, hf, directory, shards = sharded
+    d = shutil.copytree(directory, tmp_path / "ckpt")
+    head_shard = _add_head_shard(d, fmt, hf.lm_head.weight.detach().clone())
+    opened = []
+    if fmt == "safetensors":
+        import safetensors
+
+        module, attr = safetensors, "safe_open"
+    else:
+        module, attr = torch, "load"
+    real = getattr(module, attr)
+    monkeypatch.setattr(module, attr, lambda path, *a, **k: opened.append(Path(path).name) or real(path, *a, **k))
+    model = GPT2.from_pretrained(d, device="cpu", dtype="float32")
+    assert sorted(opened) == sorted(shards + [head_shard])
+    _assert_same_logits(model, hf, SHARD_CONFIG.vocab_size)
+
+
+def test_untied_head_in_a_shard_is_refused_naming_it(sharded, tmp_path):
+    fmt, hf, directory, _ = sharded
+    d = shutil.copytree(directory, tmp_path / "ckpt")
+    head = hf.lm_head.weight.detach().clone()
+    head[3, 5] += 1e-3
+    head_shard = _add_head_shard(d, fmt, head)
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(d / head_shard))}: lm_head.weight differs from "
+                                              f"wte.weight.*use transformers"):
         GPT2.from_pretrained(d)
 
 
@@ -271,6 +315,8 @@ def test_reorder_and_upcast_attn_is_accepted(tmp_path):
     ("scale_attn_weights", "false", 'true or false, got "false"'),
     ("tie_word_embeddings", None, "true or false, got null"),
     ("activation_function", None, "a string, got null"),
+    ("attn_pdrop", "0.1", 'a number, got "0.1"'),
+    ("embd_pdrop", None, "a number, got null"),
 ])
 def test_config_field_of_wrong_type_names_file_and_field(tmp_path, hf_checkpoint, field, value, expected):
     d = _with_config(tmp_path, hf_checkpoint, **{field: value})

@@ -240,7 +240,11 @@ class _Session:
     def __init__(self, args, cache):
         env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen([sys.executable, "-m", "fastgpt2", *args], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                     # A test run started in the background (`pytest &`) ignores SIGINT, and a child
+                                     # inherits that: restore the default so that the child's Python turns it into
+                                     # KeyboardInterrupt as in a terminal.
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.out = b""
         threading.Thread(target=self._collect, daemon=True).start()
 
@@ -270,8 +274,7 @@ class _Session:
 
 
 def test_ctrl_c_cancels_the_sample_and_asks_again(tmp_path):
-    # 124M has a 1024-token context: the first sample runs for 1000 tokens (past EOS: random weights can sample it
-    # early, and a busy machine then finished the sample before the signal arrived), so Ctrl-C lands while it
+    # 124M has a 1024-token context: the first sample runs for 1000 tokens (past EOS), so Ctrl-C lands while it
     # generates; the second prompt leaves room for only 14 tokens, so it finishes.
     s = _Session(["generate", "--model", "124M", "--random-weights", "--seed", "0", "--interactive",
                   "--max-tokens", "1000", "--ignore-eos"], tmp_path)

@@ -50,7 +50,7 @@ def _direct(model, kv_caches, ids, pos, slots, tables, lens):
                              prefill_seq_lens=lens[:0], prefill_block_tables=tables[:0], num_prefills=0,
                              prefill_max_query_len=0, scale=CONFIG.head_dim ** -0.5)
     with torch.inference_mode():
-        return model(ids, pos, meta, kv_caches)
+        return model.forward_paged(ids, pos, meta, kv_caches)
 
 
 @pytest.mark.parametrize("sequence", [[3, 1, 5], [7, 2, 2, 4]])

@@ -183,7 +183,7 @@ def test_padded_vocabulary_never_draws_padding(tiny_dir):
     state["wte.weight"] = torch.cat([wte, 5.0 * wte[want[0]].expand(50304 - 50257, -1)])  # 5x the top logit
     padded.load_state_dict(state)
     with torch.no_grad():
-        assert int(padded(torch.tensor([[1, 2, 3]]))[0, -1].argmax()) >= 50257, "padding must win unmasked"
+        assert int(padded(torch.tensor([[1, 2, 3]])).logits[0, -1].argmax()) >= 50257, "padding must win unmasked"
     llm = LLM(padded, tokenizer=base.tokenizer)
     outs = llm.generate([[1, 2, 3]] * 2, [GREEDY, SamplingParams(temperature=2.0, max_tokens=30, seed=1,
                                                                    logprobs=3, ignore_eos=True)], use_tqdm=False)

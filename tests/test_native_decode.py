@@ -56,7 +56,8 @@ def _torch_step(model, kv, ids, pos, slots, tables, lens, monkeypatch):
                              prefill_seq_lens=lens[:0], prefill_block_tables=tables[:0], num_prefills=0,
                              prefill_max_query_len=0, scale=model.config.head_dim ** -0.5)
     with torch.inference_mode():
-        return model(ids, pos, meta, [(kv[i, 0], kv[i, 1]) for i in range(len(kv))], torch.arange(len(ids)))
+        kv_caches = [(kv[i, 0], kv[i, 1]) for i in range(len(kv))]
+        return model.forward_paged(ids, pos, meta, kv_caches, torch.arange(len(ids)))
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

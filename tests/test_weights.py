@@ -1,5 +1,6 @@
 """Loading errors: every bad checkpoint names its problem in one sentence; presets and the CLI's info need no weights."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -27,10 +28,17 @@ def test_presets(name, layers):
     assert GPT2Config.from_name(name).n_layer == layers
 
 
-@pytest.mark.parametrize("field,value", [("n_layer", 0), ("n_head", -1), ("vocab_size", 1.5)])
+@pytest.mark.parametrize("field,value", [("n_layer", 0), ("n_head", -1), ("vocab_size", 1.5), ("embd_pdrop", 1.0),
+                                         ("attn_pdrop", -0.01), ("resid_pdrop", True), ("resid_pdrop", "0.1")])
 def test_config_validation_names_field(field, value):
     with pytest.raises(ValueError, match=f"GPT2Config.{field}"):
         GPT2Config(**{field: value})
+
+
+def test_dropout_defaults_are_gpt2s():
+    c = GPT2Config()
+    assert (c.embd_pdrop, c.attn_pdrop, c.resid_pdrop) == (0.1, 0.1, 0.1)
+    assert GPT2Config(embd_pdrop=0, attn_pdrop=0.0, resid_pdrop=0.999).resid_pdrop == 0.999
 
 
 def test_heads_must_divide_width():
@@ -88,6 +96,62 @@ def test_missing_and_extra_tensor(tmp_path, hf_checkpoint):
     _rewrite(d2, lambda s: s.__setitem__("transformer.h.9.foo", torch.zeros(3)))
     with pytest.raises(CheckpointError, match=r"unexpected tensor\(s\) h.9.foo"):
         GPT2.from_pretrained(d2)
+
+
+def _with_config(d, **changes):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def test_dropout_fields_are_read_and_written_back(tmp_path, hf_checkpoint):
+    import transformers
+
+    d = _with_config(_copy(hf_checkpoint("tiny"), tmp_path / "ckpt"), embd_pdrop=0.25, attn_pdrop=0, resid_pdrop=0.5)
+    model = GPT2.from_pretrained(d)
+    c = model.config
+    assert (c.embd_pdrop, c.attn_pdrop, c.resid_pdrop) == (0.25, 0, 0.5)
+    assert model.drop.p == 0.25 and model.h[1].attn.attn_pdrop == 0 and model.h[0].mlp.dropout.p == 0.5
+    model.save_pretrained(tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (saved["embd_pdrop"], saved["attn_pdrop"], saved["resid_pdrop"]) == (0.25, 0, 0.5)
+    hf_config = transformers.GPT2Config.from_pretrained(tmp_path / "out")
+    assert (hf_config.embd_pdrop, hf_config.attn_pdrop, hf_config.resid_pdrop) == (0.25, 0, 0.5)
+    # A config.json without them means GPT-2's 0.1, as in transformers.
+    bare = {k: v for k, v in saved.items() if not k.endswith("_pdrop")}
+    assert GPT2Config.from_hf_dict(bare) == GPT2Config.from_hf_dict(saved).replace(
+        embd_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1)
+
+
+@pytest.mark.parametrize("field,value", [("attn_pdrop", 1.0), ("resid_pdrop", -0.1), ("embd_pdrop", 1.5)])
+def test_dropout_out_of_range_names_file_and_field(tmp_path, hf_checkpoint, field, value):
+    d = _with_config(_copy(hf_checkpoint("tiny"), tmp_path / "ckpt"), **{field: value})
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(d / 'config.json'))}: GPT2Config.{field} must be a "
+                                              rf"dropout probability in \[0, 1\), got {value}"):
+        GPT2.from_pretrained(d)
+
+
+def test_untied_lm_head_is_refused_naming_the_file(tmp_path, hf_checkpoint):
+    d = _copy(hf_checkpoint("tiny"), tmp_path / "ckpt")
+
+    def untie(state):
+        state["lm_head.weight"] = state["transformer.wte.weight"].clone()
+        state["lm_head.weight"][7] += 0.01
+
+    _rewrite(d, untie)
+    with pytest.raises(CheckpointError, match=f"{d / 'model.safetensors'}: lm_head.weight differs from wte.weight"):
+        GPT2.from_pretrained(d)
+
+
+@pytest.mark.parametrize("key", ["lm_head.weight", "transformer.lm_head.weight"])
+def test_lm_head_equal_to_wte_is_accepted(tmp_path, hf_checkpoint, key):
+    """transformers sometimes saves tied weights twice; such a head is wte's copy and loads as the tied head."""
+    d = _copy(hf_checkpoint("tiny"), tmp_path / "ckpt")
+    _rewrite(d, lambda s: s.__setitem__(key, s["transformer.wte.weight"].clone()))
+    a, b = GPT2.from_pretrained(hf_checkpoint("tiny")), GPT2.from_pretrained(d)
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), n
 
 
 def test_integer_tensor_rejected(tmp_path, hf_checkpoint):

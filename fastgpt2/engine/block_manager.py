@@ -61,6 +61,12 @@ class BlockManager:
             parent = h
         return blocks, hashes
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block (new weights make their K/V stale). Blocks in use keep their contents."""
+        self.hash_to_block.clear()
+        self.block_to_hash.clear()
+        self.block_tokens.clear()
+
     # -- allocation -----------------------------------------------------------------------------------------------
     def num_blocks_needed(self, seq: Sequence, num_new_tokens: int, cached_blocks=()) -> int:
         """Free-list blocks that allocate(seq, num_new_tokens, cached_blocks) would consume."""

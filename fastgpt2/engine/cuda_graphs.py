@@ -69,7 +69,7 @@ class DecodeGraphs:
             prefill_seq_lens=self.seq_lens[:0], prefill_block_tables=tables[:0], num_prefills=0,
             prefill_max_query_len=0, scale=self.scale,
         )
-        return self.model(self.token_ids[:size], self.positions[:size], meta, self.kv_caches)
+        return self.model.forward_paged(self.token_ids[:size], self.positions[:size], meta, self.kv_caches)
 
     def _capture_all(self) -> None:
         # Largest first, so that the smaller graphs reuse its memory pool. Each size runs once eagerly first so that

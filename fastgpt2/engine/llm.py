@@ -87,6 +87,30 @@ class LLM:
     def save_pretrained(self, directory) -> None:
         self.model.save_pretrained(directory, self.tokenizer)
 
+    def load_weights(self, weights) -> None:
+        """Serve new weights (after fine-tuning, say) without rebuilding the engine.
+
+        weights : a GPT2 of the same architecture, its state_dict(), or anything GPT2.from_pretrained loads (a
+            checkpoint directory, a hub id). Every copy derived from the old weights is refreshed and the prefix cache
+            is dropped, so no later request sees stale weights. No request may be in flight.
+        """
+        if isinstance(weights, GPT2):
+            state_dict = weights.state_dict()
+        elif isinstance(weights, dict):
+            state_dict = weights
+        elif isinstance(weights, (str, os.PathLike)):
+            if self.engine.has_unfinished():  # before reading gigabytes from disk
+                raise ValueError("load_weights needs an idle engine: finish or abort the requests in flight first")
+            loaded = GPT2.from_pretrained(weights, device=self.model.wte.weight.device, dtype=self.model.wte.weight.dtype)
+            fields = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "layer_norm_epsilon")
+            if any(getattr(loaded.config, f) != getattr(self.model.config, f) for f in fields):
+                raise ValueError(f"{os.fspath(weights)} holds a different architecture ({loaded.config}) than the "
+                                 f"served model ({self.model.config})")
+            state_dict = loaded.state_dict()
+        else:
+            raise TypeError(f"weights must be a GPT2, a state_dict or a checkpoint path, got {type(weights).__name__}")
+        self.engine.load_weights(state_dict)
+
     @staticmethod
     def _normalise_prompts(prompts) -> list:
         if isinstance(prompts, str):

@@ -151,6 +151,33 @@ class LLMEngine:
         seq.detok = self.tokenizer.incremental_decoder()
         seq.arrival = time.perf_counter()
 
+    @torch.no_grad()
+    def load_weights(self, state_dict: dict) -> None:
+        """Copy new weights into the served model in place (every name and shape checked first, nothing copied on a
+        mismatch), then refresh what was derived from the old ones: the C++ decode step's copies, the model's
+        inference caches, and the prefix cache, whose K/V the old weights computed. No request may be in flight."""
+        if self.has_unfinished():
+            raise ValueError("load_weights needs an idle engine: finish or abort the requests in flight first")
+        params = dict(self.model.named_parameters())
+        if set(state_dict) != set(params):
+            missing = sorted(set(params) - set(state_dict))
+            extra = sorted(set(state_dict) - set(params))
+            raise ValueError(f"the new weights do not match the served model's parameters (missing: {missing[:3]}, "
+                             f"unexpected: {extra[:3]}); pass a GPT2 state_dict of the same architecture")
+        for name, param in params.items():
+            new = state_dict[name]
+            if not isinstance(new, torch.Tensor) or tuple(new.shape) != tuple(param.shape):
+                shape = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+                raise ValueError(f"new weight {name} has shape {shape}, the served model's is {tuple(param.shape)}")
+            if not new.is_floating_point():
+                raise ValueError(f"new weight {name} has dtype {new.dtype}; weights must be floating point")
+        for name, param in params.items():
+            param.copy_(state_dict[name])
+        if self.model.decode_weight_dtype == torch.bfloat16:
+            self.model.round_weights_to_bfloat16()  # bf16 weights with float32 arithmetic: round the new ones too
+        self.runner.refresh_weights()
+        self.block_manager.reset_prefix_cache()
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 

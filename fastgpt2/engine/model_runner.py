@@ -36,6 +36,13 @@ class ModelRunner:
         if use_cuda_graphs and self.device.type == "cuda":
             self.decode_graphs = DecodeGraphs(model, self.kv_caches, block_size, max_num_seqs, self.scale)
 
+    def refresh_weights(self) -> None:
+        """After the model's parameters were overwritten in place: rebuild the C++ decode step (it keeps bf16 copies
+        of the weight matrices) and drop the model's transposed-head cache. CUDA graphs read the parameters in place."""
+        self.model._wte_t_cache = None
+        if self.cpu_decode_step is not None:
+            self.cpu_decode_step = CpuDecodeStep(self.model, self.kv_cache)
+
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if copies:
             src = torch.tensor([s for s, _ in copies], device=self.device)
@@ -93,5 +100,5 @@ class ModelRunner:
         if fast is not None and decode_only and meta.num_decode_tokens <= fast.max_batch_size:
             logits = fast(ids, pos, meta.slot_mapping, meta.decode_block_tables, meta.decode_seq_lens)
             return logits.float()
-        logits = self.model(ids, pos, meta, self.kv_caches, logits_indices)
+        logits = self.model.forward_paged(ids, pos, meta, self.kv_caches, logits_indices)
         return logits.float() if len(logits_indices) else None

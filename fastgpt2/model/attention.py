@@ -1,8 +1,6 @@
-"""The attention seam: dense causal attention (reference and training path) and paged attention over the KV cache.
-
-The model calls `attention(q, k, v, kv_cache, metadata)`; with metadata=None it runs dense causal attention, otherwise
-it writes the new K/V into the block pool and attends through block tables (kernels picked by fastgpt2.kernels.dispatch:
-Triton on CUDA, C++ or torch on CPU).
+"""The attention seam: dense causal attention (the module's forward: training and reference) and paged attention
+over the KV cache (forward_paged: writes the new K/V into the block pool and attends through block tables, kernels
+picked by fastgpt2.kernels.dispatch: Triton on CUDA, C++ or torch on CPU).
 """
 from __future__ import annotations
 
@@ -30,9 +28,11 @@ class AttentionMetadata:
     scale: float  # 1 / sqrt(head_dim)
 
 
-def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q, k, v: (B, nh, T, hs) -> (B, nh, T, hs); scaled by 1/sqrt(hs)."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
+def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           dropout_p: float = 0.0) -> torch.Tensor:
+    """q, k, v: (B, nh, T, hs) -> (B, nh, T, hs); scaled by 1/sqrt(hs). dropout_p: dropout on the attention
+    probabilities (the caller passes 0 outside training)."""
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=q.shape[2] > 1)
 
 
 def paged_attention(

@@ -20,9 +20,13 @@ __all__ = ["CheckpointError", "load_model", "load_weights_into", "read_config", 
 
 # Conv1D layers store their weight as (in, out); this model stores nn.Linear (out, in).
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# Buffers and tied copies some checkpoints carry that hold no parameters of their own.
+# Buffers some checkpoints carry that hold no parameters of their own.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# The output head: a copy of wte in checkpoints that store tied weights twice; anything else is an untied head.
+_HEAD = "lm_head.weight"
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -139,7 +143,7 @@ def _map_keys(keys: list[str], path: Path) -> dict[str, str]:
     mapping = {}
     for key in keys:
         name = key[len("transformer."):] if key.startswith("transformer.") else key
-        if name == "lm_head.weight" or name.endswith(_IGNORED_SUFFIXES):
+        if name.endswith(_IGNORED_SUFFIXES):
             continue
         if name in mapping:
             raise CheckpointError(f"{path}: tensor {name!r} appears twice (with and without 'transformer.')")
@@ -147,11 +151,21 @@ def _map_keys(keys: list[str], path: Path) -> dict[str, str]:
     return mapping
 
 
+def _check_tied_head(head: torch.Tensor, wte: torch.Tensor, path: Path) -> None:
+    """Refuse an lm_head.weight that is not an exact copy of wte.weight (both as read from the checkpoint)."""
+    if tuple(head.shape) != tuple(wte.shape) or not torch.equal(head.to(wte.dtype), wte):
+        raise CheckpointError(f"{path}: lm_head.weight differs from wte.weight, an output head untied from the "
+                              f"embedding, which fastgpt2 does not implement (its head is tied to wte); use "
+                              f"transformers for this model")
+
+
 @torch.no_grad()
 def load_weights_into(model, directory: Path, device: torch.device, dtype: torch.dtype) -> None:
-    """Checked copy of every tensor in `directory` into `model` (which may live on the meta device)."""
+    """Checked copy of every tensor in `directory` into `model` (which may live on the meta device); the parameters
+    it creates are trainable (requires_grad=True)."""
     source = _TensorSource(directory)
     mapping = _map_keys(source.keys, source.path)
+    head_key = mapping.pop(_HEAD, None)
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(mapping))
     extra = sorted(set(mapping) - set(params))
@@ -163,11 +177,22 @@ def load_weights_into(model, directory: Path, device: torch.device, dtype: torch
             f"{source.path}: unexpected tensor(s) {', '.join(extra[:5])}; is this a GPT-2 checkpoint?"
         )
     loaded = {}
+    # A stored head is read in the shard order too, and compared with wte once both are read (held until then).
+    names = list(params) + ([_HEAD] if head_key is not None else [])
+    keys = {**mapping, _HEAD: head_key}
+    tied = {}
     # Shard by shard (a stable sort keeps the model's order inside each), so that every shard is opened once.
-    rank = {path: i for i, path in enumerate(dict.fromkeys(source.file_of(mapping[name]) for name in params))}
-    for name in sorted(params, key=lambda n: rank[source.file_of(mapping[n])]):
-        param, path = params[name], source.file_of(mapping[name])
-        tensor = source.get(mapping[name])
+    rank = {path: i for i, path in enumerate(dict.fromkeys(source.file_of(keys[name]) for name in names))}
+    for name in sorted(names, key=lambda n: rank[source.file_of(keys[n])]):
+        path = source.file_of(keys[name])
+        tensor = source.get(keys[name])
+        if head_key is not None and name in (_HEAD, "wte.weight"):
+            tied[name] = tensor
+            if len(tied) == 2:
+                _check_tied_head(tied.pop(_HEAD), tied.pop("wte.weight"), source.file_of(head_key))
+            if name == _HEAD:
+                continue
+        param = params[name]
         if tensor.dtype not in _FLOAT_DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected a float dtype")
         if name.endswith(_TRANSPOSED) and tensor.dim() == 2:
@@ -182,15 +207,16 @@ def load_weights_into(model, directory: Path, device: torch.device, dtype: torch
         # Swap the meta parameter for the real one at once, so at most one tensor is in flight.
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
-        setattr(module, attr, torch.nn.Parameter(loaded.pop(name), requires_grad=False))
+        setattr(module, attr, torch.nn.Parameter(loaded.pop(name)))
 
 
 def load_model(model_cls, name_or_path, device=None, dtype=None):
-    """A model_cls (GPT2) in eval mode from a GPT2Config (random weights), a local directory, a preset or a hub id."""
+    """A model_cls (GPT2) in eval mode with trainable parameters, from a GPT2Config (random weights), a local
+    directory, a preset or a hub id."""
     device, dtype = resolve_device_dtype(device, dtype)
     if isinstance(name_or_path, GPT2Config):
         model = model_cls(name_or_path).to(device=device, dtype=dtype)
-        return model.eval().requires_grad_(False)
+        return model.eval()
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"expected a GPT2Config, a directory or a model name, got {type(name_or_path).__name__}")
     directory = resolve_checkpoint_dir(name_or_path)

@@ -67,6 +67,10 @@ class GPT2Config:
     n_layer: int = 12  # transformer blocks
     n_head: int = 12  # attention heads; head_dim = n_embd // n_head (64 for every GPT-2 size)
     layer_norm_epsilon: float = 1e-5  # as published
+    # Dropout in train mode only, where transformers' GPT2LMHeadModel applies it (eval mode and the engine: none).
+    embd_pdrop: float = 0.1  # on token + position embeddings
+    attn_pdrop: float = 0.1  # on the attention probabilities
+    resid_pdrop: float = 0.1  # on each residual branch (attention and MLP outputs)
 
     def __post_init__(self):
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
@@ -80,6 +84,10 @@ class GPT2Config:
         eps = self.layer_norm_epsilon
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0.0 < eps < 1.0):
             raise ValueError(f"GPT2Config.layer_norm_epsilon must be a number in (0, 1), got {eps!r}")
+        for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
+            p = getattr(self, name)
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 <= p < 1.0):
+                raise ValueError(f"GPT2Config.{name} must be a dropout probability in [0, 1), got {p!r}")
 
     @property
     def head_dim(self) -> int:
@@ -115,9 +123,9 @@ class GPT2Config:
             "n_inner": None,
             "activation_function": "gelu_new",
             "layer_norm_epsilon": self.layer_norm_epsilon,
-            "resid_pdrop": 0.1,
-            "embd_pdrop": 0.1,
-            "attn_pdrop": 0.1,
+            "resid_pdrop": self.resid_pdrop,
+            "embd_pdrop": self.embd_pdrop,
+            "attn_pdrop": self.attn_pdrop,
             "initializer_range": 0.02,
             "scale_attn_weights": True,
             "tie_word_embeddings": True,
@@ -140,6 +148,7 @@ class GPT2Config:
         # Old configs name the context n_ctx; n_positions wins when both are present, as in transformers.
         n_positions = get("n_positions", int, 1024) if "n_positions" in d else get("n_ctx", int, 1024)
         layer_norm_epsilon = get("layer_norm_epsilon", (float, int), 1e-5)
+        dropout = {name: get(name, (float, int), 0.1) for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop")}
         act = get("activation_function", str, "gelu_new")
         if act not in _TANH_GELUS:
             raise ValueError(f"{source}: activation_function {act!r} is not supported; fastgpt2 implements only "
@@ -158,7 +167,7 @@ class GPT2Config:
         # function); every attention path here already accumulates scores and softmax in float32, so it is accepted.
         get("reorder_and_upcast_attn", bool, False)
         try:
-            return cls(n_positions=n_positions, layer_norm_epsilon=layer_norm_epsilon, **sizes)
+            return cls(n_positions=n_positions, layer_norm_epsilon=layer_norm_epsilon, **sizes, **dropout)
         except ValueError as exc:
             raise ValueError(f"{source}: {exc}") from None
 

@@ -1,28 +1,41 @@
-"""GPT-2 exactly as published, with checkpoint parameter names, and one attention seam for the paged engine."""
+"""GPT-2 exactly as published, with checkpoint parameter names: the dense forward (training, evaluation, the
+reference for every other path) in plain torch ops, and forward_paged, the engine's packed step (model/inference.py)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastgpt2.model.attention import AttentionMetadata, dense_causal_attention, paged_attention
-from fastgpt2.model import checkpoint
+from fastgpt2.model import checkpoint, inference
+from fastgpt2.model.attention import AttentionMetadata, dense_causal_attention
 from fastgpt2.model.config import GPT2Config
-from fastgpt2.kernels import dispatch
+
+IGNORE_INDEX = -100  # labels equal to this take no part in the loss (as in transformers and F.cross_entropy)
 
 
-def linear(layer: nn.Linear, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
-    """layer(x) (then tanh-GELU when asked), for CPU inference on 9..256 packed rows as W @ x.T: MKL runs that
-    1.2-1.5x faster than F.linear's x @ W.T at 64 rows (124M shapes; no gain at 512). The result is a transposed
-    view of the (out, rows) product; the GELU runs on the product itself."""
-    if (x.dim() == 2 and 8 < x.shape[0] <= 256 and x.device.type == "cpu" and not torch.is_grad_enabled()
-            and not dispatch.use_triton(x.device)):  # the Triton kernels want unit-stride rows
-        y = torch.addmm(layer.bias[:, None], layer.weight, x.t())  # (out, rows)
-        return (F.gelu(y, approximate="tanh") if gelu else y).t()
-    y = layer(x)
-    return F.gelu(y, approximate="tanh") if gelu else y
+@dataclass(slots=True)
+class GPT2Output:
+    """What `model(...)` returns, like transformers' CausalLMOutput: `out.logits`, `out.loss`; `out[0]` is the loss
+    when there is one, else the logits."""
+
+    logits: torch.Tensor  # (B, T, V) in the model's dtype
+    loss: torch.Tensor | None = None  # () float32, only when labels were given
+
+    def to_tuple(self) -> tuple:
+        return tuple(t for t in (self.loss, self.logits) if t is not None)
+
+    def __getitem__(self, index):
+        return self.to_tuple()[index]
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """transformers' causal LM loss: logits (B, T, V), labels (B, T) int64. Position t predicts labels[:, t + 1];
+    labels equal to -100 are ignored; the mean over the others, computed in float32. Returns a 0-d tensor."""
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # (B, T), the last position predicts nothing
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 class CausalSelfAttention(nn.Module):
@@ -34,19 +47,16 @@ class CausalSelfAttention(nn.Module):
         # so every decode-step GEMV reads rows contiguously.
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_pdrop = config.attn_pdrop  # applied inside scaled_dot_product_attention, in train mode only
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, x, meta: AttentionMetadata | None = None, kv_cache=None):
-        qkv = linear(self.c_attn, x)
-        if meta is None:
-            B, T, C = x.shape
-            q, k, v = qkv.view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
-            y = dense_causal_attention(q, k, v)  # (B, nh, T, hs)
-            y = y.transpose(1, 2).reshape(B, T, C)
-        else:
-            N, C = x.shape
-            q, k, v = qkv.view(N, 3, self.n_head, self.head_dim).unbind(1)  # 3 x (N, nh, hs)
-            y = paged_attention(q, k, v, kv_cache, meta).reshape(N, C)
-        return linear(self.c_proj, y)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, C) -> (B, T, C)."""
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
+        y = dense_causal_attention(q, k, v, dropout_p=self.attn_pdrop if self.training else 0.0)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
@@ -54,9 +64,11 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, x):
-        return linear(self.c_proj, linear(self.c_fc, x, gelu=True))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, C) -> (B, T, C)."""
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
 
 class Block(nn.Module):
@@ -67,16 +79,18 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, meta=None, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), meta, kv_cache)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
 
 class GPT2(nn.Module):
     """GPT-2 language model; the output head is tied to `wte`.
 
-    `model(input_ids)` with input_ids (B, T) int64 returns logits (B, T, vocab) on the dense causal path.
-    The engine calls `model(input_ids, positions, meta, kv_caches, logits_indices)` with packed (N,) tokens.
+    `model(input_ids)` or `model(inputs_embeds=...)`, optionally with `labels`, returns a GPT2Output (logits and
+    loss) on the dense causal path, with dropout in train mode as transformers' GPT2LMHeadModel applies it.
+    The engine calls `model.forward_paged(input_ids, positions, meta, kv_caches, logits_indices)` with packed (N,)
+    tokens over the paged KV cache.
     """
 
     def __init__(self, config: GPT2Config):
@@ -88,6 +102,7 @@ class GPT2(nn.Module):
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.drop = nn.Dropout(config.embd_pdrop)
         # Set by round_weights_to_bfloat16: the C++ CPU decode step then stores the weight matrices in this dtype.
         self.decode_weight_dtype: torch.dtype | None = None
         if not any(p.is_meta for p in self.parameters()):
@@ -108,22 +123,18 @@ class GPT2(nn.Module):
             else:
                 p.normal_(0.0, 0.02)
 
-    @torch.no_grad()
     def round_weights_to_bfloat16(self) -> "GPT2":
         """bfloat16 weights with float32 arithmetic (CPUs without native bf16): every float32 parameter is rounded to
         the nearest bfloat16 in place, so that the torch path and the C++ decode step (which keeps bf16 copies of the
         weight matrices, half the bytes per token) compute the same function."""
-        if self.wte.weight.dtype != torch.float32:
-            raise ValueError(f"round_weights_to_bfloat16 needs a float32 model, got {self.wte.weight.dtype}")
-        for p in self.parameters():
-            p.copy_(p.to(torch.bfloat16).to(torch.float32))
-        self._wte_t_cache = None
-        self.decode_weight_dtype = torch.bfloat16
-        return self
+        return inference.round_weights_to_bfloat16(self)
 
     @classmethod
     def from_pretrained(cls, name_or_path, device=None, dtype=None) -> "GPT2":
-        """Official weights by preset/hub name, a local Hugging Face directory, or random weights from a GPT2Config."""
+        """Official weights by preset/hub name, a local Hugging Face directory, or random weights from a GPT2Config.
+
+        The model comes in eval mode with trainable parameters (requires_grad=True), as from transformers; call
+        .train() to fine-tune it, or .requires_grad_(False) to freeze it."""
         return checkpoint.load_model(cls, name_or_path, device=device, dtype=dtype)
 
     def save_pretrained(self, directory, tokenizer=None) -> None:
@@ -133,49 +144,36 @@ class GPT2(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, input_ids, positions=None, meta: AttentionMetadata | None = None, kv_caches=None, logits_indices=None):
-        if meta is None:
-            input_ids = self._check_dense_input(input_ids)
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
-        x = self.wte(input_ids) + self.wpe(positions)  # (B, T, C) dense or (N, C) packed
-        for i, block in enumerate(self.h):
-            x = block(x, meta, None if kv_caches is None else kv_caches[i])
-        if logits_indices is not None:
-            x = x[logits_indices]  # only the rows whose next token is needed: the LM head is 40% of a decode step
-        return self.lm_head(self.ln_f(x))
+    def forward(self, input_ids=None, *, inputs_embeds=None, labels=None) -> GPT2Output:
+        """The dense causal forward, in plain torch ops (training, evaluation, the reference).
 
-    LM_HEAD_ROWS = 1024  # vocabulary rows per slice of the CPU LM head
+        input_ids : (B, T) integer token ids, or inputs_embeds : (B, T, n_embd) float token embeddings (exactly one;
+        the position embeddings are added to either). labels : (B, T) integer or None; position t predicts
+        labels[:, t + 1] and -100 is ignored (pass labels = input_ids for language modelling).
+        Returns GPT2Output(logits (B, T, vocab), loss: the mean cross-entropy, float32, or None without labels).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids (batch, seq) and inputs_embeds (batch, seq, n_embd), "
+                             f"got {'both' if input_ids is not None else 'neither'}")
+        if input_ids is not None:
+            inputs_embeds = self.wte(self._check_dense_input(input_ids))  # (B, T, C)
+        else:
+            inputs_embeds = self._check_inputs_embeds(inputs_embeds)
+        B, T, _ = inputs_embeds.shape
+        positions = torch.arange(T, device=inputs_embeds.device)  # (T,)
+        x = self.drop(inputs_embeds + self.wpe(positions))  # (B, T, C)
+        for block in self.h:
+            x = block(x)
+        logits = F.linear(self.ln_f(x), self.wte.weight)  # (B, T, V)
+        loss = None if labels is None else causal_lm_loss(logits, self._check_labels(labels, B, T))
+        return GPT2Output(logits=logits, loss=loss)
 
-    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits over the vocabulary, tied to wte. x: (..., C) -> (..., V).
-
-        CPU inference picks the GEMV/GEMM layout MKL reads fastest (measured on the 124M head, one thread: a
-        (C, V) copy of wte makes batch-1 decode's head 1.6x faster; W @ x.T is 1.5x faster at 64 rows)."""
-        weight = self.wte.weight
-        if x.dim() != 2 or weight.device.type != "cpu" or torch.is_grad_enabled():
-            return F.linear(x, weight)
-        if x.shape[0] <= 8:
-            return torch.mm(x, self._wte_transposed())
-        # W @ x.T in slices of 1024 vocabulary rows: each slice's product stays in cache (20% faster at 64 rows) and
-        # is transposed into a contiguous (N, V) result there (argmax over a transposed view costs 16 ms at 64 rows).
-        num_rows, vocab_size = x.shape[0], weight.shape[0]
-        out = torch.empty(num_rows, vocab_size, dtype=x.dtype)  # (N, V)
-        part = torch.empty(self.LM_HEAD_ROWS, num_rows, dtype=x.dtype)  # (slice, N)
-        xt = x.t()
-        for start in range(0, vocab_size, self.LM_HEAD_ROWS):
-            end = min(start + self.LM_HEAD_ROWS, vocab_size)
-            torch.mm(weight[start:end], xt, out=part[: end - start])
-            out[:, start:end].copy_(part[: end - start].t())
-        return out
-
-    def _wte_transposed(self) -> torch.Tensor:
-        weight = self.wte.weight
-        key = (weight.data_ptr(), weight._version, weight.dtype)
-        cached = getattr(self, "_wte_t_cache", None)
-        if cached is None or cached[0] != key:
-            cached = (key, weight.detach().t().contiguous())
-            self._wte_t_cache = cached
-        return cached[1]
+    def forward_paged(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_caches,
+                      logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """The engine's packed step over the paged KV cache, for inference (no dropout): input_ids, positions (N,)
+        int64; kv_caches one (k_cache, v_cache) per layer. Writes the K/V of every token; returns logits
+        (len(logits_indices), V), or (N, V) without logits_indices. See fastgpt2.model.inference.forward_paged."""
+        return inference.forward_paged(self, input_ids, positions, meta, kv_caches, logits_indices)
 
     def _check_dense_input(self, input_ids):
         if not isinstance(input_ids, torch.Tensor):
@@ -196,3 +194,30 @@ class GPT2(nn.Module):
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} is out of range for a vocabulary of {self.config.vocab_size}")
         return input_ids.to(self.wte.weight.device, torch.long)
+
+    def _check_inputs_embeds(self, inputs_embeds):
+        if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
+            raise ValueError("inputs_embeds must be a float tensor of shape (batch, seq, n_embd)")
+        C = self.config.n_embd
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[2] != C:
+            raise ValueError(f"inputs_embeds must have shape (batch, seq, {C}); got shape {tuple(inputs_embeds.shape)}")
+        T = inputs_embeds.shape[1]
+        if T == 0:
+            raise ValueError("inputs_embeds is empty (sequence length 0)")
+        if T > self.config.n_positions:
+            raise ValueError(f"sequence length {T} exceeds the model's context of {self.config.n_positions} tokens")
+        return inputs_embeds.to(self.wte.weight.device, self.wte.weight.dtype)
+
+    def _check_labels(self, labels, B: int, T: int) -> torch.Tensor:
+        if not isinstance(labels, torch.Tensor):
+            labels = torch.as_tensor(labels)
+        if tuple(labels.shape) != (B, T):
+            raise ValueError(f"labels must have the inputs' shape ({B}, {T}); got shape {tuple(labels.shape)}")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+        labels = labels.to(self.wte.weight.device, torch.long)
+        bad = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= self.config.vocab_size))]
+        if bad.numel():
+            raise ValueError(f"label {int(bad[0])} is out of range for a vocabulary of {self.config.vocab_size}; "
+                             f"use {IGNORE_INDEX} for positions without a target")
+        return labels
