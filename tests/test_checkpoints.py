@@ -64,8 +64,8 @@ def test_sharded_directory_matches_transformers(sharded):
     _assert_same_logits(model, hf, SHARD_CONFIG.vocab_size)
 
 
-def test_each_shard_is_opened_once(sharded, monkeypatch):
-    fmt, _, directory, shards = sharded
+def _record_opens(fmt: str, monkeypatch) -> list[str]:
+    """The file names the loader opens, in order (safetensors' safe_open or torch.load)."""
     opened = []
     if fmt == "safetensors":
         import safetensors
@@ -75,6 +75,12 @@ def test_each_shard_is_opened_once(sharded, monkeypatch):
         module, attr = torch, "load"
     real = getattr(module, attr)
     monkeypatch.setattr(module, attr, lambda path, *a, **k: opened.append(Path(path).name) or real(path, *a, **k))
+    return opened
+
+
+def test_each_shard_is_opened_once(sharded, monkeypatch):
+    fmt, _, directory, shards = sharded
+    opened = _record_opens(fmt, monkeypatch)
     GPT2.from_pretrained(directory, device="cpu")
     assert sorted(opened) == shards
 
@@ -129,15 +135,7 @@ def test_tied_head_in_its_own_shard_is_accepted_and_every_shard_opened_once(shar
     fmt, hf, directory, shards = sharded
     d = shutil.copytree(directory, tmp_path / "ckpt")
     head_shard = _add_head_shard(d, fmt, hf.lm_head.weight.detach().clone())
-    opened = []
-    if fmt == "safetensors":
-        import safetensors
-
-        module, attr = safetensors, "safe_open"
-    else:
-        module, attr = torch, "load"
-    real = getattr(module, attr)
-    monkeypatch.setattr(module, attr, lambda path, *a, **k: opened.append(Path(path).name) or real(path, *a, **k))
+    opened = _record_opens(fmt, monkeypatch)
     model = GPT2.from_pretrained(d, device="cpu", dtype="float32")
     assert sorted(opened) == sorted(shards + [head_shard])
     _assert_same_logits(model, hf, SHARD_CONFIG.vocab_size)

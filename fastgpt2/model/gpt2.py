@@ -184,16 +184,18 @@ class GPT2(nn.Module):
             raise ValueError(f"input_ids must have shape (batch, seq); got shape {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
-        T = input_ids.shape[1]
-        if T == 0:
-            raise ValueError("input_ids is empty (sequence length 0)")
-        if T > self.config.n_positions:
-            raise ValueError(f"sequence length {T} exceeds the model's context of {self.config.n_positions} tokens")
+        self._check_length(input_ids.shape[1], "input_ids")
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= self.config.vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} is out of range for a vocabulary of {self.config.vocab_size}")
         return input_ids.to(self.wte.weight.device, torch.long)
+
+    def _check_length(self, T: int, name: str) -> None:
+        if T == 0:
+            raise ValueError(f"{name} is empty (sequence length 0)")
+        if T > self.config.n_positions:
+            raise ValueError(f"sequence length {T} exceeds the model's context of {self.config.n_positions} tokens")
 
     def _check_inputs_embeds(self, inputs_embeds):
         if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
@@ -201,11 +203,7 @@ class GPT2(nn.Module):
         C = self.config.n_embd
         if inputs_embeds.dim() != 3 or inputs_embeds.shape[2] != C:
             raise ValueError(f"inputs_embeds must have shape (batch, seq, {C}); got shape {tuple(inputs_embeds.shape)}")
-        T = inputs_embeds.shape[1]
-        if T == 0:
-            raise ValueError("inputs_embeds is empty (sequence length 0)")
-        if T > self.config.n_positions:
-            raise ValueError(f"sequence length {T} exceeds the model's context of {self.config.n_positions} tokens")
+        self._check_length(inputs_embeds.shape[1], "inputs_embeds")
         return inputs_embeds.to(self.wte.weight.device, self.wte.weight.dtype)
 
     def _check_labels(self, labels, B: int, T: int) -> torch.Tensor:
