@@ -16,9 +16,11 @@ _EXPORTS = {
     "GPT2": "fastgpt2.model.gpt2",
     "GPT2Config": "fastgpt2.model.config",
     "Tokenizer": "fastgpt2.model.tokenizer",
+    "gumbel_softmax_decode": "fastgpt2.model.gumbel",
 }
 
-__all__ = ["LLM", "SamplingParams", "GPT2", "GPT2Config", "Tokenizer", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "GPT2", "GPT2Config", "Tokenizer", "RequestOutput", "CompletionOutput",
+           "gumbel_softmax_decode"]
 
 
 def __getattr__(name: str):

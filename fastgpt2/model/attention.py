@@ -1,6 +1,7 @@
 """The attention seam: dense causal attention (the module's forward: training and reference) and paged attention
 over the KV cache (forward_paged: writes the new K/V into the block pool and attends through block tables, kernels
-picked by fastgpt2.kernels.dispatch: Triton on CUDA, C++ or torch on CPU).
+picked by fastgpt2.kernels.dispatch: Triton on CUDA, C++ or torch on CPU). Training-time decoding (forward_cached)
+attends over a dense, autograd-friendly KV cache instead.
 """
 from __future__ import annotations
 
@@ -33,6 +34,19 @@ def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """q, k, v: (B, nh, T, hs) -> (B, nh, T, hs); scaled by 1/sqrt(hs). dropout_p: dropout on the attention
     probabilities (the caller passes 0 outside training)."""
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=q.shape[2] > 1)
+
+
+def dense_cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal attention of the newest positions over a dense KV cache (autograd flows through the cache).
+
+    q: (B, nh, T, hs), the last T positions; k, v: (B, nh, t, hs), every position so far (t >= T). Query i sits at
+    position t - T + i and attends to keys 0 .. t - T + i. Returns (B, nh, T, hs)."""
+    T, t = q.shape[2], k.shape[2]
+    if T == 1 or T == t:  # one new query sees the whole cache; no cache is the plain causal case
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
+    mask = torch.ones(T, t, dtype=torch.bool, device=q.device).tril(diagonal=t - T)  # (T, t), True = attend
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
 def paged_attention(

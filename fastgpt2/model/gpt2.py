@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastgpt2.model import checkpoint, inference
-from fastgpt2.model.attention import AttentionMetadata, dense_causal_attention
+from fastgpt2.model.attention import AttentionMetadata, dense_cached_attention, dense_causal_attention
 from fastgpt2.model.config import GPT2Config
 
 IGNORE_INDEX = -100  # labels equal to this take no part in the loss (as in transformers and F.cross_entropy)
@@ -58,6 +58,17 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
+    def forward_cached(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None):
+        """x: (B, T, C), the newest T positions; kv: this layer's (k, v) of the earlier positions, each (B, nh, t, hs),
+        or None. Returns (B, T, C) and the new (k, v) of all t + T positions (concatenated: autograd flows through)."""
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
+        if kv is not None:
+            k, v = torch.cat([kv[0], k], dim=2), torch.cat([kv[1], v], dim=2)  # (B, nh, t + T, hs)
+        y = dense_cached_attention(q, k, v, dropout_p=self.attn_pdrop if self.training else 0.0)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y)), (k, v)
+
 
 class MLP(nn.Module):
     def __init__(self, config: GPT2Config):
@@ -83,6 +94,11 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
+    def forward_cached(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None):
+        a, kv = self.attn.forward_cached(self.ln_1(x), kv)
+        x = x + a
+        return x + self.mlp(self.ln_2(x)), kv
+
 
 class GPT2(nn.Module):
     """GPT-2 language model; the output head is tied to `wte`.
@@ -90,7 +106,8 @@ class GPT2(nn.Module):
     `model(input_ids)` or `model(inputs_embeds=...)`, optionally with `labels`, returns a GPT2Output (logits and
     loss) on the dense causal path, with dropout in train mode as transformers' GPT2LMHeadModel applies it.
     The engine calls `model.forward_paged(input_ids, positions, meta, kv_caches, logits_indices)` with packed (N,)
-    tokens over the paged KV cache.
+    tokens over the paged KV cache. Training-time decoding (fastgpt2.model.gumbel) continues the dense forward over a
+    dense, autograd-friendly KV cache: `model.forward_cached(inputs_embeds, kv_cache)`.
     """
 
     def __init__(self, config: GPT2Config):
@@ -167,6 +184,33 @@ class GPT2(nn.Module):
         logits = F.linear(self.ln_f(x), self.wte.weight)  # (B, T, V)
         loss = None if labels is None else causal_lm_loss(logits, self._check_labels(labels, B, T))
         return GPT2Output(logits=logits, loss=loss)
+
+    def forward_cached(self, inputs_embeds: torch.Tensor,
+                       kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+                       ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The dense forward continued over a dense KV cache, with autograd (training-time decoding, e.g.
+        fastgpt2.model.gumbel): the same layers, weights and train-mode dropout as forward.
+
+        inputs_embeds : (B, T, n_embd) token embeddings of the next T positions (position embeddings are added here);
+        kv_cache : None, or what the previous call returned: one (k, v) per layer, each (B, n_head, t, head_dim).
+        Returns logits (B, T, vocab) and the cache extended to t + T positions (new tensors; the old ones untouched).
+        """
+        inputs_embeds = self._check_inputs_embeds(inputs_embeds)
+        B, T, _ = inputs_embeds.shape
+        if kv_cache is not None and len(kv_cache) != self.config.n_layer:
+            raise ValueError(f"kv_cache has {len(kv_cache)} layers, the model {self.config.n_layer}; pass what "
+                             "forward_cached returned")
+        start = 0 if kv_cache is None else kv_cache[0][0].shape[2]
+        if start + T > self.config.n_positions:
+            raise ValueError(f"{start} cached + {T} new positions exceed the model's context of "
+                             f"{self.config.n_positions} tokens")
+        positions = torch.arange(start, start + T, device=inputs_embeds.device)  # (T,)
+        x = self.drop(inputs_embeds + self.wpe(positions))  # (B, T, C)
+        new_cache = []
+        for i, block in enumerate(self.h):
+            x, kv = block.forward_cached(x, None if kv_cache is None else kv_cache[i])
+            new_cache.append(kv)
+        return F.linear(self.ln_f(x), self.wte.weight), new_cache  # (B, T, V)
 
     def forward_paged(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_caches,
                       logits_indices: torch.Tensor | None = None) -> torch.Tensor:
