@@ -45,12 +45,12 @@ class BlockManager:
 
     # -- prefix cache ---------------------------------------------------------------------------------------------
     def find_cached_prefix(self, seq: Sequence) -> tuple[list[int], list[int]]:
-        """Cached blocks (and their hashes) matching the start of seq's tokens; the last token is always recomputed
-        so the model yields logits for it."""
+        """Cached blocks (and their hashes) matching the start of seq's tokens; the last token, and the prompt
+        positions whose logits a request still wants (prompt logprobs), are always recomputed."""
         if not self.enable_prefix_caching:
             return [], []
         blocks, hashes, parent = [], [], None
-        for i in range((seq.num_tokens - 1) // self.block_size):
+        for i in range(seq.num_cacheable_tokens // self.block_size):
             tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
             h = block_key(parent, tokens)
             block_id = self.hash_to_block.get(h)

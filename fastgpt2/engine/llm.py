@@ -12,6 +12,7 @@ from fastgpt2.engine.llm_engine import MAX_LOGPROBS, LLMEngine, as_token_ids
 from fastgpt2.model.gpt2 import GPT2
 from fastgpt2.engine.outputs import RequestOutput
 from fastgpt2.engine.sampling_params import SamplingParams
+from fastgpt2.engine.scoring import Score, score_pairs
 from fastgpt2.model.tokenizer import Tokenizer
 
 
@@ -160,6 +161,11 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [results[rid] for rid in ids]
+
+    def score(self, pairs, use_tqdm: bool = True) -> list[Score]:
+        """lm-eval's loglikelihood: for (context, continuation) pairs (str or token ids), one Score(logprob,
+        is_greedy) tuple per pair, in input order; details in fastgpt2/engine/scoring.py."""
+        return score_pairs(self.engine, pairs, use_tqdm)
 
     def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yield text deltas of one completion as tokens arrive; UTF-8 safe, stop strings never shown. The joined

@@ -11,6 +11,7 @@ from fastgpt2.engine.block_manager import BlockManager
 from fastgpt2.model.gpt2 import GPT2
 from fastgpt2.engine.model_runner import ModelRunner, kv_bytes_per_block
 from fastgpt2.engine.outputs import CompletionOutput, RequestOutput
+from fastgpt2.engine.prompt_logprobs import prompt_logits_rows, record_prompt_logprobs, want_prompt_logprobs
 from fastgpt2.engine.sampler import Sampler
 from fastgpt2.engine.sampling_params import SamplingParams
 from fastgpt2.engine.scheduler import Scheduler
@@ -110,9 +111,11 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         text, ids = self.encode_prompt(prompt)
-        if params.logprobs is not None and params.logprobs > self.max_logprobs:
-            raise ValueError(f"logprobs must be at most {self.max_logprobs} (this engine's max_logprobs), got "
-                             f"{params.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > self.max_logprobs:
+                raise ValueError(f"{name} must be at most {self.max_logprobs} (this engine's max_logprobs), "
+                                 f"got {value}")
         for name, token_ids in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids)):
             bad = [t for t in token_ids if t >= self.vocab_size]
             if bad:
@@ -120,7 +123,10 @@ class LLMEngine:
         self._check_fits(len(ids), params)
         return text, ids, params
 
-    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None, *,
+                    prompt_logprobs_start: int = 1) -> str:
+        """Queue one request. With params.prompt_logprobs, prompt tokens from prompt_logprobs_start on get logprobs
+        (the earlier ones None; scoring asks only for a continuation's)."""
         text, ids, params = self.check_request(prompt, params)
         if request_id is None:
             request_id = str(next(self._ids))
@@ -130,6 +136,8 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use by an unfinished request; pick another")
         seq = Sequence(request_id, ids, params, index=0)
         self._attach(seq)
+        if params.prompt_logprobs is not None:
+            want_prompt_logprobs(seq, prompt_logprobs_start)
         out = RequestOutput(request_id, text, ids, metrics={"arrival": time.perf_counter()})
         self.requests[request_id] = (out, [seq])
         self.scheduler.add(seq)
@@ -202,7 +210,12 @@ class LLMEngine:
 
     def _run_step(self, sched) -> list[RequestOutput]:
         sample_mask = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in zip(sched.seqs, sched.num_new_tokens)]
-        logits = self.runner.run(sched, sample_mask)
+        prompt_rows = prompt_logits_rows(sched)
+        logits = self.runner.run(sched, sample_mask, prompt_rows)
+        if prompt_rows is not None:
+            num_sampled = sum(sample_mask)
+            record_prompt_logprobs(sched, prompt_rows, logits[num_sampled:], self.vocab_size)
+            logits = logits[:num_sampled]
         rows = []
         for seq, n, sample in zip(sched.seqs, sched.num_new_tokens, sample_mask):
             seq.num_computed_tokens += n
@@ -292,6 +305,7 @@ class LLMEngine:
             for s in sorted(seqs, key=lambda s: s.index)
         ]
         out.finished = True
+        out.prompt_logprobs = seqs[0].prompt_logprobs
         out.metrics.update(first_token=min(s.first_token_time for s in seqs), finish=max(s.finish_time for s in seqs),
                            num_preemptions=sum(s.num_preemptions for s in seqs))
         return out

@@ -49,13 +49,16 @@ class ModelRunner:
             dst = torch.tensor([d for _, d in copies], device=self.device)
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
-    def prepare(self, sched: SchedulerOutput, sample_mask: list[bool]):
-        """Packed token ids (N,), positions (N,), attention metadata, and the packed index of each sampled row."""
+    def prepare(self, sched: SchedulerOutput, sample_mask: list[bool], prompt_rows: list[range] | None = None):
+        """Packed token ids (N,), positions (N,), attention metadata, and the packed index of each row whose logits
+        are wanted: the sampled rows, then the prompt_rows (per sequence, positions of its chunk) in order."""
         bs = self.block_size
-        token_ids, positions, slots, logits_indices = [], [], [], []
+        token_ids, positions, slots, logits_indices, prompt_indices = [], [], [], [], []
         q_lens, seq_lens, tables = [], [], []
-        for seq, n, sample in zip(sched.seqs, sched.num_new_tokens, sample_mask):
+        for i, (seq, n, sample) in enumerate(zip(sched.seqs, sched.num_new_tokens, sample_mask)):
             start = seq.num_computed_tokens
+            if prompt_rows is not None:
+                prompt_indices.extend(len(token_ids) - start + p for p in prompt_rows[i])
             token_ids.extend(seq.token_ids[start:start + n])
             positions.extend(range(start, start + n))
             table = seq.block_table
@@ -87,15 +90,18 @@ class ModelRunner:
         )
         ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        return ids, pos, meta, torch.tensor(logits_indices, dtype=torch.long, device=dev)
+        return ids, pos, meta, torch.tensor(logits_indices + prompt_indices, dtype=torch.long, device=dev)
 
     @torch.inference_mode()
-    def run(self, sched: SchedulerOutput, sample_mask: list[bool]) -> torch.Tensor | None:
-        """Run one step; returns float32 logits (num_sampled, vocab) for the rows in sample_mask, or None."""
+    def run(self, sched: SchedulerOutput, sample_mask: list[bool],
+            prompt_rows: list[range] | None = None) -> torch.Tensor | None:
+        """Run one step; returns float32 logits (num_sampled + num_prompt_rows, vocab): the rows in sample_mask,
+        then those of prompt_rows (see prepare); None when there are none."""
         self.copy_blocks(sched.block_copies)
-        ids, pos, meta, logits_indices = self.prepare(sched, sample_mask)
+        ids, pos, meta, logits_indices = self.prepare(sched, sample_mask, prompt_rows)
         # A step of decodes only, each sampled, goes to the C++ step (CPU) or the captured graphs (CUDA) when it fits.
-        decode_only = meta.num_prefills == 0 and len(logits_indices) == meta.num_decode_tokens
+        decode_only = (meta.num_prefills == 0 and len(logits_indices) == meta.num_decode_tokens
+                       and not any(prompt_rows or ()))
         fast = self.cpu_decode_step or self.decode_graphs
         if fast is not None and decode_only and meta.num_decode_tokens <= fast.max_batch_size:
             logits = fast(ids, pos, meta.slot_mapping, meta.decode_block_tables, meta.decode_seq_lens)

@@ -22,3 +22,4 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     metrics: dict = field(default_factory=dict)  # arrival, first_token, finish (time.perf_counter); num_preemptions
+    prompt_logprobs: list | None = None  # per prompt token: None (the first), else {token_id: logprob} of it + top-N

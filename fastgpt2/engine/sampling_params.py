@@ -49,6 +49,7 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past <|endoftext|>
     logprobs: int | None = None  # top-N logprobs per generated token (from the model's raw distribution)
     logits_processors: list = field(default_factory=list)  # callables (generated_ids, logits) -> logits
+    prompt_logprobs: int | None = None  # logprob of each prompt token and the top-N there (raw distribution)
 
     def __post_init__(self):
         _int("n", self.n, 1, "an integer >= 1")
@@ -71,6 +72,8 @@ class SamplingParams:
                 raise ValueError(f"seed must be an integer in [0, 2**64 - 1], got {self.seed!r}")
         if self.logprobs is not None:
             _int("logprobs", self.logprobs, 0, "an integer >= 0")
+        if self.prompt_logprobs is not None:
+            _int("prompt_logprobs", self.prompt_logprobs, 0, "an integer >= 0")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])

@@ -39,6 +39,9 @@ class Sequence:
         self.first_token_time = None
         self.num_preemptions = 0  # times its blocks were freed to make room (it is then recomputed)
         self.finish_time = None
+        # Prompt logprobs (engine/prompt_logprobs.py): one entry per prompt token, filled as prefill chunks run.
+        self.prompt_logprobs: list | None = None
+        self.next_prompt_logits: int | None = None  # first prompt position whose logits are still wanted
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -46,6 +49,13 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_cacheable_tokens(self) -> int:
+        """Tokens a prefix-cache hit may cover: the last token, and every prompt position whose logits are still
+        wanted, must be computed."""
+        last = self.num_tokens - 1
+        return last if self.next_prompt_logits is None else min(last, self.next_prompt_logits)
 
     @property
     def num_output_tokens(self) -> int:
