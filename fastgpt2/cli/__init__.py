@@ -26,7 +26,7 @@ def _subcommand_modules():
     import importlib
 
     modules = []
-    for name in ("info", "generate", "perplexity", "bench"):
+    for name in ("info", "generate", "perplexity", "bench", "convert"):
         try:
             modules.append(importlib.import_module(f"fastgpt2.cli.{name}"))
         except ModuleNotFoundError as exc:

@@ -7,7 +7,8 @@ import argparse
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "--config_model", "--config-model", "--pretrained-model-name", "--checkpoint",
                    dest="model", default="gpt2",
-                   help="hub id, local Hugging Face directory or preset (124M, 355M, gpt2-xl ...; official weights)")
+                   help="hub id, local Hugging Face directory, OpenAI release directory (models/124M) or preset "
+                        "(124M, 355M, gpt2-xl ...; official weights)")
     p.add_argument("--random-weights", action="store_true",
                    help="random weights of the --model preset/config: meaningless text at real speed, no download")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

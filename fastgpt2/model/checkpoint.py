@@ -1,5 +1,5 @@
 """Loading and saving GPT-2 weights: Hugging Face directories (one file or shards), hub ids (through hub.py and the
-local cache), or random init.
+local cache), OpenAI's original TensorFlow release directories (through openai.py), or random init.
 
 Loading builds the model on the meta device and copies tensor by tensor from lazily-read files, so a 1558M checkpoint
 never needs two full copies of the weights in memory.
@@ -14,6 +14,7 @@ import torch
 
 from fastgpt2.model.config import GPT2Config
 from fastgpt2.model.hub import WEIGHT_FILES, CheckpointError, read_index, resolve_checkpoint_dir
+from fastgpt2.model.openai import is_openai_checkpoint, load_openai_weights_into, read_hparams
 
 __all__ = ["CheckpointError", "load_model", "load_weights_into", "read_config", "resolve_checkpoint_dir",
            "resolve_device_dtype", "save_pretrained"]
@@ -57,6 +58,9 @@ def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
 
 
 def read_config(directory: Path) -> GPT2Config:
+    """The config of a Hugging Face directory (config.json) or of OpenAI's release format (hparams.json)."""
+    if is_openai_checkpoint(directory):
+        return read_hparams(directory)
     cfg_path = directory / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{directory} has no config.json; a Hugging Face GPT-2 directory needs one")
@@ -223,7 +227,8 @@ def load_model(model_cls, name_or_path, device=None, dtype=None):
     config = read_config(directory)
     with torch.device("meta"):
         model = model_cls(config)
-    load_weights_into(model, directory, device, dtype)
+    load = load_openai_weights_into if is_openai_checkpoint(directory) else load_weights_into
+    load(model, directory, device, dtype)
     model.checkpoint_dir = str(directory)
     return model.eval()
 

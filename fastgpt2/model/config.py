@@ -171,5 +171,23 @@ class GPT2Config:
         except ValueError as exc:
             raise ValueError(f"{source}: {exc}") from None
 
+    @classmethod
+    def from_openai_hparams(cls, d: dict, source: str = "hparams.json") -> "GPT2Config":
+        """Build from the hparams.json of OpenAI's release ({"n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"}, all
+        required); refuses a missing field or one of the wrong type, naming `source` and the field."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object of hyperparameters, got {type(d).__name__}")
+        fields = {"n_vocab": ("vocab_size", 50257), "n_ctx": ("n_positions", 1024), "n_embd": ("n_embd", 768),
+                  "n_head": ("n_head", 12), "n_layer": ("n_layer", 12)}
+        missing = [key for key in fields if key not in d]
+        if missing:
+            raise ValueError(f"{source}: field {missing[0]!r} is missing; OpenAI's hparams.json holds n_vocab, n_ctx, "
+                             f"n_embd, n_head and n_layer")
+        sizes = {ours: _read_field(d, source, key, int, default) for key, (ours, default) in fields.items()}
+        try:
+            return cls(**sizes)  # OpenAI's model.py: layer norm epsilon 1e-5, tanh GELU, as the defaults here
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
+
     def replace(self, **changes) -> "GPT2Config":
         return dataclasses.replace(self, **changes)
