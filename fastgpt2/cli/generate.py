@@ -31,6 +31,9 @@ def add_parser(sub):
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable); not printed")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|> (as vLLM's ignore_eos)")
+    p.add_argument("--beam-width", "--beam_width", type=int, default=None,
+                   help="beam search with this many beams instead of sampling (transformers' num_beams; length "
+                        "penalty 1, no early stopping); prints the --nsamples best with their scores")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print tokens as they arrive, one sample after another; needs --batch-size 1 "
                         "(default: on in interactive mode with --batch-size 1)")
@@ -58,8 +61,23 @@ def _params(args, num_context_tokens: int):
 def _check_counts(args):
     if args.nsamples < 1 or args.batch_size < 1:
         raise ValueError(f"--nsamples and --batch-size must be >= 1, got {args.nsamples} and {args.batch_size}")
+    if args.beam_width is not None:
+        _check_beam_args(args)
     if args.nsamples % args.batch_size:
         raise ValueError(f"--nsamples ({args.nsamples}) must be a multiple of --batch-size ({args.batch_size})")
+
+
+def _check_beam_args(args):
+    """--beam-width: --nsamples is how many of the best beams are printed; sampling-only flags are refused."""
+    if args.beam_width < 1:
+        raise ValueError(f"--beam-width must be >= 1, got {args.beam_width}")
+    if args.nsamples > args.beam_width:
+        raise ValueError(f"--nsamples ({args.nsamples}) must be at most --beam-width ({args.beam_width}): beam search "
+                         f"prints the best --nsamples of its beams")
+    for flag, used in (("--batch-size", args.batch_size != 1), ("--stream", bool(args.stream)),
+                       ("--stop", bool(args.stop))):
+        if used:
+            raise ValueError(f"{flag} does not apply to beam search; drop it or drop --beam-width")
 
 
 def _stream_mode(args) -> bool:
@@ -108,6 +126,14 @@ def _samples(llm, context: str, args, stream: bool, out=None):
     context_ids = llm.tokenizer.encode(context) if context else [llm.tokenizer.eos_token_id]
     params = _params(args, len(context_ids))
     llm.engine.encode_prompt(context_ids)  # a prompt too long for the context fails here, before any rule is printed
+    if args.beam_width is not None:
+        beams = llm.beam_search(context_ids, args.beam_width, params.max_tokens, ignore_eos=args.ignore_eos,
+                                n=args.nsamples)[0].outputs
+        for i, beam in enumerate(beams, 1):
+            print(f"{_RULE} BEAM {i} (score {beam.score:.4f}, logprob {beam.cumulative_logprob:.4f}) {_RULE}", file=out)
+            print(beam.text, file=out)
+        print(_RULE * 2 + "=" * 10, file=out)
+        return
     done = 0
     while done < args.nsamples:
         if stream:
@@ -159,7 +185,7 @@ def run(args) -> int:
     if args.interactive and (args.prompt is not None or args.prompt_file is not None):
         raise ValueError("--interactive reads each context at its 'Model input >>> ' prompt; drop --prompt and "
                          "--prompt-file, or drop --interactive")
-    stream = _stream_mode(args)
+    stream = _stream_mode(args) and args.beam_width is None
     context = args.prompt or ""
     if args.prompt_file is not None:
         context = _read_prompt_file(args.prompt_file)

@@ -202,6 +202,16 @@ class LLM:
             else:
                 self.engine.requests.pop(rid, None)
 
+    def beam_search(self, prompts, beam_width: int = 4, max_tokens: int = 16, length_penalty: float = 1.0,
+                    early_stopping: bool | str = False, ignore_eos: bool = False, n: int = 1) -> list[RequestOutput]:
+        """transformers' beam search (num_beams=beam_width) on the paged KV cache, all prompts batched: one
+        RequestOutput per prompt with its n best finished sequences, best first, each with cumulative_logprob and
+        score; details in fastgpt2/engine/beam_search.py. Needs an idle engine."""
+        from fastgpt2.engine.beam_search import BeamSearchParams, beam_search
+
+        params = BeamSearchParams(beam_width, max_tokens, length_penalty, early_stopping, ignore_eos, n)
+        return beam_search(self.engine, self._normalise_prompts(prompts), params)
+
 
 def _check_instance_matches(model: GPT2, device, dtype) -> None:
     """LLM(a GPT2 instance) serves the module where it is, as it is; device= or dtype= that differ are refused."""
