@@ -67,8 +67,16 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=7", "transformers>=4.40", "hypothesis>=6"],
+        # lm-eval's own `hf` backend (transformers + accelerate) is the reference of tests/test_lm_eval.py.
+        "test": ["pytest>=7", "transformers>=4.40", "hypothesis>=6", "lm_eval>=0.4.2", "accelerate>=0.26",
+                 "matplotlib"],  # matplotlib: the fine-tuning test checks loss.png
         "bench": ["matplotlib", "pytest-benchmark", "transformers>=4.40"],
+        "train": ["matplotlib"],  # loss.png; fine-tuning itself needs nothing beyond torch
+        "eval": ["lm_eval>=0.4.2"],
     },
-    entry_points={"console_scripts": ["fastgpt2=fastgpt2.cli:main"]},
+    entry_points={
+        "console_scripts": ["fastgpt2=fastgpt2.cli:main"],
+        # lm-eval releases from 2026/09 on find `--model fastgpt2` here; older ones through `fastgpt2 lm-eval`.
+        "lm_eval.models": ["fastgpt2=fastgpt2.eval.lm_eval_backend:FastGPT2LM"],
+    },
 )

@@ -26,7 +26,7 @@ def _subcommand_modules():
     import importlib
 
     modules = []
-    for name in ("info", "generate", "perplexity", "bench", "convert"):
+    for name in ("info", "generate", "perplexity", "lm_eval_cli", "bench", "convert", "finetune", "prepare_data"):
         try:
             modules.append(importlib.import_module(f"fastgpt2.cli.{name}"))
         except ModuleNotFoundError as exc:

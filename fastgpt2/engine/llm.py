@@ -12,6 +12,7 @@ from fastgpt2.engine.llm_engine import MAX_LOGPROBS, LLMEngine, as_token_ids
 from fastgpt2.model.gpt2 import GPT2
 from fastgpt2.engine.outputs import RequestOutput
 from fastgpt2.engine.sampling_params import SamplingParams
+from fastgpt2.engine.perplexity import PerplexityResult, text_perplexity
 from fastgpt2.engine.scoring import Score, score_pairs
 from fastgpt2.model.tokenizer import Tokenizer
 
@@ -166,6 +167,13 @@ class LLM:
         """lm-eval's loglikelihood: for (context, continuation) pairs (str or token ids), one Score(logprob,
         is_greedy) tuple per pair, in input order; details in fastgpt2/engine/scoring.py."""
         return score_pairs(self.engine, pairs, use_tqdm)
+
+    def perplexity(self, text, stride: int = 512, prepend_eos: bool = False,
+                   use_tqdm: bool = True) -> PerplexityResult:
+        """Sliding-window perplexity of a text (str or token ids; a list of them: documents pooled over tokens): each
+        token scored once, past the first window with n_positions - stride or more tokens of context; a
+        PerplexityResult (perplexity, mean_nll, num_tokens, num_bytes, bits_per_byte); see engine/perplexity.py."""
+        return text_perplexity(self.engine, text, stride, prepend_eos, use_tqdm)
 
     def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yield text deltas of one completion as tokens arrive; UTF-8 safe, stop strings never shown. The joined
