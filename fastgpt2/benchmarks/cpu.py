@@ -16,16 +16,20 @@ import torch
 from fastgpt2.benchmarks import common
 from fastgpt2.benchmarks.cpu_report import plot, render, targets
 
-CASES = ("decode", "batch", "prefill", "workload", "sampling")
+CASES = ("decode", "batch", "prefill", "workload", "sampling", "perplexity", "training")
 DECODE_PROMPT_LEN = 16  # the fixed prompt length of the batch-1 decode case
 # Sizes per mode. --quick must finish in < 3 minutes on 2 idle cores for 124M float32.
 SIZES = {
     "quick": dict(decode_tokens=16, decode_repeats=3, batch_sizes=(16, 64), batch_prompt_len=8, batch_tokens=4,
                   batch_repeats=3, prefill_len=512, prefill_repeats=2, workload_requests=32, workload_lens=(8, 32),
-                  workload_hf_batch=16, sampling_batches=(1, 64), sampling_repeats=5),
+                  workload_hf_batch=16, sampling_batches=(1, 64), sampling_repeats=5, perplexity_tokens=1536,
+                  perplexity_stride=512, perplexity_repeats=1, training_batch=1, training_seq_len=128,
+                  training_steps=2),
     "full": dict(decode_tokens=64, decode_repeats=7, batch_sizes=(16, 64), batch_prompt_len=16, batch_tokens=32,
                  batch_repeats=3, prefill_len=512, prefill_repeats=5, workload_requests=200, workload_lens=(8, 256),
-                 workload_hf_batch=16, sampling_batches=(1, 64), sampling_repeats=30),
+                 workload_hf_batch=16, sampling_batches=(1, 64), sampling_repeats=30, perplexity_tokens=4096,
+                 perplexity_stride=512, perplexity_repeats=3, training_batch=2, training_seq_len=256,
+                 training_steps=5),
 }
 
 
@@ -116,6 +120,19 @@ def _run_cases(systems, cases: list[str], sizes: dict, results: dict, save) -> N
                                                      sizes["workload_hf_batch"])
         elif case == "sampling":
             results["sampling"] = cpu_cases.sampling(sizes["sampling_batches"], sizes["sampling_repeats"])
+        elif case == "perplexity":
+            from fastgpt2.benchmarks.perplexity_case import perplexity
+
+            results["perplexity"] = perplexity(systems, sizes["perplexity_tokens"], sizes["perplexity_stride"],
+                                               sizes["perplexity_repeats"])
+        elif case == "training":
+            from fastgpt2.train import bench as train_bench
+
+            # One fine-tuning step (forward, backward, clipping, AdamW) of the same random-weight model against a
+            # plain transformers training loop; fastgpt2's runs under FSDP2 in a one-process group.
+            results["training"] = train_bench.run(
+                systems.llm.config, sizes["training_batch"], sizes["training_seq_len"], sizes["training_steps"],
+                warmup=1, dtype="float32", device="cpu")
         _log(f"{case} done in {time.perf_counter() - start:.1f} s")
         save()
 

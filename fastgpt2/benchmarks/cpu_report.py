@@ -111,6 +111,16 @@ def _rows(res: dict) -> list[list]:
         for p in ("p50", "p90", "p99"):
             rows.append([f"{label}, {p} latency", "s", s["fastgpt2"][f"{p}_s"], s["transformers"][f"{p}_s"],
                          s["transformers"][f"{p}_s"] / s["fastgpt2"][f"{p}_s"]])
+    ppl = res.get("perplexity")
+    if ppl:
+        label = f"perplexity, {ppl['num_tokens']}-token text, windows of {ppl['window_len']}, stride {ppl['stride']}"
+        rows.append([label, "tokens/s", ppl["systems"]["fastgpt2"]["tokens_per_s"],
+                     ppl["systems"]["transformers"]["tokens_per_s"], _ratio(ppl, "tokens_per_s")])
+    train = res.get("training")
+    if train:
+        label = f"fine-tuning step, {train['tokens_per_step']} tokens ({train['dtype']}, FSDP2 on one process)"
+        rows.append([label, "tokens/s", train["fastgpt2_tokens_per_s"], train["transformers_tokens_per_s"],
+                     train["ratio"]])
     samp = res.get("sampling")
     if samp:
         for batch, r in samp["batches"].items():
