@@ -118,7 +118,7 @@ def _rows(res: dict) -> list[list]:
                      ppl["systems"]["transformers"]["tokens_per_s"], _ratio(ppl, "tokens_per_s")])
     train = res.get("training")
     if train:
-        label = f"fine-tuning step, {train['tokens_per_step']} tokens ({train['dtype']}, FSDP2 on one process)"
+        label = f"fine-tuning step, {train['tokens_per_step']} tokens ({train['dtype']}, one process)"
         rows.append([label, "tokens/s", train["fastgpt2_tokens_per_s"], train["transformers_tokens_per_s"],
                      train["ratio"]])
     samp = res.get("sampling")
