@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import subprocess
-from pathlib import Path
 
 # flag -> (type, help); the dest of each flag is the TrainConfig field of the same name
 _FLAGS = {
@@ -79,16 +78,12 @@ def build_config(args):
 
 
 def run(args) -> int:
-    from fastgpt2.train import launch, parallel
+    from fastgpt2.train import launch
     from fastgpt2.train.run import run_rank
 
     config = build_config(args)
-    inside = parallel.in_launch()
-    launch.preflight(config, launch.launched_world_size(config, inside))
-    if not inside and config.world_size_requested > 1:
-        path = Path(config.output_dir) / "config.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        config.save(path)
+    path = launch.prepare(config)
+    if path is not None:
         command = launch.torchrun_command(config, ["-m", "fastgpt2", "finetune", "--config", str(path)])
         return 1 if subprocess.run(command).returncode else 0
     summary = run_rank(config, on_sample=EngineSampler(config) if config.sample_prompt is not None else None)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from fastgpt2.model.config import GPT2Config
-from fastgpt2.model.hub import WEIGHT_FILES, CheckpointError, read_index, resolve_checkpoint_dir
+from fastgpt2.model.hub import WEIGHT_FILES, CheckpointError, read_index, read_json_config, resolve_checkpoint_dir
 from fastgpt2.model.openai import is_openai_checkpoint, load_openai_weights_into, read_hparams
 
 __all__ = ["CheckpointError", "load_model", "load_weights_into", "read_config", "resolve_checkpoint_dir",
@@ -64,14 +64,7 @@ def read_config(directory: Path) -> GPT2Config:
     cfg_path = directory / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{directory} has no config.json; a Hugging Face GPT-2 directory needs one")
-    try:
-        data = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{cfg_path} is not valid JSON ({exc})") from None
-    try:
-        return GPT2Config.from_hf_dict(data, source=str(cfg_path))
-    except ValueError as exc:
-        raise CheckpointError(str(exc)) from None
+    return read_json_config(cfg_path, GPT2Config.from_hf_dict)
 
 
 def _open_file(path: Path) -> tuple[list[str], object]:

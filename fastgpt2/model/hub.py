@@ -18,6 +18,18 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: missing, corrupt, or disagreeing with its config."""
 
 
+def read_json_config(path: Path, parse):
+    """parse(data, source=str(path)) of a JSON file; unreadable JSON and parse's ValueError become CheckpointError."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
+    try:
+        return parse(data, source=str(path))
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
 def read_index(index_path: Path) -> dict[str, str]:
     """Checkpoint key -> shard file name from a sharded checkpoint's index (`weight_map`), checked."""
     try:

@@ -2,14 +2,13 @@
 config, and its TensorFlow checkpoint copied into a GPT2 tensor by tensor under OpenAI's variable names."""
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
 from fastgpt2.model.config import GPT2Config
-from fastgpt2.model.hub import CheckpointError
+from fastgpt2.model.hub import CheckpointError, read_json_config
 from fastgpt2.model.tf_reader import TFCheckpoint
 
 __all__ = ["is_openai_checkpoint", "load_openai_weights_into", "openai_names", "read_hparams"]
@@ -45,14 +44,7 @@ def read_hparams(directory: Path) -> GPT2Config:
     if not path.is_file():
         raise CheckpointError(f"{directory} holds a TensorFlow checkpoint but no {HPARAMS_FILE}; copy the one "
                               f"released with these weights next to it")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
-    try:
-        return GPT2Config.from_openai_hparams(data, source=str(path))
-    except ValueError as exc:
-        raise CheckpointError(str(exc)) from None
+    return read_json_config(path, GPT2Config.from_openai_hparams)
 
 
 def checkpoint_prefix(directory: Path) -> Path:

@@ -119,26 +119,25 @@ def plain_model(config, state_dict: dict) -> GPT2:
     return model.eval()
 
 
-def write_pretrained(model: GPT2, directory: str | Path, tokenizer=None) -> None:
+def _replace_dir(directory: str | Path, write) -> None:
+    """write(tmp) fills a temporary sibling directory, which is then renamed into place over `directory`."""
     directory = Path(directory)
     tmp = directory.with_name(f".tmp-{directory.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, tokenizer)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    write(tmp)
     if directory.exists():
         shutil.rmtree(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, directory)
+
+
+def write_pretrained(model: GPT2, directory: str | Path, tokenizer=None) -> None:
+    _replace_dir(directory, lambda tmp: model.save_pretrained(tmp, tokenizer))
 
 
 def copy_export(source: Path, directory: str | Path) -> None:
     """Copy an export directory to `directory` via a temporary directory renamed into place (rank 0 only)."""
-    directory = Path(directory)
-    tmp = directory.with_name(f".tmp-{directory.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+    _replace_dir(directory, lambda tmp: shutil.copytree(source, tmp))
 
 
 def prune_best(output_dir: str | Path, keep_steps: set[int]) -> None:

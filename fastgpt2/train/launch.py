@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from fastgpt2.train import checkpoint, data
 from fastgpt2.train.config import TrainConfig
@@ -33,6 +34,21 @@ def preflight(config: TrainConfig, world_size: int) -> None:
     if not config.resume and checkpoint.list_checkpoints(config.output_dir):
         raise ValueError(f"{config.output_dir} already holds checkpoints of a run; pass --resume to continue it or "
                          "choose another --output-dir")
+
+
+def prepare(config: TrainConfig) -> Path | None:
+    """Check the settings (preflight); when this process must start torchrun itself (more than one process asked
+    for, outside a launch), save the config for the workers and return its path; else None (run this rank here)."""
+    from fastgpt2.train import parallel
+
+    inside = parallel.in_launch()
+    preflight(config, launched_world_size(config, inside))
+    if inside or config.world_size_requested <= 1:
+        return None
+    path = Path(config.output_dir) / "config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config.save(path)
+    return path
 
 
 def torchrun_command(config: TrainConfig, target: list[str]) -> list[str]:

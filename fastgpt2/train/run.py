@@ -20,12 +20,8 @@ def finetune(config: TrainConfig | dict, *, on_sample: SampleFn | None = None) -
         cannot pass it on to the workers."""
     if isinstance(config, dict):
         config = TrainConfig.from_dict(config)
-    inside = parallel.in_launch()
-    launch.preflight(config, launch.launched_world_size(config, inside))
-    if not inside and config.world_size_requested > 1:
-        path = Path(config.output_dir) / "config.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        config.save(path)
+    path = launch.prepare(config)
+    if path is not None:
         launch.run_torchrun(config, ["-m", "fastgpt2.train", str(path)])
         return json.loads((Path(config.output_dir) / "summary.json").read_text())
     return run_rank(config, on_sample)
