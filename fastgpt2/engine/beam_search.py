@@ -169,12 +169,10 @@ def beam_search(engine, prompts: list, params: BeamSearchParams) -> list[Request
     if 2 * params.beam_width > engine.vocab_size:
         raise ValueError(f"beam_width must be at most {engine.vocab_size // 2} (half the vocabulary: each step "
                          f"ranks 2 * beam_width candidates), got {params.beam_width}")
-    encoded = [engine.encode_prompt(prompt) for prompt in prompts]
+    seq_params = SamplingParams(max_tokens=params.max_tokens, ignore_eos=params.ignore_eos)
+    encoded = [engine.check_request(prompt, seq_params)[:2] for prompt in prompts]
     if not encoded:
         return []
-    seq_params = SamplingParams(max_tokens=params.max_tokens, ignore_eos=params.ignore_eos)
-    for _, ids in encoded:
-        engine._check_fits(len(ids), seq_params)
     arrival = time.perf_counter()
     eos = None if params.ignore_eos else engine.tokenizer.eos_token_id
     n_ctx = engine.config.n_positions
@@ -288,13 +286,7 @@ def _reform(engine, search: PromptBeams, chosen: list[tuple[int, int]], live: se
 def _release(engine, seq: Sequence, live: set) -> None:
     """Free seq's blocks wherever it is (the scheduler's queues, or decoding outside them)."""
     live.discard(seq)
-    scheduler = engine.scheduler
-    if seq in scheduler.waiting:
-        scheduler.waiting.remove(seq)
-    if seq in scheduler.running:
-        scheduler.running.remove(seq)
-    engine.block_manager.free(seq)
-    seq.status = SequenceStatus.FINISHED
+    engine.scheduler.finish(seq, "abort")
 
 
 def _out_of_blocks(engine, doing: str) -> RuntimeError:

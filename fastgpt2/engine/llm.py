@@ -9,6 +9,7 @@ import torch
 
 from fastgpt2.model.config import GPT2Config
 from fastgpt2.engine.llm_engine import MAX_LOGPROBS, LLMEngine, as_token_ids
+from fastgpt2.model.checkpoint import DTYPE_NAMES
 from fastgpt2.model.gpt2 import GPT2
 from fastgpt2.engine.outputs import RequestOutput
 from fastgpt2.engine.sampling_params import SamplingParams
@@ -228,8 +229,6 @@ def _check_instance_matches(model: GPT2, device, dtype) -> None:
         raise ValueError(f"device={device!r} does not match the given GPT2 module, which is on {weight.device}; "
                          f"move it first (model.to({str(device)!r})) or leave device unset")
     if dtype is not None:
-        want = getattr(torch, dtype) if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None),
-                                                                              torch.dtype) else dtype
-        if want != weight.dtype:
+        if DTYPE_NAMES.get(dtype, dtype) != weight.dtype:
             raise ValueError(f"dtype={dtype!r} does not match the given GPT2 module, whose weights are "
                              f"{weight.dtype}; convert it first or leave dtype unset")

@@ -313,7 +313,5 @@ class LLMEngine:
     def abort(self, request_id: str) -> None:
         out, seqs = self.requests.pop(request_id, (None, []))
         for seq in seqs:
-            if seq in self.scheduler.waiting:
-                self.scheduler.waiting.remove(seq)
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")

@@ -101,8 +101,11 @@ class Scheduler:
         self.running.append(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
+        """seq leaves the scheduler wherever it is (running, or still waiting when aborted) and its blocks are freed."""
+        if seq.status == SequenceStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        elif seq in self.running:
+            self.running.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        if seq in self.running:
-            self.running.remove(seq)
         self.block_manager.free(seq)

@@ -32,6 +32,11 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# dtype spellings accepted wherever a dtype is given as a string
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+               "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
 def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
     """Validate device/dtype; float32 on CPU and float16 on CUDA unless asked otherwise."""
     try:
@@ -42,14 +47,12 @@ def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
         raise ValueError("device 'cuda' was requested but no CUDA GPU is available; use device='cpu'")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"unsupported device {device}; use 'cpu' or 'cuda'")
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
     if dtype is None or dtype == "auto":
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     elif isinstance(dtype, str):
-        if dtype not in names:
+        if dtype not in DTYPE_NAMES:
             raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16 (CUDA only)")
-        dtype = names[dtype]
+        dtype = DTYPE_NAMES[dtype]
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16 (CUDA only)")
     if dtype == torch.float16 and device.type == "cpu":
