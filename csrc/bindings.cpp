@@ -23,6 +23,8 @@ void paged_decode_attention_checked(const py::array& q, const py::array& k_cache
                                     float scale, int num_threads);
 // Defined in decode_launcher.cpp.
 void bind_cpu_decoder(py::module_& m);
+// Defined in gemm_launcher.cpp.
+void bind_packed_gemm(py::module_& m);
 // Defined in thread_pool_check.cpp.
 std::tuple<int64_t, int64_t, int64_t> thread_pool_stress(int num_threads, int64_t num_regions, uint64_t seed,
                                                          bool linger, int64_t throw_region);
@@ -70,6 +72,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("seq_lens"),
         py::arg("out"), py::arg("scale"), py::arg("num_threads") = 1);
   fastgpt2::bind_cpu_decoder(m);
+  fastgpt2::bind_packed_gemm(m);
   m.def("_thread_pool_stress", &fastgpt2::thread_pool_stress,
         "Internal (tests): num_regions back-to-back regions of 1..300 random tasks on the pool of num_threads; returns "
         "(tasks, task indices not run exactly once, regions that returned early); region throw_region raises "

@@ -1,0 +1,112 @@
+"""The CPU step's packed GEMM (csrc/packed_gemm.cpp): y = epilogue(x W^T + b) against float64, and its contract that
+every output element is one FMA chain over k in order, so a token's outputs are bitwise the same whatever the token
+count, tiling, thread count or weight storage layout around it."""
+import numpy as np
+import pytest
+import torch
+
+from fastgpt2.kernels import native
+
+pytestmark = pytest.mark.skipif(not native.HAS_EXTENSION, reason="C++ extension not built")
+
+# Row counts with and without a partial last panel of 16; K from 8 to the 124M MLP's 3072; token counts that cross
+# every tile size (8 tokens per AVX-512 tile, 6 per AVX2 tile), the token-block size and the K-block size.
+SHAPES = [(37, 16), (100, 64), (64, 72), (2304, 768), (768, 3072)]
+TOKENS = [1, 2, 3, 5, 6, 7, 8, 9, 12, 13, 16, 17, 25, 64, 97]
+
+
+def _reference(w, x, b, epilogue, y0):
+    v = x.astype(np.float64) @ w.astype(np.float64).T + (0.0 if b is None else b.astype(np.float64))
+    if epilogue == "gelu":
+        v = 0.5 * v * (1 + np.tanh(0.7978845608028654 * (v + 0.044715 * v ** 3)))
+    if epilogue == "accumulate":
+        v = v + y0
+    return v
+
+
+def _sequential_fma(w, x):
+    """The contract's chain in float64 arithmetic: c = fl32(x0 w0); c = fl32(c + x_k w_k) for k = 1..K-1. A float32
+    product is exact in float64, so each step differs from a float32 FMA only by double rounding (rarely)."""
+    c = np.zeros((x.shape[0], w.shape[0]), dtype=np.float32)
+    for k in range(w.shape[1]):
+        c = (c.astype(np.float64) + np.outer(x[:, k].astype(np.float64), w[:, k].astype(np.float64))).astype(np.float32)
+    return c
+
+
+@pytest.mark.parametrize("rows,cols", SHAPES)
+@pytest.mark.parametrize("epilogue", ["store", "gelu", "accumulate"])
+def test_matches_float64(rows, cols, epilogue):
+    rng = np.random.default_rng(rows * cols)
+    w = rng.standard_normal((rows, cols), dtype=np.float32)
+    b = rng.standard_normal(rows, dtype=np.float32)
+    gemm = native._C.PackedLinear(w)
+    for t in [1, 7, 13, 64]:
+        x = rng.standard_normal((t, cols), dtype=np.float32)
+        y0 = rng.standard_normal((t, rows), dtype=np.float32)
+        y = y0.copy()
+        gemm.forward(x, y, b, epilogue, 2)
+        ref = _reference(w, x, b, epilogue, y0)
+        # float32 chains of K products: relative to the output's scale, a few K * 2^-24 at worst
+        np.testing.assert_allclose(y, ref, rtol=0, atol=1e-6 * np.sqrt(cols) * np.abs(ref).max() + 1e-6)
+
+
+@pytest.mark.parametrize("tokens", [1, 13])
+def test_each_output_is_one_chain_over_k_in_order(tokens):
+    """Without bias and epilogue, y is the sequential float32 chain itself, bitwise (an 8-lane or blocked sum, or
+    any other order, differs in most elements of this draw; double rounding in the emulation is a ~2^-29 event)."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((40, 776), dtype=np.float32)
+    x = rng.standard_normal((tokens, 776), dtype=np.float32)
+    y = np.empty((tokens, 40), np.float32)
+    native._C.PackedLinear(w).forward(x, y, None, "store", 1)
+    assert np.array_equal(y, _sequential_fma(w, x))
+    lanes = (x.astype(np.float32)[:, None, :] * w[None]).reshape(tokens, 40, -1, 8).sum(2, dtype=np.float32).sum(-1)
+    assert not np.array_equal(y, lanes)  # the check can tell orders apart
+
+
+@pytest.mark.parametrize("rows,cols", SHAPES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bitwise_batch_invariant(rows, cols, dtype):
+    """Row t of any batch equals row t computed alone or in any other batch, with 0 (caller only), 1 or 2 threads."""
+    rng = np.random.default_rng(rows + cols)
+    w = rng.standard_normal((rows, cols), dtype=np.float32)
+    b = rng.standard_normal(rows, dtype=np.float32)
+    gemm = native._C.PackedLinear(w, dtype)
+    x = rng.standard_normal((max(TOKENS), cols), dtype=np.float32) * 3
+    y0 = rng.standard_normal((max(TOKENS), rows), dtype=np.float32)
+    for epilogue in ["gelu", "accumulate"]:
+        full = y0.copy()
+        gemm.forward(x, full, b, epilogue, 2)
+        for i, t in enumerate(TOKENS):
+            for offset in {0, max(TOKENS) - t}:  # the batch's first rows, and its last rows
+                part = y0[offset:offset + t].copy()
+                gemm.forward(x[offset:offset + t].copy(), part, b, epilogue, i % 3)
+                assert np.array_equal(part, full[offset:offset + t]), (t, offset, epilogue)
+
+
+def test_bfloat16_storage_equals_rounded_float32_weights():
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((200, 64), dtype=np.float32)
+    rounded = torch.from_numpy(w).to(torch.bfloat16).float().numpy()
+    x = rng.standard_normal((20, 64), dtype=np.float32)
+    y_bf16, y_f32 = np.empty((20, 200), np.float32), np.empty((20, 200), np.float32)
+    native._C.PackedLinear(w, "bfloat16").forward(x, y_bf16, None, "store", 2)
+    native._C.PackedLinear(rounded).forward(x, y_f32, None, "store", 2)
+    assert np.array_equal(y_bf16, y_f32)
+
+
+def test_bad_input_is_a_clear_error():
+    w = np.ones((4, 16), np.float32)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        native._C.PackedLinear(np.ones((4, 12), np.float32))
+    with pytest.raises(ValueError, match="weight_dtype"):
+        native._C.PackedLinear(w, "int4")
+    gemm = native._C.PackedLinear(w)
+    with pytest.raises(ValueError, match="x must have shape"):
+        gemm.forward(np.ones((2, 8), np.float32), np.empty((2, 4), np.float32))
+    with pytest.raises(ValueError, match="out must have shape"):
+        gemm.forward(np.ones((2, 16), np.float32), np.empty((3, 4), np.float32))
+    with pytest.raises(ValueError, match="epilogue"):
+        gemm.forward(np.ones((2, 16), np.float32), np.empty((2, 4), np.float32), None, "relu")
+    with pytest.raises(TypeError, match="float32"):
+        gemm.forward(np.ones((2, 16), np.float64), np.empty((2, 4), np.float32))
