@@ -1,5 +1,6 @@
 """The one place that picks an implementation per operation and device: the Triton kernel on CUDA, the C++ kernel
-(fastgpt2._C through kernels/native.py) on CPU where one exists and is built, else the pure-torch reference.
+(native._C, the ISA variant kernels/native.py picked) on CPU where one exists and is built, else the pure-torch
+reference.
 
 FASTGPT2_FORCE_REFERENCE=1 forces the references everywhere (CUDA, the C++ kernels and the C++ decode step included;
 for debugging). FASTGPT2_FORCE_TRITON=1 runs the Triton kernels on CPU tensors too (only meaningful under
