@@ -37,11 +37,11 @@ def run(args) -> int:
 
 def print_cpu_kernels() -> None:
     """The CPU, the C++ kernel variant chosen at import (FASTGPT2_CPU_ISA overrides it) and the variants built here."""
-    from fastgpt2.kernels import native
+    from fastgpt2.kernels import dispatch
 
-    print(f"CPU:          {native.cpu_model_name() or 'unknown'}")
-    chosen = native.ISA if native.ISA is not None else f"none, torch kernels ({native.why_no_extension()})"
-    print(f"CPU kernels:  {chosen}")
-    runnable = native.available_variants()
-    built = [f"{v}{'' if v in runnable else ' (not runnable here)'}" for v in native.built_variants()]
+    kernels = dispatch.cpu_kernel_info()
+    print(f"CPU:          {kernels['cpu'] or 'unknown'}")
+    print(f"CPU kernels:  {kernels['isa'] or 'none, torch kernels (' + kernels['why_not'] + ')'}")
+    runnable = kernels["runnable"]
+    built = [f"{v}{'' if v in runnable else ' (not runnable here)'}" for v in kernels["built"]]
     print(f"variants:     built {', '.join(built) or 'none'}; this CPU runs {', '.join(runnable) or 'none of them'}")
