@@ -1,18 +1,37 @@
-"""fastgpt2 packaging: the Python package plus the optional pybind11 CPU sampling extension.
+"""fastgpt2 packaging: the Python package plus the optional pybind11 CPU kernel extensions.
 
 The extension works on raw buffers and does not link against libtorch, so one build serves any torch
-version. When it cannot be compiled, installation still succeeds and the engine falls back to the
-pure-torch sampler (it says so once at run time).
+version. It is built once per x86 ISA variant (VARIANTS below: `fastgpt2._C_avx2`, `fastgpt2._C_avx512`, ...), every
+variant from the same sources with its own flags, never -march=native: an install runs on any x86-64 CPU, and
+fastgpt2/kernels/native.py imports the best variant this CPU can run (the torch path on a CPU without AVX2 + FMA).
+One shared object per variant keeps each module's code, inline std:: functions included, on one set of ISA flags.
+When a variant cannot be compiled, installation still succeeds without it (it says so); with no variant at all the
+engine falls back to the pure-torch kernels (it says so once at run time).
 """
 import glob
+import os
+import platform
 import sys
 
 from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 
+# name -> ISA flags, lowest first; native.py's VARIANTS holds the matching CPU features (keep the two in step).
+_AVX2 = ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2", "-mlzcnt", "-mpopcnt"]  # Haswell / Zen
+_AVX512 = _AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512cd"]  # Skylake-X / Zen 4
+VARIANTS = {
+    "avx2": _AVX2,
+    "avx512": _AVX512,
+    "avx512_vnni": _AVX512 + ["-mavx512vnni", "-mavx512bf16"],  # Cooper Lake / Sapphire Rapids / Zen 4
+}
+COMMON_FLAGS = ["-O3", "-fno-math-errno", "-mtune=generic"]
+if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+    VARIANTS = {"generic": []}  # other architectures: the kernels' portable paths, one module
+
+
 class OptionalBuildExt(build_ext):
-    """Build the C++ extension when a compiler is present; otherwise warn and continue."""
+    """Build each C++ extension variant when a compiler is present; a variant that fails warns and is left out."""
 
     def run(self):
         try:
@@ -21,28 +40,39 @@ class OptionalBuildExt(build_ext):
             print(f"WARNING: fastgpt2 C++ extension not built ({exc}); using the torch sampler.", file=sys.stderr)
 
     def build_extension(self, ext):
+        # The variants compile the same sources: each gets its own object directory.
+        build_temp = self.build_temp
+        self.build_temp = os.path.join(build_temp, ext.name.rpartition(".")[2])
         try:
             super().build_extension(ext)
         except Exception as exc:  # noqa: BLE001
-            print(f"WARNING: fastgpt2 C++ extension not built ({exc}); using the torch sampler.", file=sys.stderr)
+            print(f"WARNING: fastgpt2 C++ extension {ext.name} not built ({exc}); CPUs it would serve use the next "
+                  "lower variant or the torch kernels.", file=sys.stderr)
+        finally:
+            self.build_temp = build_temp
 
 
 def extensions():
     try:
-        from pybind11.setup_helpers import Pybind11Extension
+        from pybind11.setup_helpers import ParallelCompile, Pybind11Extension
     except ImportError:
         return []
     sources = sorted(glob.glob("csrc/*.cpp"))
     if not sources:
         return []
+    # The sources of one variant compile in parallel (all cores unless FASTGPT2_BUILD_JOBS says otherwise).
+    ParallelCompile("FASTGPT2_BUILD_JOBS").install()
     return [
         Pybind11Extension(
-            "fastgpt2._C",
+            f"fastgpt2._C_{name}",
             sources,
             include_dirs=["csrc"],
             cxx_std=17,
-            extra_compile_args=["-O3", "-march=native", "-fno-math-errno"],
+            # bindings.cpp: PYBIND11_MODULE(FASTGPT2_MODULE_NAME, ...) and the module's ISA string.
+            define_macros=[("FASTGPT2_MODULE_NAME", f"_C_{name}"), ("FASTGPT2_ISA_NAME", name)],
+            extra_compile_args=COMMON_FLAGS + flags,
         )
+        for name, flags in VARIANTS.items()
     ]
 
 

@@ -1,4 +1,4 @@
-"""Top-p sampling on the CPU: the C++ extension (fastgpt2._C via cpu_sampler) against the torch reference (sort-based).
+"""Top-p sampling on the CPU: the C++ extension (native._C via cpu_sampler) against the torch reference (sort-based).
 
 Run: python bench/bench_sampler.py [--repeats 30] [--batches 1,64] [--scales 1,3]
 Prints microseconds per row of 50257 float32 logits (top_k 0, top_p 0.9, min_p 0): medians after warm-up, the
@@ -16,7 +16,7 @@ import time
 import torch
 
 from fastgpt2.kernels import cpu_sampling as cpu_sampler
-from fastgpt2.kernels import reference
+from fastgpt2.kernels import native, reference
 
 VOCAB = 50257
 TOP_P = 0.9
@@ -92,7 +92,7 @@ def main() -> None:
     args = parser.parse_args()
     all_threads = torch.get_num_threads()
     if not cpu_sampler.HAS_EXTENSION:
-        print("fastgpt2._C is not built (python setup.py build_ext --inplace): nothing to compare")
+        print(f"the C++ extension is not in use ({native.why_no_extension()}): nothing to compare")
         raise SystemExit(2)
     if args.fast_path_table:
         fast_path_table()

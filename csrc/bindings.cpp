@@ -1,4 +1,9 @@
-// The compiled module fastgpt2._C: declarations only; the checked entry points live in sampling_launcher.cpp.
+// The compiled modules fastgpt2._C_<variant>: declarations only; the checked entry points live in
+// sampling_launcher.cpp. setup.py compiles these sources once per ISA variant and names each module through
+// FASTGPT2_MODULE_NAME (e.g. _C_avx512) and FASTGPT2_ISA_NAME (e.g. avx512, exposed as the module's ISA string).
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -30,10 +35,78 @@ std::tuple<int64_t, int64_t, int64_t> thread_pool_stress(int num_threads, int64_
                                                          bool linger, int64_t throw_region);
 }  // namespace fastgpt2
 
-PYBIND11_MODULE(_C, m) {
+#ifndef FASTGPT2_MODULE_NAME
+#define FASTGPT2_MODULE_NAME _C
+#endif
+#ifndef FASTGPT2_ISA_NAME
+#define FASTGPT2_ISA_NAME native
+#endif
+#define FASTGPT2_STR2(x) #x
+#define FASTGPT2_STR(x) FASTGPT2_STR2(x)
+
+namespace {
+// One instruction of each ISA extension this module was compiled for, on values the compiler cannot fold: where CPU
+// features cannot be read (no /proc/cpuinfo), native.py runs this in a child process, which dies of SIGILL instead
+// of the caller when the CPU lacks one.
+int64_t isa_probe(int64_t seed) {
+  volatile int64_t v = seed;
+  int64_t x = v;
+  int64_t r = x;
+#if defined(__AVX2__) && defined(__FMA__)
+  {
+    const __m256 a = _mm256_set1_ps(static_cast<float>(x));
+    const __m256 f = _mm256_fmadd_ps(a, a, a);
+    const __m256i i = _mm256_add_epi32(_mm256_cvttps_epi32(f), _mm256_set1_epi32(static_cast<int>(x)));
+    r += _mm256_extract_epi32(i, 3);
+  }
+#endif
+#ifdef __F16C__
+  r += static_cast<int64_t>(_cvtsh_ss(_cvtss_sh(static_cast<float>(x), 0)));
+#endif
+#ifdef __BMI2__
+  r += _pdep_u32(static_cast<unsigned>(x), 0x0f0f0f0fu);
+#endif
+#ifdef __LZCNT__
+  r += _lzcnt_u32(static_cast<unsigned>(x) | 1u);
+#endif
+#ifdef __AVX512F__
+  {
+    const __m512 a = _mm512_set1_ps(static_cast<float>(x));
+    r += static_cast<int64_t>(_mm512_reduce_add_ps(_mm512_fmadd_ps(a, a, a)));
+  }
+#endif
+#if defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+  {
+    const __m256i b = _mm256_set1_epi16(static_cast<short>(x));
+    r += _mm256_movepi16_mask(_mm256_maskz_add_epi16(0xffffu, b, b)) + _mm256_movepi32_mask(_mm256_set1_epi32(-1));
+  }
+#endif
+#ifdef __AVX512VNNI__
+  {
+    const __m512i a = _mm512_set1_epi32(static_cast<int>(x));
+    r += _mm512_reduce_add_epi32(_mm512_dpbusd_epi32(a, a, a));
+  }
+#endif
+#ifdef __AVX512BF16__
+  {
+    const __m512 a = _mm512_set1_ps(static_cast<float>(x));
+    const __m512bh h = _mm512_cvtne2ps_pbh(a, a);
+    r += static_cast<int64_t>(_mm512_reduce_add_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), h, h)));
+  }
+#endif
+  return r;
+}
+}  // namespace
+
+PYBIND11_MODULE(FASTGPT2_MODULE_NAME, m) {
   m.doc() = "fastgpt2 CPU kernels: top-k / top-p / min-p sampling, paged decode attention and the float32 decode step "
             "(semantics of "
             "fastgpt2.kernels.reference).";
+  m.attr("ISA") = FASTGPT2_STR(FASTGPT2_ISA_NAME);
+  m.def("_isa_probe", &isa_probe,
+        "Internal (fastgpt2.kernels.native): executes one instruction of each ISA extension this module was built "
+        "for; a CPU without one of them raises SIGILL.",
+        py::arg("seed") = 3);
   m.def("topk_topp_minp_sample", &fastgpt2::topk_topp_minp_sample_checked,
         "Truncate float32 logits (B, V) by top_k (B,) int64|int32, top_p and min_p (B,) float64|float32, draw with "
         "uniform (B,) float64|float32; returns (B,) int64 token ids.",

@@ -1,5 +1,7 @@
-"""Test setup: Triton's interpreter when no CUDA GPU is present (set before triton is first imported), and the shared
-reference fixtures (Hugging Face transformers' GPT-2 with random wide-margin weights)."""
+"""Test setup: Triton's interpreter when no CUDA GPU is present (set before triton is first imported), the shared
+reference fixtures (Hugging Face transformers' GPT-2 with random wide-margin weights), and the `isa_variants` marker:
+tests/test_isa.py reruns the tests it marks once per CPU kernel variant this machine runs, each in a child process
+with FASTGPT2_CPU_ISA=<variant>."""
 import os
 
 import torch
@@ -8,6 +10,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "isa_variants: C++ kernel correctness check that tests/test_isa.py reruns under "
+                                       "every CPU kernel variant (FASTGPT2_CPU_ISA) this machine can run")
 
 from fastgpt2.model.config import GPT2Config  # noqa: E402
 

@@ -31,7 +31,7 @@ def test_sampling_target_says_pass_and_miss_plainly():
     assert row["status"] == "not measured"
 
 
-@pytest.mark.skipif(not cpu_sampler.HAS_EXTENSION, reason="fastgpt2._C is not built")
+@pytest.mark.skipif(not cpu_sampler.HAS_EXTENSION, reason="the C++ extension is not in use")
 def test_sampling_case_runs_and_counts_fast_path_rows():
     pytest.importorskip("transformers")
     result = cpu_cases.sampling((1,), repeats=1)

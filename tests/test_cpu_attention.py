@@ -8,6 +8,7 @@ from fastgpt2.kernels import reference
 pytestmark = pytest.mark.skipif(not native.HAS_EXTENSION, reason="C++ extension not built")
 
 
+@pytest.mark.isa_variants
 @pytest.mark.parametrize("batch_size,block_size,heads", [(1, 16, 2), (3, 16, 12), (7, 32, 3), (64, 16, 4)])
 @pytest.mark.parametrize("num_threads", [1, 2])
 def test_matches_reference(batch_size, block_size, heads, num_threads):
@@ -28,6 +29,7 @@ def test_matches_reference(batch_size, block_size, heads, num_threads):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.isa_variants
 def test_never_reads_unowned_slots():
     k_cache = torch.full((4, 16, 2, 64), float("nan"))
     v_cache = torch.full((4, 16, 2, 64), float("nan"))

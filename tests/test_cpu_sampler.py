@@ -1,4 +1,4 @@
-"""CPU sampler (fastgpt2.kernels.cpu_sampling, C++ extension fastgpt2._C) against the torch reference: exact kept sets and
+"""CPU sampler (fastgpt2.kernels.cpu_sampling, C++ extension native._C) against the torch reference: exact kept sets and
 draws on random and adversarial logits, input errors, the torch fallback, and token frequencies over many draws."""
 import math
 import re
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from fastgpt2.kernels import cpu_sampling as cpu_sampler
 from fastgpt2.kernels import reference
 
-needs_extension = pytest.mark.skipif(not cpu_sampler.HAS_EXTENSION, reason="fastgpt2._C is not built")
+needs_extension = pytest.mark.skipif(not cpu_sampler.HAS_EXTENSION, reason="the C++ extension is not in use")
 NEG_INF = float("-inf")
 
 
@@ -72,6 +72,7 @@ def random_params(num_rows, vocab_size, g):
     return top_k, top_p, min_p
 
 
+@pytest.mark.isa_variants
 @needs_extension
 @pytest.mark.parametrize("shape, scale", [((64, 50257), 1.0), ((16, 50257), 3.0), ((3, 1000), 1.0), ((3, 1000), 3.0),
                                           ((1, 7), 1.0), ((1, 7), 3.0), ((5, 1), 1.0), ((9, 4099), 2.0)])
@@ -107,6 +108,7 @@ def adversarial_logits(kind, num_rows, vocab_size, g):
     raise AssertionError(kind)
 
 
+@pytest.mark.isa_variants
 @needs_extension
 @pytest.mark.parametrize("kind", ["rounded", "integers", "all_equal", "banned", "single_finite", "peaked", "wide",
                                   "offset"])
@@ -141,6 +143,7 @@ def test_ties_are_broken_by_token_id():
     assert mask[3].all()  # min_p = 1 keeps every token tied with the max
 
 
+@pytest.mark.isa_variants
 @needs_extension
 def test_threads_and_strided_rows_give_the_same_result():
     g = torch.Generator().manual_seed(5)
@@ -200,7 +203,7 @@ def test_draw_frequencies_follow_the_kept_distribution():
 
 @needs_extension
 def test_extension_rejects_bad_inputs_with_clear_errors():
-    from fastgpt2 import _C
+    from fastgpt2.kernels.native import _C
 
     logits = np.random.RandomState(0).randn(2, 10).astype(np.float32)
     top_k, top_p, min_p, uniform = np.zeros(2, np.int64), np.full(2, 0.9), np.zeros(2), np.full(2, 0.5)
@@ -238,7 +241,7 @@ def test_extension_rejects_bad_inputs_with_clear_errors():
 def sampler_path(request, monkeypatch):
     """cpu_sampler as built, and with the extension hidden (the torch fallback)."""
     if request.param == "extension" and not cpu_sampler.HAS_EXTENSION:
-        pytest.skip("fastgpt2._C is not built")
+        pytest.skip("the C++ extension is not in use")
     if request.param == "fallback":
         monkeypatch.setattr(cpu_sampler, "_C", None)
     return request.param
@@ -295,7 +298,7 @@ def test_fallback_matches_extension_and_warns_once(monkeypatch):
 @needs_extension
 def test_raw_entry_point_checks_sizes_and_values():
     """The lean entry point cpu_sampler uses (addresses + lists) still checks what it can: sizes and value ranges."""
-    from fastgpt2 import _C
+    from fastgpt2.kernels.native import _C
 
     logits = torch.randn(2, 10)
     out = torch.full((2,), -7, dtype=torch.int64)
@@ -312,6 +315,7 @@ def test_raw_entry_point_checks_sizes_and_values():
             _C._topk_topp_minp_sample_raw(*bad)
 
 
+@pytest.mark.isa_variants
 @needs_extension
 def test_fast_path_exp_error_bound_holds():
     """The fast top-p path (float32 exp) takes a decision only when its margin exceeds a bound built on this error
@@ -339,6 +343,7 @@ def test_fast_path_exp_error_bound_holds():
     assert abs(special[3] / math.exp(-0.5) - 1) < 3e-7
 
 
+@pytest.mark.isa_variants
 @needs_extension
 @pytest.mark.parametrize("scale", [0.5, 1.0, 3.0, 8.0])
 def test_fast_top_p_path_equals_exact_path(scale):

@@ -60,6 +60,7 @@ def _torch_step(model, kv, ids, pos, slots, tables, lens, monkeypatch):
         return model.forward_paged(ids, pos, meta, kv_caches, torch.arange(len(ids)))
 
 
+@pytest.mark.isa_variants
 @pytest.mark.parametrize("name", list(CONFIGS))
 # 1..11 sequences run the GEMV kernels; 12 and more the packed-panel GEMM, whose token tiles are 6, 4, 2 and 1
 # (13 = 6 + 6 + 1, 23 = 6 x 3 + 4 + 1, 64 = 6 x 10 + 4) and whose last 16-row panel is partial for vocab 101 and 50257.
@@ -79,6 +80,7 @@ def test_matches_torch_model(name, batch_size, block_size, num_threads, monkeypa
     assert torch.equal(logits.argmax(-1), expected.argmax(-1))
 
 
+@pytest.mark.isa_variants
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("batch_size", [1, 3, 8, 17])
 def test_bfloat16_weights_match_the_rounded_torch_model(name, batch_size, monkeypatch):
@@ -99,6 +101,7 @@ def test_bfloat16_weights_match_the_rounded_torch_model(name, batch_size, monkey
     assert (logits - unrounded).abs().max() > 10 * (logits - expected).abs().max()
 
 
+@pytest.mark.isa_variants
 def test_steps_chain_like_the_torch_model(monkeypatch):
     """Ten decode steps in a row: each step's K/V is what the next attends to."""
     model = _model("tiny", seed=3)

@@ -5,7 +5,7 @@ import pytest
 
 from fastgpt2.kernels import native
 
-pytestmark = pytest.mark.skipif(not native.HAS_EXTENSION, reason="fastgpt2._C is not built")
+pytestmark = pytest.mark.skipif(not native.HAS_EXTENSION, reason="the C++ extension is not in use")
 
 # Regions per case: the unfixed pool (a worker leaving a region could claim a task of the next, larger one) failed
 # these eight cases in 8 of 14 runs of the file on 2 shared cores, more often when they were busy; the race needs a

@@ -1,4 +1,5 @@
-"""`fastgpt2 info`: config, parameter count and weight bytes of a model; presets need no weights at all."""
+"""`fastgpt2 info`: config, parameter count and weight bytes of a model (presets need no weights at all), and the CPU
+kernel variant in use."""
 from __future__ import annotations
 
 import torch
@@ -30,4 +31,17 @@ def run(args) -> int:
     print(f"weights:      {n_params * bytes_per:,} bytes in {args.dtype} ({n_params * bytes_per / 2**20:,.1f} MiB)")
     kv_per_token = 2 * config.n_layer * config.n_embd * bytes_per
     print(f"KV cache:     {kv_per_token:,} bytes per token in {args.dtype}")
+    print_cpu_kernels()
     return 0
+
+
+def print_cpu_kernels() -> None:
+    """The CPU, the C++ kernel variant chosen at import (FASTGPT2_CPU_ISA overrides it) and the variants built here."""
+    from fastgpt2.kernels import dispatch
+
+    kernels = dispatch.cpu_kernel_info()
+    print(f"CPU:          {kernels['cpu'] or 'unknown'}")
+    print(f"CPU kernels:  {kernels['isa'] or 'none, torch kernels (' + kernels['why_not'] + ')'}")
+    runnable = kernels["runnable"]
+    built = [f"{v}{'' if v in runnable else ' (not runnable here)'}" for v in kernels["built"]]
+    print(f"variants:     built {', '.join(built) or 'none'}; this CPU runs {', '.join(runnable) or 'none of them'}")

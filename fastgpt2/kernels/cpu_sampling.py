@@ -1,4 +1,5 @@
-"""CPU top-k / top-p / min-p sampling: the C++ extension `fastgpt2._C` when it is built, else the torch reference.
+"""CPU top-k / top-p / min-p sampling: the C++ extension (`native._C`, the ISA variant chosen at import) when it is
+built and this CPU runs it, else the torch reference.
 
 The compiled module comes through `fastgpt2.kernels.native` (its one importer); `fastgpt2.kernels.dispatch` picks this
 module for CPU tensors. Semantics are those of
@@ -11,7 +12,7 @@ import warnings
 
 import torch
 
-from fastgpt2.kernels import reference
+from fastgpt2.kernels import native, reference
 
 from fastgpt2.kernels.native import _C
 
@@ -22,9 +23,11 @@ __all__ = ["HAS_EXTENSION", "topk_topp_minp_sample", "topk_topp_minp_select"]
 
 @functools.cache
 def _warn_no_extension() -> None:
+    if native.said_at_import():
+        return
     warnings.warn(
-        "fastgpt2._C (the C++ CPU sampler) is not built, so sampling uses the slower torch reference sampler; "
-        "build it with `python setup.py build_ext --inplace` or `pip install -e .`",
+        f"fastgpt2's C++ CPU sampler is not in use ({native.why_no_extension()}), so sampling uses the slower torch "
+        "reference sampler",
         RuntimeWarning,
         stacklevel=3,
     )

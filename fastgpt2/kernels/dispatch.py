@@ -1,5 +1,6 @@
 """The one place that picks an implementation per operation and device: the Triton kernel on CUDA, the C++ kernel
-(fastgpt2._C through kernels/native.py) on CPU where one exists and is built, else the pure-torch reference.
+(native._C, the ISA variant kernels/native.py picked) on CPU where one exists and is built, else the pure-torch
+reference.
 
 FASTGPT2_FORCE_REFERENCE=1 forces the references everywhere (CUDA, the C++ kernels and the C++ decode step included;
 for debugging). FASTGPT2_FORCE_TRITON=1 runs the Triton kernels on CPU tensors too (only meaningful under
@@ -52,3 +53,13 @@ def get(name: str, device: torch.device):
     if device.type == "cpu" and name in _CPU_MODULES and not force_reference():
         return getattr(importlib.import_module(f"fastgpt2.kernels.{_CPU_MODULES[name]}"), name)
     return getattr(reference, name)
+
+
+def cpu_kernel_info() -> dict:
+    """For `fastgpt2 info`: the CPU's model name, the C++ kernel variant in use (None: the torch kernels, `why_not`
+    says why), the variants built and those this CPU runs."""
+    from fastgpt2.kernels import native
+
+    return {"cpu": native.cpu_model_name(), "isa": native.ISA,
+            "why_not": None if native.ISA else native.why_no_extension(), "built": native.built_variants(),
+            "runnable": native.available_variants()}
