@@ -1,5 +1,5 @@
 // SIMD helpers shared by the CPU kernels. FASTGPT2_AVX2 is defined when the compiler targets AVX2 + FMA (setup.py
-// builds with -march=native); every kernel keeps a portable path for other targets.
+// builds one module per ISA variant, each with its own flags); every kernel keeps a portable path for other targets.
 #pragma once
 
 #include <cmath>

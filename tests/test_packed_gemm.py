@@ -50,6 +50,7 @@ def test_matches_float64(rows, cols, epilogue):
         np.testing.assert_allclose(y, ref, rtol=0, atol=1e-6 * np.sqrt(cols) * np.abs(ref).max() + 1e-6)
 
 
+@pytest.mark.isa_variants
 @pytest.mark.parametrize("tokens", [1, 13])
 def test_each_output_is_one_chain_over_k_in_order(tokens):
     """Without bias and epilogue, y is the sequential float32 chain itself, bitwise (an 8-lane or blocked sum, or
@@ -64,6 +65,7 @@ def test_each_output_is_one_chain_over_k_in_order(tokens):
     assert not np.array_equal(y, lanes)  # the check can tell orders apart
 
 
+@pytest.mark.isa_variants
 @pytest.mark.parametrize("rows,cols", SHAPES)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_bitwise_batch_invariant(rows, cols, dtype):
