@@ -26,7 +26,7 @@ def synthetic_report() -> dict:
     agreement = {"prompts": 2, "prompt_len": 16, "new_tokens": 4, "reference": peers.REFERENCE,
                  "engines": {"fastgpt2": peers.agreement([[1, 2], [3, 4]], [[1, 2], [3, 4]]),
                              "transformers": peers.agreement([[1, 2], [3, 4]], [[1, 2], [3, 4]])}}
-    results = {"decode": case(10.0, 20.0), "batch": {16: case(40.0, 80.0, 16), 64: case(100.0, 300.0, 64)},
+    results = {"decode": case(10.0, 20.0), "batch": {16: case(40.0, 80.0, 16), 64: case(100.0, 1e-6, 64)},
                "prefill": {"systems": {"fastgpt2": {"tokens_per_s": 5000.0}, "transformers": {"tokens_per_s": 2500.0}}},
                "agreement": agreement,
                "llama.cpp": {"q8_0": {"ms_per_token": 3.0, "prefill_tokens_per_s": 900.0, "build_commit": "abc1234",
@@ -49,6 +49,7 @@ def test_rows_floor_and_skip_reasons():
     assert q8["ms_per_token"] == 3.0 and q8["batch_tokens_per_s"] == {16: 700.0, 64: None}
     assert q8["floor_ms"] == pytest.approx(fast["floor_ms"] * 34 / 32 / 4)
     assert rows["fastgpt2 int8"]["ms_per_token"] is None
+    assert rows["transformers"]["batch_tokens_per_s"][64] == peers_report.NOISY  # a clamped step is no figure
     text = peers_report.render(report)
     assert "**Test CPU**" in text and "abc1234" in text
     assert "skipped: LLM(..., quantization='int8') does not exist yet" in text

@@ -13,6 +13,16 @@ def _group(precision: str) -> str:
     return "8-bit (int8 / q8_0)"
 
 
+NOISY = "noisy: T(N+1) <= T(1)"  # cpu_cases.decode clamps such a step to 1e-9 s; no figure is better than that one
+
+
+def _step(systems: dict, key: str, field: str):
+    got = systems.get(key) or {}
+    if got.get("ms_per_step") is not None and got["ms_per_step"] <= 1e-5:
+        return NOISY
+    return got.get(field)
+
+
 def fill_rows(report: dict) -> list[dict]:
     """Give every row of report['rows'] its figures (None where not measured) from report['results']."""
     res, bw = report.get("results", {}), report["bandwidth"]["gb_per_s"]
@@ -29,10 +39,10 @@ def fill_rows(report: dict) -> list[dict]:
                 fig["batch_tokens_per_s"][b] = ((got.get("batch") or {}).get(b) or {}).get("tokens_per_s")
         elif not row["skipped"]:
             key = row["key"]
-            fig["ms_per_token"] = ((res.get("decode") or {}).get("systems", {}).get(key) or {}).get("ms_per_step")
+            fig["ms_per_token"] = _step((res.get("decode") or {}).get("systems", {}), key, "ms_per_step")
             for b in batch_sizes:
                 sys_b = ((res.get("batch") or {}).get(b) or {}).get("systems", {})
-                fig["batch_tokens_per_s"][b] = (sys_b.get(key) or {}).get("tokens_per_s")
+                fig["batch_tokens_per_s"][b] = _step(sys_b, key, "tokens_per_s")
             fig["prefill_tokens_per_s"] = ((res.get("prefill") or {}).get("systems", {}).get(key) or {}).get(
                 "tokens_per_s")
             fig["agreement"] = ((res.get("agreement") or {}).get("engines", {})).get(key)
@@ -70,7 +80,8 @@ def table(report: dict) -> str:
     body = []
     for r in rows:
         ms = r.get("ms_per_token")
-        body.append([r["engine"], r["precision"], ms, r["floor_ms"], r["floor_ms"] / ms if ms else None,
+        body.append([r["engine"], r["precision"], ms, r["floor_ms"],
+                     r["floor_ms"] / ms if isinstance(ms, (int, float)) and ms else None,
                      *(r["batch_tokens_per_s"][b] for b in sizes["batch_sizes"]), r.get("prefill_tokens_per_s"),
                      _agreement_cell(r), _note(r)])
     return md_table(headers, body)
@@ -115,7 +126,7 @@ def render(report: dict) -> str:
 
 def plot(report: dict, path) -> str | None:
     """Batch-1 ms/token by precision group and engine (bars) with each group's floor (a dashed line)."""
-    rows = [r for r in report.get("rows", []) if r.get("ms_per_token") is not None]
+    rows = [r for r in report.get("rows", []) if isinstance(r.get("ms_per_token"), (int, float))]
     if not rows:
         return "plot skipped: no batch-1 figures"
     try:
