@@ -35,8 +35,15 @@ def find() -> tuple[dict | None, str | None]:
     return {"bench": bench, "batched_bench": batched, "converter": str(converter)}, None
 
 
-def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+def _run(cmd: list[str], timeout: float, fallback: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run cmd; if it dies from a signal and a fallback is given, run cmd + fallback once (the result's `fallback`
+    attribute says which ran). A build with -march=native on a CPU whose AMX tiles the OS does not grant crashes in
+    ggml's AMX path (repacked weights); turning weight repacking off avoids it, so that is the fallback used here."""
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    out.fallback = None
+    if out.returncode < 0 and fallback:
+        out = subprocess.run(cmd + fallback, capture_output=True, text=True, timeout=timeout)
+        out.fallback = " ".join(fallback)
     if out.returncode != 0:
         tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
         raise RuntimeError(f"{Path(cmd[0]).name if cmd[0] != sys.executable else cmd[1]} failed "
@@ -55,9 +62,9 @@ def bench(tools: dict, gguf: str, threads: int, decode_tokens: int, prefill_len:
     """llama-bench's pp<prefill_len> (prefill tokens/s) and tg<decode_tokens> (batch-1 decode, from an empty context)
     as medians of its per-repeat samples, plus the build and CPU it reports."""
     out = _run([tools["bench"], "-m", gguf, "-p", str(prefill_len), "-n", str(decode_tokens), "-t", str(threads),
-                "-r", str(repeats), "-o", "json"], timeout=3600)
+                "-r", str(repeats), "-o", "json"], timeout=3600, fallback=["--repack", "0"])
     rows = json.loads(out.stdout)
-    result = {"command": "llama-bench", "raw": rows}
+    result = {"command": "llama-bench", "raw": rows, "fallback": out.fallback}
     for row in rows:
         tps = median(row.get("samples_ts") or [row["avg_ts"]])
         if row.get("n_gen", 0) == 0:
@@ -82,9 +89,10 @@ def batched(tools: dict, gguf: str, threads: int, batch_sizes, prompt_len: int, 
            "--output-format", "jsonl"]
     speeds: dict[int, list[float]] = {b: [] for b in batch_sizes}
     for _ in range(repeats):
-        out = _run(cmd, timeout=3600)
+        out = _run(cmd, timeout=3600, fallback=["--no-repack"])
         for line in (out.stdout + "\n" + out.stderr).splitlines():
             if line.startswith("{") and '"speed_tg"' in line:
                 row = json.loads(line)
                 speeds.setdefault(int(row["pl"]), []).append(float(row["speed_tg"]))
-    return {b: {"tokens_per_s": median(v), "raw_tokens_per_s": v} for b, v in speeds.items() if v}
+    return {b: {"tokens_per_s": median(v), "raw_tokens_per_s": v, "fallback": out.fallback}
+            for b, v in speeds.items() if v}

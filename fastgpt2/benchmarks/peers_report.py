@@ -35,6 +35,8 @@ def fill_rows(report: dict) -> list[dict]:
             got = (res.get("llama.cpp") or {}).get(row["precision"]) or {}
             fig["ms_per_token"] = got.get("ms_per_token")
             fig["prefill_tokens_per_s"] = got.get("prefill_tokens_per_s")
+            fig["fallback"] = got.get("fallback") or next(
+                (v.get("fallback") for v in (got.get("batch") or {}).values() if v.get("fallback")), None)
             for b in batch_sizes:
                 fig["batch_tokens_per_s"][b] = ((got.get("batch") or {}).get(b) or {}).get("tokens_per_s")
         elif not row["skipped"]:
@@ -65,6 +67,8 @@ def _note(row: dict) -> str:
     notes = []
     if row["engine"] == "llama.cpp" and row.get("ms_per_token") is not None:
         notes.append("llama-bench tg/pp (decode from an empty context)")
+        if row.get("fallback"):
+            notes.append(f"crashed (signal), rerun with {row['fallback']}")
         if all(v is None for v in row["batch_tokens_per_s"].values()):
             notes.append("concurrency: llama-batched-bench not found")
     if row["precision"].startswith("bfloat16 weights"):
