@@ -41,6 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench/results", help="directory for the .md/.json/.png results")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     p.add_argument("--tag", default=None, help="result file tag (default: cpu-<model>-<dtype>[-quick][-<cases>])")
+    p.add_argument("--peers", action="store_true",
+                   help="instead of the cases: fastgpt2 beside CTranslate2 and llama.cpp (when installed) and "
+                        "transformers, every precision, one table (tag peers-<model>[-quick]; --dtype/--cases unused)")
+    p.add_argument("--threads", type=int, default=2, help="threads of every engine with --peers (default 2)")
 
 
 def run(argv=None) -> int:
@@ -150,6 +154,10 @@ def main(args) -> int:
     transformers = _transformers_or_exit()
     if transformers is None:
         return 2
+    if getattr(args, "peers", False):
+        from fastgpt2.benchmarks.peers import main as peers_main
+
+        return peers_main(args, transformers)
     cases = _parse_cases(args.cases)
     sizes = SIZES["quick" if args.quick else "full"]
     info = common.machine_info()

@@ -77,15 +77,18 @@ def _hf_models(s: Systems, with_fp32: bool) -> dict:
 
 
 # -- cases ----------------------------------------------------------------------------------------------------------
-def decode(s: Systems, batch: int, num_tokens: int, prompt_len: int, repeats: int, with_fp32: bool = False) -> dict:
+def decode(s: Systems, batch: int, num_tokens: int, prompt_len: int, repeats: int, with_fp32: bool = False,
+           extra: dict | None = None) -> dict:
     """Decode speed with `batch` concurrent requests, prefill excluded.
 
+    extra: more systems, name -> make(max_new_tokens) returning a timed call like fastgpt2_call's (peers.py).
     Per system: time T(1) of generating 1 new token and T(N+1) of N+1 new tokens (both include the same prefill), so
     one decode step costs (median T(N+1) - median T(1)) / N; tokens/s = batch / that.
     """
     makers = {"fastgpt2": lambda m: fastgpt2_call(s, batch, prompt_len, m)}
     for name, model in _hf_models(s, with_fp32).items():
         makers[name] = lambda m, model=model: hf_call(s, model, batch, prompt_len, m)
+    makers.update(extra or {})
     for make in makers.values():  # warm-up: same shapes, fewer tokens
         make(min(num_tokens + 1, 8))()
     fns = {}
@@ -106,9 +109,10 @@ def decode(s: Systems, batch: int, num_tokens: int, prompt_len: int, repeats: in
             "systems": systems, "raw_s": raw}
 
 
-def prefill(s: Systems, prompt_len: int, repeats: int) -> dict:
+def prefill(s: Systems, prompt_len: int, repeats: int, extra: dict | None = None) -> dict:
     """Prefill tokens/s of one prompt: fastgpt2 generate(max_tokens=1); transformers one forward that keeps the KV
-    cache and computes logits for the last position only (logits_to_keep=1, as its generate does)."""
+    cache and computes logits for the last position only (logits_to_keep=1, as its generate does).
+    extra: more systems, name -> a callable returning the seconds of one such prefill (peers.py)."""
 
     def hf_forward() -> float:
         ids = torch.tensor(s.prompts(1, prompt_len))
@@ -117,7 +121,7 @@ def prefill(s: Systems, prompt_len: int, repeats: int) -> dict:
             s.hf(ids, use_cache=True, logits_to_keep=1)
             return time.perf_counter() - start
 
-    fns = {"fastgpt2": fastgpt2_call(s, 1, prompt_len, 1), "transformers": hf_forward}
+    fns = {"fastgpt2": fastgpt2_call(s, 1, prompt_len, 1), "transformers": hf_forward, **(extra or {})}
     raw = alternate(fns, warmup=1, repeats=repeats)
     systems = {name: {"seconds": median(t), "tokens_per_s": prompt_len / median(t)} for name, t in raw.items()}
     return {"prompt_len": prompt_len, "repeats": repeats, "systems": systems, "raw_s": raw}
