@@ -103,6 +103,8 @@ setup(
         "bench": ["matplotlib", "pytest-benchmark", "transformers>=4.40"],
         "train": ["matplotlib"],  # loss.png; fine-tuning itself needs nothing beyond torch
         "eval": ["lm_eval>=0.4.2"],
+        # `fastgpt2 bench --peers` (with .[bench]): CTranslate2 beside fastgpt2; llama.cpp is found as a binary
+        "peers": ["ctranslate2>=4"],
     },
     entry_points={
         "console_scripts": ["fastgpt2=fastgpt2.cli:main"],
