@@ -58,7 +58,7 @@ def test_bfloat16_without_native_bf16_is_bf16_weights_in_float32(tmp_path):
         llm = LLM(str(tmp_path), device="cpu", dtype="bfloat16")
     assert llm.model.wte.weight.dtype == torch.float32 and llm.model.decode_weight_dtype == torch.bfloat16
     if native.HAS_EXTENSION:
-        assert llm.engine.runner.cpu_decode_step.weight_dtype == "bfloat16"
+        assert llm.engine.runner.cpu_step.weight_dtype == "bfloat16"
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, 50256, (n,), generator=g).tolist() for n in (1, 9, 30)]
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=120, ignore_eos=True), use_tqdm=False)

@@ -1,5 +1,5 @@
 """The one module that imports the C++ extension `fastgpt2._C`: the C++ paged decode attention here, the CPU sampler in
-cpu_sampling.py and the engine's C++ decode step (fastgpt2.engine.cpu_decode) reach the compiled module through it.
+cpu_sampling.py and the engine's C++ model step (fastgpt2.engine.cpu_step) reach the compiled module through it.
 Kernels built on it fall back to the torch references when it is missing."""
 from __future__ import annotations
 
@@ -40,13 +40,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: f
     return out
 
 
-def new_cpu_decoder(*args):
-    """The C++ decode step (csrc/decode.cpp, `_C.CpuDecoder`); see fastgpt2.engine.cpu_decode for its arguments."""
+def new_cpu_step(*args):
+    """The C++ model step (csrc/decode.cpp, `_C.CpuStep`); see fastgpt2.engine.cpu_step for its arguments."""
     if _C is None:
-        raise RuntimeError("fastgpt2._C is not built; check HAS_EXTENSION before asking for the C++ decode step")
-    return _C.CpuDecoder(*args)
-
-
-def cpu_decoder_has_gemm() -> bool:
-    """Whether the built decode step carries its own GEMM (AVX2 builds): it then serves batches of up to 256."""
-    return bool(getattr(_C, "CPU_DECODER_HAS_GEMM", False))
+        raise RuntimeError("fastgpt2._C is not built; check HAS_EXTENSION before asking for the C++ model step")
+    return _C.CpuStep(*args)
