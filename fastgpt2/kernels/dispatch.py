@@ -1,7 +1,7 @@
 """The one place that picks an implementation per operation and device: the Triton kernel on CUDA, the C++ kernel
 (fastgpt2._C through kernels/native.py) on CPU where one exists and is built, else the pure-torch reference.
 
-FASTGPT2_FORCE_REFERENCE=1 forces the references everywhere (CUDA, the C++ kernels and the C++ decode step included;
+FASTGPT2_FORCE_REFERENCE=1 forces the references everywhere (CUDA, the C++ kernels and the C++ step included;
 for debugging). FASTGPT2_FORCE_TRITON=1 runs the Triton kernels on CPU tensors too (only meaningful under
 TRITON_INTERPRET=1: it is how the tests drive the whole engine through the kernels without a GPU).
 """
