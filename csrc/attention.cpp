@@ -22,7 +22,8 @@ inline void axpy(float w, const float* x, float* y, int64_t n) {
   int64_t i = 0;
 #ifdef FASTGPT2_AVX2
   const __m256 wv = _mm256_set1_ps(w);
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
 #endif
   for (; i < n; ++i) y[i] = std::fma(w, x[i], y[i]);
 }
@@ -86,7 +87,8 @@ void attend_queries(const float* q, int64_t q_stride, const int64_t* seq_lens, i
   float* maxes = scores.data() + num_queries * stride;  // per query: its max score, then its softmax denominator
   std::fill(maxes, maxes + num_queries, -INFINITY);
   for (int64_t start = 0; start < max_len; start += block_size) {
-    const float* k = k_cache + static_cast<int64_t>(table[start / block_size]) * block_size * token_stride + head_offset;
+    const float* k =
+        k_cache + static_cast<int64_t>(table[start / block_size]) * block_size * token_stride + head_offset;
     for (int64_t j = 0; j < num_queries; ++j) {
       const int64_t n = std::min(block_size, seq_lens[j] - start);
       const float* qj = q + j * q_stride;
@@ -105,7 +107,8 @@ void attend_queries(const float* q, int64_t q_stride, const int64_t* seq_lens, i
     std::fill(out + j * out_stride, out + j * out_stride + head_dim, 0.0f);
   }
   for (int64_t start = 0; start < max_len; start += block_size) {
-    const float* v = v_cache + static_cast<int64_t>(table[start / block_size]) * block_size * token_stride + head_offset;
+    const float* v =
+        v_cache + static_cast<int64_t>(table[start / block_size]) * block_size * token_stride + head_offset;
     for (int64_t j = 0; j < num_queries; ++j) {
       const int64_t n = std::min(block_size, seq_lens[j] - start);
       const float* sj = scores.data() + j * stride;

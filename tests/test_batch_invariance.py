@@ -18,7 +18,7 @@ import torch
 
 from fastgpt2 import GPT2, LLM, GPT2Config, SamplingParams
 from fastgpt2.engine.cpu_step import CpuStep
-from fastgpt2.kernels import dispatch, native
+from fastgpt2.kernels import dispatch, native, reference
 from tests.conftest import make_hf_model
 
 pytestmark = pytest.mark.skipif(not native.HAS_EXTENSION, reason="C++ extension not built")
@@ -53,8 +53,8 @@ def test_multi_query_attention_is_bitwise_the_one_query_path(num_heads, head_dim
                                      lens.numpy(), alone.numpy(), scale, 1)
     assert torch.equal(packed, alone)
     # and the values are attention's (float32 rounding against the float64 reference)
-    from fastgpt2.kernels import reference
-    ref = reference.paged_decode_attention(q.double(), kv[0].double(), kv[1].double(), tables[index.long()], lens, scale)
+    ref = reference.paged_decode_attention(q.double(), kv[0].double(), kv[1].double(), tables[index.long()], lens,
+                                           scale)
     torch.testing.assert_close(packed.double(), ref, atol=1e-5, rtol=1e-5)
 
 
