@@ -1,5 +1,10 @@
-// Paged decode attention on CPU: per (sequence, head), scores over the context read through the block table, one
-// softmax, and the weighted sum of V rows. Memory traffic: reads seq_len * D * 2 floats per (sequence, head).
+// Paged attention on CPU: per (query, head), scores over the context read through the block table, one softmax, and
+// the weighted sum of V rows. Memory traffic: a lone query reads seq_len * D * 2 floats per head; a group of queries
+// of one sequence (a prefill chunk) reads each K/V block once for the whole group while it is in L1.
+//
+// Every query's operations, wherever it is computed (attend_one_head or attend_queries): score t = dot(q, k_t) * scale
+// (simd.h's dot: 8 FMA lanes then the same horizontal sum) for t = 0, 1, ..., then max over the scores in t order,
+// exp_and_sum over the scores, out = 0, out += p_t * v_t (axpy, one FMA per element) for t = 0, 1, ..., out *= 1 / sum.
 #include "attention.h"
 
 #include <algorithm>
@@ -11,8 +16,16 @@
 namespace fastgpt2 {
 namespace {
 
+// y += w x, one fused multiply-add per element (spelled out so that no compiler choice about contraction can make
+// two copies of it round differently).
 inline void axpy(float w, const float* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += w * x[i];
+  int64_t i = 0;
+#ifdef FASTGPT2_AVX2
+  const __m256 wv = _mm256_set1_ps(w);
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+#endif
+  for (; i < n; ++i) y[i] = std::fma(w, x[i], y[i]);
 }
 
 // scores[t] = exp(scores[t] - max) over n scores; returns their sum.
@@ -61,6 +74,54 @@ void attend_one_head(const float* q, const float* k_cache, const float* v_cache,
   for (int64_t d = 0; d < head_dim; ++d) out[d] *= inv;
 }
 
+void attend_queries(const float* q, int64_t q_stride, const int64_t* seq_lens, int64_t num_queries,
+                    const float* k_cache, const float* v_cache, const int32_t* table, int64_t block_size,
+                    int64_t token_stride, int64_t head_offset, int64_t head_dim, float scale, float* out,
+                    int64_t out_stride, std::vector<float>& scores) {
+  // attend_one_head's three passes, each over the blocks in order and, per block, over the queries: a query's scores,
+  // max, exps, sum and PV accumulation see the same values in the same order as attend_one_head's.
+  int64_t max_len = 0;
+  for (int64_t j = 0; j < num_queries; ++j) max_len = std::max(max_len, seq_lens[j]);
+  const int64_t stride = (max_len + 15) / 16 * 16;  // floats per query's scores
+  scores.resize(num_queries * (stride + 1));
+  float* maxes = scores.data() + num_queries * stride;  // per query: its max score, then its softmax denominator
+  std::fill(maxes, maxes + num_queries, -INFINITY);
+  for (int64_t start = 0; start < max_len; start += block_size) {
+    const float* k =
+        k_cache + static_cast<int64_t>(table[start / block_size]) * block_size * token_stride + head_offset;
+    for (int64_t j = 0; j < num_queries; ++j) {
+      const int64_t n = std::min(block_size, seq_lens[j] - start);
+      const float* qj = q + j * q_stride;
+      float* sj = scores.data() + j * stride;
+      float max_score = maxes[j];
+      for (int64_t o = 0; o < n; ++o) {
+        const float s = dot(qj, k + o * token_stride, head_dim) * scale;
+        sj[start + o] = s;
+        max_score = std::max(max_score, s);
+      }
+      maxes[j] = max_score;
+    }
+  }
+  for (int64_t j = 0; j < num_queries; ++j) {
+    maxes[j] = exp_and_sum(scores.data() + j * stride, seq_lens[j], maxes[j]);
+    std::fill(out + j * out_stride, out + j * out_stride + head_dim, 0.0f);
+  }
+  for (int64_t start = 0; start < max_len; start += block_size) {
+    const float* v =
+        v_cache + static_cast<int64_t>(table[start / block_size]) * block_size * token_stride + head_offset;
+    for (int64_t j = 0; j < num_queries; ++j) {
+      const int64_t n = std::min(block_size, seq_lens[j] - start);
+      const float* sj = scores.data() + j * stride;
+      for (int64_t o = 0; o < n; ++o) axpy(sj[start + o], v + o * token_stride, out + j * out_stride, head_dim);
+    }
+  }
+  for (int64_t j = 0; j < num_queries; ++j) {
+    const float inv = 1.0f / maxes[j];
+    float* oj = out + j * out_stride;
+    for (int64_t d = 0; d < head_dim; ++d) oj[d] *= inv;
+  }
+}
+
 void paged_decode_attention_f32(const float* q, const float* k_cache, const float* v_cache,
                                 const int32_t* block_tables, const int32_t* seq_lens, float* out, int64_t batch_size,
                                 int64_t num_heads, int64_t head_dim, int64_t block_size, int64_t max_blocks,
@@ -83,6 +144,31 @@ void paged_decode_attention_f32(const float* q, const float* k_cache, const floa
   }
   ThreadPool::with_pool(num_threads, /*linger=*/false,
                         [&](ThreadPool& pool) { pool.parallel_for(batch_size * num_heads, pair); });
+}
+
+void paged_packed_attention(ThreadPool& pool, const float* q, int64_t q_stride, const float* k_cache,
+                            const float* v_cache, const int32_t* block_tables, int64_t max_blocks,
+                            const int32_t* seq_index, const int64_t* seq_lens, int64_t num_queries, int64_t num_heads,
+                            int64_t head_dim, int64_t block_size, float scale, float* out, int64_t out_stride) {
+  std::vector<int64_t> starts;  // group g is queries [starts[g], starts[g + 1])
+  for (int64_t i = 0; i < num_queries; ++i)
+    if (i == 0 || seq_index[i] != seq_index[i - 1] || i - starts.back() == kQueryTile) starts.push_back(i);
+  starts.push_back(num_queries);
+  const int64_t num_groups = static_cast<int64_t>(starts.size()) - 1;
+  const int64_t token_stride = num_heads * head_dim;  // floats between consecutive tokens in the pool
+  pool.parallel_for(num_groups * num_heads, [&](int64_t p) {
+    thread_local std::vector<float> scores;
+    const int64_t g = p / num_heads, h = p % num_heads, first = starts[g], n = starts[g + 1] - first;
+    const int32_t* table = block_tables + static_cast<int64_t>(seq_index[first]) * max_blocks;
+    const float* qg = q + first * q_stride + h * head_dim;
+    float* og = out + first * out_stride + h * head_dim;
+    if (n == 1)
+      attend_one_head(qg, k_cache, v_cache, table, seq_lens[first], block_size, token_stride, h * head_dim, head_dim,
+                      scale, og, scores);
+    else
+      attend_queries(qg, q_stride, seq_lens + first, n, k_cache, v_cache, table, block_size, token_stride,
+                     h * head_dim, head_dim, scale, og, out_stride, scores);
+  });
 }
 
 }  // namespace fastgpt2

@@ -26,8 +26,11 @@ py::tuple topk_topp_minp_select_checked(const py::array& logits, const py::array
 void paged_decode_attention_checked(const py::array& q, const py::array& k_cache, const py::array& v_cache,
                                     const py::array& block_tables, const py::array& seq_lens, py::array& out,
                                     float scale, int num_threads);
+void paged_packed_attention_checked(const py::array& q, const py::array& k_cache, const py::array& v_cache,
+                                    const py::array& block_tables, const py::array& seq_index,
+                                    const py::array& seq_lens, py::array& out, float scale, int num_threads);
 // Defined in decode_launcher.cpp.
-void bind_cpu_decoder(py::module_& m);
+void bind_cpu_step(py::module_& m);
 // Defined in gemm_launcher.cpp.
 void bind_packed_gemm(py::module_& m);
 // Defined in thread_pool_check.cpp.
@@ -99,7 +102,7 @@ int64_t isa_probe(int64_t seed) {
 }  // namespace
 
 PYBIND11_MODULE(FASTGPT2_MODULE_NAME, m) {
-  m.doc() = "fastgpt2 CPU kernels: top-k / top-p / min-p sampling, paged decode attention and the float32 decode step "
+  m.doc() = "fastgpt2 CPU kernels: top-k / top-p / min-p sampling, paged attention and the float32 model step "
             "(semantics of "
             "fastgpt2.kernels.reference).";
   m.attr("ISA") = FASTGPT2_STR(FASTGPT2_ISA_NAME);
@@ -144,7 +147,13 @@ PYBIND11_MODULE(FASTGPT2_MODULE_NAME, m) {
         "int32 and seq_lens (B,) int32; writes out (B, H, D).",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("seq_lens"),
         py::arg("out"), py::arg("scale"), py::arg("num_threads") = 1);
-  fastgpt2::bind_cpu_decoder(m);
+  m.def("paged_packed_attention", &fastgpt2::paged_packed_attention_checked,
+        "float32 packed queries q (N, H, D), query i of block_tables row seq_index[i] (N,) int32 attending to its "
+        "first seq_lens[i] (N,) int32 keys of k_cache/v_cache (num_blocks, block_size, H, D); writes out (N, H, D). "
+        "Consecutive queries of one row share K/V block reads (the CPU step's prefill attention).",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("seq_index"),
+        py::arg("seq_lens"), py::arg("out"), py::arg("scale"), py::arg("num_threads") = 1);
+  fastgpt2::bind_cpu_step(m);
   fastgpt2::bind_packed_gemm(m);
   m.def("_thread_pool_stress", &fastgpt2::thread_pool_stress,
         "Internal (tests): num_regions back-to-back regions of 1..300 random tasks on the pool of num_threads; returns "

@@ -1,8 +1,14 @@
-// The whole GPT-2 decode step on CPU (one new token per sequence) on raw buffers, float32 arithmetic on float32 or
-// bfloat16 weight matrices: embeddings, 12..48 blocks (LayerNorm, QKV, paged attention, projections, tanh-GELU MLP),
-// ln_f and the tied LM head, on a persistent thread pool instead of ~150 torch ops per token. Small batches are
-// chains of matrix-vector products bound by memory bandwidth (row-blocked kernels, linear.h); from 12 sequences on
-// the products go through a register-blocked GEMM (gemm.h).
+// The whole GPT-2 step on CPU on raw buffers, float32 arithmetic on float32 or bfloat16 weight matrices: N packed
+// tokens, any mix of prefill chunks and decodes (one token per decoding sequence), through embeddings, 12..48 blocks
+// (LayerNorm, QKV, paged attention, projections, tanh-GELU MLP), ln_f and the tied LM head on the rows whose logits
+// are wanted, on a persistent thread pool instead of ~150 torch ops per step.
+//
+// Batch invariance (the CPU path's contract): every output element of every linear layer, the LM head, LayerNorm and
+// attention is computed by the same sequence of float32 operations whatever else is in the step, so a token's logits
+// are bitwise the same alone, in a decode batch of any size, inside a prefill chunk of any size, after a prefix-cache
+// hit or after recomputation (on a given machine, build and thread count). LayerNorm is per row (layer_norm_row); the
+// linear layers' per-element order does not depend on the number of tokens (decode.cpp's parallel_linear); attention
+// is per (token, head) over the token's own context [0, position] (attention.h).
 #pragma once
 
 #include <cstdint>
@@ -38,23 +44,27 @@ struct ModelWeights {
   float layer_norm_epsilon;
 };
 
-// One decode step for batch_size sequences. kv_cache: (n_layer, 2, num_blocks, block_size, n_head, head_dim); the
-// new K/V of sequence b go to slot slots[b]. block_tables: (batch_size, max_blocks); seq_lens count the new token.
-struct DecodeBatch {
-  const int64_t* token_ids;  // (batch_size,)
-  const int64_t* positions;  // (batch_size,)
-  const int64_t* slots;      // (batch_size,)
+// One step of num_tokens packed tokens. Token i (id token_ids[i] at positions[i]) belongs to the sequence whose block
+// table is row seq_index[i] of block_tables (num_seqs, max_blocks); its new K/V go to slot slots[i] of kv_cache
+// (n_layer, 2, num_blocks, block_size, n_head, head_dim), and it attends to its sequence's positions [0, positions[i]]
+// (earlier steps' K/V already in the pool, this step's written first). A sequence's tokens come in position order.
+// logits (num_logits, vocab_size) gets the logits of the rows logits_indices (num_logits,), in that order.
+struct StepBatch {
+  const int64_t* token_ids;  // (num_tokens,)
+  const int64_t* positions;  // (num_tokens,)
+  const int64_t* slots;      // (num_tokens,)
+  const int32_t* seq_index;  // (num_tokens,)
   const int32_t* block_tables;
-  const int32_t* seq_lens;
-  int64_t batch_size, max_blocks;
+  const int64_t* logits_indices;  // (num_logits,)
+  int64_t num_tokens, num_seqs, max_blocks, num_logits;
   float* kv_cache;
   int64_t num_blocks, block_size;
-  float* logits;  // (batch_size, vocab_size), written
+  float* logits;  // (num_logits, vocab_size), written
 };
 
-// Inputs must already be checked (decode_launcher.cpp): ids, positions, slots and block ids in range, n_embd a
-// multiple of 8.
+// Inputs must already be checked (decode_launcher.cpp): ids, positions, slots, sequence indices, block ids and
+// logits rows in range, slots those of the block tables, n_embd a multiple of 8.
 template <typename W>
-void decode_step(const ModelWeights<W>& weights, const DecodeBatch& batch, int num_threads);
+void model_step(const ModelWeights<W>& weights, const StepBatch& batch, int num_threads);
 
 }  // namespace fastgpt2

@@ -1,17 +1,17 @@
-// Checked entry point of the CPU decode step: CpuDecoder holds the model's weight buffers (and keeps the arrays
-// alive), plus bfloat16 copies of the weight matrices when asked for them; forward() validates one batch's ids,
-// positions, slots and block tables, then runs without the GIL.
+// Checked entry point of the CPU step: CpuStep holds the model's weight buffers (and keeps the arrays alive), plus
+// bfloat16 copies of the weight matrices when asked for them; forward() validates one step's ids, positions, slots,
+// sequence indices, block tables and logits rows, then runs without the GIL.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "checks.h"
 #include "decode.h"
-#include "gemm.h"
 
 namespace py = pybind11;
 
@@ -30,9 +30,9 @@ void check_index(int64_t value, int64_t limit, const char* name, int64_t row, co
 
 }  // namespace
 
-class CpuDecoder {
+class CpuStep {
  public:
-  CpuDecoder(const py::array& wte, const py::array& wpe, const std::vector<std::vector<py::array>>& layers,
+  CpuStep(const py::array& wte, const py::array& wpe, const std::vector<std::vector<py::array>>& layers,
              const py::array& ln_f_weight, const py::array& ln_f_bias, int64_t n_head, float layer_norm_epsilon,
              const std::string& weight_dtype) {
     if (weight_dtype != "float32" && weight_dtype != "bfloat16")
@@ -47,7 +47,7 @@ class CpuDecoder {
     w_.wpe = keep(wpe, "wpe.weight", {-1, C});
     w_.n_positions = kept_.back().shape(0);
     if (n_head < 1 || C % n_head != 0) throw py::value_error("n_head must divide n_embd");
-    if (C % 8 != 0) throw py::value_error("the CPU decode step needs n_embd to be a multiple of 8");
+    if (C % 8 != 0) throw py::value_error("the CPU step needs n_embd to be a multiple of 8");
     w_.n_head = n_head;
     w_.layer_norm_epsilon = layer_norm_epsilon;
     const std::vector<std::vector<py::ssize_t>> shapes = {{C}, {C}, {3 * C, C}, {3 * C}, {C, C}, {C},
@@ -65,36 +65,55 @@ class CpuDecoder {
 
   std::string weight_dtype() const { return bf16_ ? "bfloat16" : "float32"; }
 
-  // token_ids, positions, slots: (B,) int64; block_tables: (B, max_blocks) int32; seq_lens: (B,) int32;
-  // kv_cache: (n_layer, 2, num_blocks, block_size, n_head, head_dim) float32; logits: (B, vocab_size) float32.
+  // token_ids, positions, slots: (N,) int64; seq_index: (N,) int32, rows of block_tables (S, max_blocks) int32;
+  // logits_indices: (R,) int64 in [0, N); kv_cache: (n_layer, 2, num_blocks, block_size, n_head, head_dim) float32;
+  // logits: (R, vocab_size) float32. Nothing is written when a check fails.
   void forward(const py::array& token_ids, const py::array& positions, const py::array& slots,
-               const py::array& block_tables, const py::array& seq_lens, py::array& kv_cache, py::array& logits,
-               int num_threads) {
+               const py::array& seq_index, const py::array& block_tables, const py::array& logits_indices,
+               py::array& kv_cache, py::array& logits, int num_threads) {
     auto ids = checked_array<int64_t>(token_ids, "token_ids", "int64", {-1});
-    const int64_t B = ids.shape(0);
-    auto pos = checked_array<int64_t>(positions, "positions", "int64", {B});
-    auto slot = checked_array<int64_t>(slots, "slots", "int64", {B});
-    auto tables = checked_array<int32_t>(block_tables, "block_tables", "int32", {B, -1});
-    auto lens = checked_array<int32_t>(seq_lens, "seq_lens", "int32", {B});
+    const int64_t N = ids.shape(0);
+    auto pos = checked_array<int64_t>(positions, "positions", "int64", {N});
+    auto slot = checked_array<int64_t>(slots, "slots", "int64", {N});
+    auto index = checked_array<int32_t>(seq_index, "seq_index", "int32", {N});
+    auto tables = checked_array<int32_t>(block_tables, "block_tables", "int32", {-1, -1});
+    auto rows = checked_array<int64_t>(logits_indices, "logits_indices", "int64", {-1});
+    const int64_t R = rows.shape(0);
     const int64_t L = static_cast<int64_t>(w_.layers.size()), H = w_.n_head, D = w_.n_embd / w_.n_head;
     auto cache = checked_array<float>(kv_cache, "kv_cache", "float32", {L, 2, -1, -1, H, D});
-    auto out = checked_array<float>(logits, "logits", "float32", {B, w_.vocab_size});
+    auto out = checked_array<float>(logits, "logits", "float32", {R, w_.vocab_size});
     if (num_threads < 1) throw py::value_error("num_threads must be >= 1, got " + std::to_string(num_threads));
-    DecodeBatch batch{ids.data(), pos.data(), slot.data(), tables.data(), lens.data(), B, tables.shape(1),
-                      cache.mutable_data(), cache.shape(2), cache.shape(3), out.mutable_data()};
-    for (int64_t b = 0; b < B; ++b) {
-      check_index(batch.token_ids[b], w_.vocab_size, "token_ids", b, "vocabulary");
-      check_index(batch.positions[b], w_.n_positions, "positions", b, "model's context");
-      check_index(batch.slots[b], batch.num_blocks * batch.block_size, "slots", b, "KV pool's slots");
-      check_index(batch.seq_lens[b] - 1, batch.max_blocks * batch.block_size, "seq_lens - 1", b, "block table's span");
-      for (int64_t i = 0; i < (batch.seq_lens[b] + batch.block_size - 1) / batch.block_size; ++i)
-        check_index(batch.block_tables[b * batch.max_blocks + i], batch.num_blocks, "block_tables", b, "pool's blocks");
+    StepBatch batch{ids.data(), pos.data(), slot.data(), index.data(), tables.data(), rows.data(), N,
+                    tables.shape(0), tables.shape(1), R, cache.mutable_data(), cache.shape(2), cache.shape(3),
+                    out.mutable_data()};
+    const int64_t S = batch.num_seqs, bs = batch.block_size, span = batch.max_blocks * bs;
+    std::vector<int64_t> last(S, -1);  // per block-table row: the highest position that reads it
+    for (int64_t i = 0; i < N; ++i) {
+      check_index(batch.token_ids[i], w_.vocab_size, "token_ids", i, "vocabulary");
+      check_index(batch.positions[i], w_.n_positions, "positions", i, "model's context");
+      check_index(batch.positions[i], span, "positions", i, "block table's span");
+      check_index(batch.slots[i], batch.num_blocks * bs, "slots", i, "KV pool's slots");
+      check_index(batch.seq_index[i], S, "seq_index", i, "block tables' rows");
+      last[batch.seq_index[i]] = std::max(last[batch.seq_index[i]], batch.positions[i]);
     }
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t b = 0; b <= last[s] / bs && last[s] >= 0; ++b)
+        check_index(batch.block_tables[s * batch.max_blocks + b], batch.num_blocks, "block_tables", s, "pool's blocks");
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t p = batch.positions[i];
+      const int64_t want = batch.block_tables[batch.seq_index[i] * batch.max_blocks + p / bs] * bs + p % bs;
+      if (batch.slots[i] != want)
+        throw py::value_error("slots[" + std::to_string(i) + "] = " + std::to_string(batch.slots[i]) +
+                              " is not the slot of positions[" + std::to_string(i) + "] = " + std::to_string(p) +
+                              " in block_tables[" + std::to_string(batch.seq_index[i]) + "] (" +
+                              std::to_string(want) + ")");
+    }
+    for (int64_t r = 0; r < R; ++r) check_index(batch.logits_indices[r], N, "logits_indices", r, "step's tokens");
     py::gil_scoped_release release;
     if (bf16_)
-      decode_step(*bf16_, batch, num_threads);
+      model_step(*bf16_, batch, num_threads);
     else
-      decode_step(w_, batch, num_threads);
+      model_step(w_, batch, num_threads);
   }
 
  private:
@@ -134,20 +153,22 @@ class CpuDecoder {
   std::vector<std::vector<float>> rounded_storage_;
 };
 
-void bind_cpu_decoder(py::module_& m) {
-  m.attr("CPU_DECODER_HAS_GEMM") = py::bool_(kHasGemm);
-  py::class_<CpuDecoder>(m, "CpuDecoder",
-                         "GPT-2's decode step on CPU (float32 arithmetic, float32 or bfloat16 weight matrices); holds "
-                         "the weight arrays it is given.")
+void bind_cpu_step(py::module_& m) {
+  py::class_<CpuStep>(m, "CpuStep",
+                      "GPT-2's step on CPU over packed prefill and decode tokens (float32 arithmetic, float32 or "
+                      "bfloat16 weight matrices; each token's result independent of the rest of the step); holds the "
+                      "weight arrays it is given.")
       .def(py::init<const py::array&, const py::array&, const std::vector<std::vector<py::array>>&, const py::array&,
                     const py::array&, int64_t, float, const std::string&>(),
            py::arg("wte"), py::arg("wpe"), py::arg("layers"), py::arg("ln_f_weight"), py::arg("ln_f_bias"),
            py::arg("n_head"), py::arg("layer_norm_epsilon"), py::arg("weight_dtype") = "float32")
-      .def_property_readonly("weight_dtype", &CpuDecoder::weight_dtype)
-      .def("forward", &CpuDecoder::forward,
-           "One decode token per sequence: writes its K/V into kv_cache and the next-token logits (B, vocab).",
-           py::arg("token_ids"), py::arg("positions"), py::arg("slots"), py::arg("block_tables"),
-           py::arg("seq_lens"), py::arg("kv_cache"), py::arg("logits"), py::arg("num_threads") = 1);
+      .def_property_readonly("weight_dtype", &CpuStep::weight_dtype)
+      .def("forward", &CpuStep::forward,
+           "Packed tokens (N,): writes their K/V into kv_cache, attends each over its sequence's context, and writes "
+           "the logits of the rows logits_indices into logits (R, vocab).",
+           py::arg("token_ids"), py::arg("positions"), py::arg("slots"), py::arg("seq_index"),
+           py::arg("block_tables"), py::arg("logits_indices"), py::arg("kv_cache"), py::arg("logits"),
+           py::arg("num_threads") = 1);
 }
 
 }  // namespace fastgpt2

@@ -105,7 +105,7 @@ def test_one_dispatch_module():
     or a Triton kernel module to call it directly (tests and benchmarks aside)."""
     direct = ("fastgpt2.kernels.native", "fastgpt2.kernels.cpu_sampling", "fastgpt2.kernels.sampling",
               "fastgpt2.kernels.paged_attention", "fastgpt2.kernels.prefill_attention")
-    allowed = {"fastgpt2.engine.cpu_decode"}  # the C++ decode step is a whole step, not one operation
+    allowed = {"fastgpt2.engine.cpu_step"}  # the C++ step is a whole model step, not one operation
     for name, path in _modules().items():
         if name in allowed or name.startswith(("fastgpt2.benchmarks", "fastgpt2.kernels")):
             continue

@@ -32,7 +32,7 @@ def test_reloaded_weights_are_served(two_checkpoints, native_decode, source, mon
     first, second = two_checkpoints
     want = _tokens(LLM(str(second), device="cpu"))
     llm = LLM(str(first), device="cpu")
-    uses_cpp = llm.engine.runner.cpu_decode_step is not None
+    uses_cpp = llm.engine.runner.cpu_step is not None
     assert uses_cpp == (native_decode == "1" and native.HAS_EXTENSION)
     before = _tokens(llm)
     assert before != want and all(len(set(t)) > 10 for t in before + want)
@@ -42,7 +42,7 @@ def test_reloaded_weights_are_served(two_checkpoints, native_decode, source, mon
     llm.load_weights(new)
     assert _tokens(llm) == want
     assert llm.engine.block_manager.num_cache_hits == hits  # the old prompt's cached K/V were dropped, not reused
-    assert (llm.engine.runner.cpu_decode_step is not None) == uses_cpp
+    assert (llm.engine.runner.cpu_step is not None) == uses_cpp
     llm.load_weights(str(first))  # and back
     assert _tokens(llm) == before
 
@@ -77,7 +77,7 @@ def test_reload_refreshes_the_cpp_steps_bfloat16_copies(two_checkpoints):
     first, second = two_checkpoints
     want = _tokens(LLM(GPT2.from_pretrained(str(second)).round_weights_to_bfloat16()))
     llm = LLM(GPT2.from_pretrained(str(first)).round_weights_to_bfloat16())
-    assert llm.engine.runner.cpu_decode_step.weight_dtype == "bfloat16"
+    assert llm.engine.runner.cpu_step.weight_dtype == "bfloat16"
     before = _tokens(llm)
     llm.load_weights(GPT2.from_pretrained(str(second)).state_dict())  # float32 weights: rounded on the way in
     assert llm.model.decode_weight_dtype == torch.bfloat16

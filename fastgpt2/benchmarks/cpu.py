@@ -169,13 +169,13 @@ def main(args) -> int:
     config = systems.llm.config
     model = systems.llm.model  # the engine may run another dtype than asked (bf16 without native bf16)
     runner = systems.llm.engine.runner
-    bf16_weights = runner.cpu_decode_step is not None and runner.cpu_decode_step.weight_dtype == "bfloat16"
+    bf16_weights = runner.cpu_step is not None and runner.cpu_step.weight_dtype == "bfloat16"
     actual = model.wte.weight
     weights = {"num_parameters": config.num_parameters(), "dtype": args.dtype,
                "fastgpt2_dtype": "bfloat16" if bf16_weights else str(actual.dtype).replace("torch.", ""),
                "fastgpt2_compute_dtype": str(actual.dtype).replace("torch.", ""),
-               # bf16 weights in float32 arithmetic: only the C++ decode step (batches up to this size) reads them
-               "fastgpt2_bf16_weights_max_batch": runner.cpu_decode_step.max_batch_size if bf16_weights else None,
+               # bf16 weights in float32 arithmetic: the C++ step reads them at every batch size (no limit)
+               "fastgpt2_bf16_weights_max_batch": None,
                "transformers_dtype": str(systems.hf.dtype).replace("torch.", ""),
                "bytes_per_decode_step": config.num_parameters() * (2 if bf16_weights else actual.element_size())}
     if weights["fastgpt2_dtype"] != args.dtype:

@@ -138,8 +138,8 @@ def _bytes_of(dtype: str) -> int:
 
 
 def _fastgpt2_weight_dtype(w: dict, batch: int) -> str:
-    """The weights fastgpt2 reads per step: bf16 weights in float32 arithmetic are read by the C++ decode step only,
-    which serves batches up to fastgpt2_bf16_weights_max_batch (the torch model reads the float32 ones above)."""
+    """The weights fastgpt2 reads per step: bf16 weights in float32 arithmetic are read by the C++ step, which serves
+    every step (older reports: batches up to fastgpt2_bf16_weights_max_batch, the torch model's float32 ones above)."""
     limit = w.get("fastgpt2_bf16_weights_max_batch")
     if limit is not None and batch > limit:
         return w.get("fastgpt2_compute_dtype", "float32")
@@ -188,9 +188,11 @@ def render(report: dict) -> str:
            f"transformers in {w.get('transformers_dtype', a['dtype'])}; the floor below is for fastgpt2's weights.", ""]
           if w.get("fastgpt2_dtype", a["dtype"]) != a["dtype"] else []),
         *([f"fastgpt2 keeps **{w['fastgpt2_dtype']} weights and computes in {w['fastgpt2_compute_dtype']}** with a "
-           f"{w['fastgpt2_compute_dtype']} KV cache (this CPU has no AVX512-BF16/AMX); its C++ decode step reads the "
-           f"bf16 weights at up to {w['fastgpt2_bf16_weights_max_batch']} sequences per step, the torch model the "
-           f"{w['fastgpt2_compute_dtype']} ones above that.", ""]
+           f"{w['fastgpt2_compute_dtype']} KV cache (this CPU has no AVX512-BF16/AMX); "
+           + ("its C++ step reads the bf16 weights at every batch size." if w.get("fastgpt2_bf16_weights_max_batch")
+              is None else
+              f"its C++ decode step reads the bf16 weights at up to {w['fastgpt2_bf16_weights_max_batch']} sequences "
+              f"per step, the torch model the {w['fastgpt2_compute_dtype']} ones above that."), ""]
           if w.get("fastgpt2_compute_dtype", w.get("fastgpt2_dtype")) != w.get("fastgpt2_dtype") else []),
         f"Machine: {m['cpu_model']}, {m['usable_cpus']} usable cores, torch {m['torch']} with {m['torch_threads']} "
         f"threads, transformers {m['transformers']}, fastgpt2 {m['fastgpt2']} (git {m['fastgpt2_git_commit']}), "

@@ -29,10 +29,10 @@ def cpu_has_native_bf16() -> bool:
 
 
 def _effective_dtype(device, dtype):
-    """(dtype to load the model in, whether to keep its weights in bfloat16 for the C++ decode step).
+    """(dtype to load the model in, whether to keep its weights in bfloat16 for the C++ step).
 
     bfloat16 on a CPU without native bf16 (said once): torch would emulate bf16 matmuls, far slower than float32, so
-    the model computes in float32 with its weights rounded to bfloat16, and the C++ decode step reads them as
+    the model computes in float32 with its weights rounded to bfloat16, and the C++ step reads them as
     bfloat16 (half the bytes per token) and widens them to float32 in registers. The KV cache stays float32.
     """
     cpu = device is None and not torch.cuda.is_available() or device is not None and str(device).startswith("cpu")

@@ -162,7 +162,7 @@ class LLMEngine:
     @torch.no_grad()
     def load_weights(self, state_dict: dict) -> None:
         """Copy new weights into the served model in place (every name and shape checked first, nothing copied on a
-        mismatch), then refresh what was derived from the old ones: the C++ decode step's copies, the model's
+        mismatch), then refresh what was derived from the old ones: the C++ step's copies, the model's
         inference caches, and the prefix cache, whose K/V the old weights computed. No request may be in flight."""
         if self.has_unfinished():
             raise ValueError("load_weights needs an idle engine: finish or abort the requests in flight first")

@@ -6,7 +6,7 @@ import torch
 from fastgpt2.model.attention import AttentionMetadata
 from fastgpt2.engine.cuda_graphs import DecodeGraphs
 from fastgpt2.model.gpt2 import GPT2
-from fastgpt2.engine.cpu_decode import CpuDecodeStep
+from fastgpt2.engine.cpu_step import CpuStep
 from fastgpt2.engine.scheduler import SchedulerOutput
 
 
@@ -30,18 +30,19 @@ class ModelRunner:
         )
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(c.n_layer)]
         self.scale = 1.0 / c.head_dim ** 0.5
-        self.cpu_decode_step = CpuDecodeStep(model, self.kv_cache) if CpuDecodeStep.supports(model, self.kv_cache) else None
+        # On CPU (float32, extension built, not turned off) every step runs the C++ step: bitwise batch-invariant.
+        self.cpu_step = CpuStep(model, self.kv_cache) if CpuStep.supports(model, self.kv_cache) else None
         # On CUDA, decode-only steps replay graphs captured per batch-size rung (see cuda_graphs.py).
         self.decode_graphs = None
         if use_cuda_graphs and self.device.type == "cuda":
             self.decode_graphs = DecodeGraphs(model, self.kv_caches, block_size, max_num_seqs, self.scale)
 
     def refresh_weights(self) -> None:
-        """After the model's parameters were overwritten in place: rebuild the C++ decode step (it keeps bf16 copies
-        of the weight matrices) and drop the model's transposed-head cache. CUDA graphs read the parameters in place."""
+        """After the model's parameters were overwritten in place: rebuild the C++ step (it keeps bf16 copies of the
+        weight matrices) and drop the model's transposed-head cache. CUDA graphs read the parameters in place."""
         self.model._wte_t_cache = None
-        if self.cpu_decode_step is not None:
-            self.cpu_decode_step = CpuDecodeStep(self.model, self.kv_cache)
+        if self.cpu_step is not None:
+            self.cpu_step = CpuStep(self.model, self.kv_cache)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if copies:
@@ -50,10 +51,11 @@ class ModelRunner:
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
     def prepare(self, sched: SchedulerOutput, sample_mask: list[bool], prompt_rows: list[range] | None = None):
-        """Packed token ids (N,), positions (N,), attention metadata, and the packed index of each row whose logits
-        are wanted: the sampled rows, then the prompt_rows (per sequence, positions of its chunk) in order."""
+        """Packed token ids (N,), positions (N,), attention metadata, the packed index of each row whose logits are
+        wanted (the sampled rows, then the prompt_rows (per sequence, positions of its chunk) in order), and each
+        token's sequence index (N,) int32 into meta's block tables (decodes' rows, then prefills')."""
         bs = self.block_size
-        token_ids, positions, slots, logits_indices, prompt_indices = [], [], [], [], []
+        token_ids, positions, slots, logits_indices, prompt_indices, seq_index = [], [], [], [], [], []
         q_lens, seq_lens, tables = [], [], []
         for i, (seq, n, sample) in enumerate(zip(sched.seqs, sched.num_new_tokens, sample_mask)):
             start = seq.num_computed_tokens
@@ -61,6 +63,7 @@ class ModelRunner:
                 prompt_indices.extend(len(token_ids) - start + p for p in prompt_rows[i])
             token_ids.extend(seq.token_ids[start:start + n])
             positions.extend(range(start, start + n))
+            seq_index.extend([i] * n)
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             if sample:
@@ -90,7 +93,8 @@ class ModelRunner:
         )
         ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        return ids, pos, meta, torch.tensor(logits_indices + prompt_indices, dtype=torch.long, device=dev)
+        return (ids, pos, meta, torch.tensor(logits_indices + prompt_indices, dtype=torch.long, device=dev),
+                torch.tensor(seq_index, dtype=torch.int32, device=dev), table_tensor)
 
     @torch.inference_mode()
     def run(self, sched: SchedulerOutput, sample_mask: list[bool],
@@ -98,13 +102,16 @@ class ModelRunner:
         """Run one step; returns float32 logits (num_sampled + num_prompt_rows, vocab): the rows in sample_mask,
         then those of prompt_rows (see prepare); None when there are none."""
         self.copy_blocks(sched.block_copies)
-        ids, pos, meta, logits_indices = self.prepare(sched, sample_mask, prompt_rows)
-        # A step of decodes only, each sampled, goes to the C++ step (CPU) or the captured graphs (CUDA) when it fits.
+        ids, pos, meta, logits_indices, seq_index, tables = self.prepare(sched, sample_mask, prompt_rows)
+        if self.cpu_step is not None:  # every CPU step: prefill chunks, decodes, prompt-logprob rows
+            logits = self.cpu_step(ids, pos, meta.slot_mapping, seq_index, tables, logits_indices)
+            return logits if len(logits_indices) else None
+        # On CUDA, a step of decodes only, each sampled, replays a captured graph when it fits.
         decode_only = (meta.num_prefills == 0 and len(logits_indices) == meta.num_decode_tokens
                        and not any(prompt_rows or ()))
-        fast = self.cpu_decode_step or self.decode_graphs
-        if fast is not None and decode_only and meta.num_decode_tokens <= fast.max_batch_size:
-            logits = fast(ids, pos, meta.slot_mapping, meta.decode_block_tables, meta.decode_seq_lens)
+        graphs = self.decode_graphs
+        if graphs is not None and decode_only and meta.num_decode_tokens <= graphs.max_batch_size:
+            logits = graphs(ids, pos, meta.slot_mapping, meta.decode_block_tables, meta.decode_seq_lens)
             return logits.float()
         logits = self.model.forward_paged(ids, pos, meta, self.kv_caches, logits_indices)
         return logits.float() if len(logits_indices) else None

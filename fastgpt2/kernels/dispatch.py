@@ -2,7 +2,7 @@
 (native._C, the ISA variant kernels/native.py picked) on CPU where one exists and is built, else the pure-torch
 reference.
 
-FASTGPT2_FORCE_REFERENCE=1 forces the references everywhere (CUDA, the C++ kernels and the C++ decode step included;
+FASTGPT2_FORCE_REFERENCE=1 forces the references everywhere (CUDA, the C++ kernels and the C++ step included;
 for debugging). FASTGPT2_FORCE_TRITON=1 runs the Triton kernels on CPU tensors too (only meaningful under
 TRITON_INTERPRET=1: it is how the tests drive the whole engine through the kernels without a GPU).
 """

@@ -1,5 +1,5 @@
 """The one module that imports the C++ extension: the C++ paged decode attention here, the CPU sampler in
-cpu_sampling.py and the engine's C++ decode step (fastgpt2.engine.cpu_decode) reach the compiled module through
+cpu_sampling.py and the engine's C++ model step (fastgpt2.engine.cpu_step) reach the compiled module through
 `native._C`.
 
 setup.py builds the extension once per x86 ISA variant (`fastgpt2._C_avx2`, `fastgpt2._C_avx512`,
@@ -216,15 +216,9 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: f
     return out
 
 
-def new_cpu_decoder(*args):
-    """The C++ decode step (csrc/decode.cpp, `_C.CpuDecoder`); see fastgpt2.engine.cpu_decode for its arguments."""
+def new_cpu_step(*args):
+    """The C++ model step (csrc/decode.cpp, `_C.CpuStep`); see fastgpt2.engine.cpu_step for its arguments."""
     if _C is None:
         raise RuntimeError(f"fastgpt2's C++ kernels are not in use ({why_no_extension()}); check HAS_EXTENSION before "
-                           "asking for the C++ decode step")
-    return _C.CpuDecoder(*args)
-
-
-def cpu_decoder_has_gemm() -> bool:
-    """Whether the decode step in use carries its own GEMM (every x86 variant: AVX2 and up): it then serves batches of
-    up to 256."""
-    return bool(getattr(_C, "CPU_DECODER_HAS_GEMM", False))
+                           "asking for the C++ model step")
+    return _C.CpuStep(*args)

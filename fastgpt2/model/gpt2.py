@@ -120,7 +120,7 @@ class GPT2(nn.Module):
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.drop = nn.Dropout(config.embd_pdrop)
-        # Set by round_weights_to_bfloat16: the C++ CPU decode step then stores the weight matrices in this dtype.
+        # Set by round_weights_to_bfloat16: the C++ CPU step then stores the weight matrices in this dtype.
         self.decode_weight_dtype: torch.dtype | None = None
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
@@ -142,7 +142,7 @@ class GPT2(nn.Module):
 
     def round_weights_to_bfloat16(self) -> "GPT2":
         """bfloat16 weights with float32 arithmetic (CPUs without native bf16): every float32 parameter is rounded to
-        the nearest bfloat16 in place, so that the torch path and the C++ decode step (which keeps bf16 copies of the
+        the nearest bfloat16 in place, so that the torch path and the C++ step (which keeps bf16 copies of the
         weight matrices, half the bytes per token) compute the same function."""
         return inference.round_weights_to_bfloat16(self)
 

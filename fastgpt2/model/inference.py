@@ -62,7 +62,7 @@ def _wte_transposed(model) -> torch.Tensor:
 @torch.no_grad()
 def round_weights_to_bfloat16(model):
     """bfloat16 weights with float32 arithmetic (CPUs without native bf16): every float32 parameter is rounded to
-    the nearest bfloat16 in place, so that the torch path and the C++ decode step (which keeps bf16 copies of the
+    the nearest bfloat16 in place, so that the torch path and the C++ step (which keeps bf16 copies of the
     weight matrices, half the bytes per token) compute the same function."""
     if model.wte.weight.dtype != torch.float32:
         raise ValueError(f"round_weights_to_bfloat16 needs a float32 model, got {model.wte.weight.dtype}")

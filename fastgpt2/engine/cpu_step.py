@@ -1,0 +1,83 @@
+"""CpuStep: the engine's wrapper of the C++ model step (csrc/decode.cpp, reached through fastgpt2.kernels.native):
+every CPU step of a float32 model, prefill chunks, decodes and mixed, in one call per step."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fastgpt2.kernels import dispatch, native
+
+
+def native_decode_disabled() -> bool:
+    """FASTGPT2_NATIVE_DECODE=0 turns the C++ step off (the torch model runs every step)."""
+    return os.environ.get("FASTGPT2_NATIVE_DECODE", "1") == "0"
+
+
+class CpuStep:
+    """GPT-2's step in C++ (csrc/decode.cpp) over packed tokens of a float32 model on CPU: any mix of prefill chunks
+    and decodes, one call per step instead of ~150 torch ops, on a persistent thread pool.
+
+    Batch invariance: each token's K/V, attention output and logits are computed by the same float32 operations
+    whatever else is in the step, so a request's logits are bitwise the same alone or in any batch, in a prefill chunk
+    of any size, after a prefix-cache hit or after recomputation (on a given machine, build and thread count).
+
+    It reads the model's parameters in place (the C++ side holds numpy views of them); a model whose parameters are
+    replaced needs a new CpuStep. When model.decode_weight_dtype is bfloat16 (GPT2.round_weights_to_bfloat16), the
+    C++ side keeps bfloat16 copies of the weight matrices and reads those: half the bytes per step, same float32
+    arithmetic.
+    """
+
+    # A step of more tokens runs as several calls in packed order (a later call's tokens attend to the K/V an earlier
+    # one wrote, so the result is the same bitwise): it bounds the step's scratch buffers (about 10 floats per token
+    # and embedding channel, 60 MB for 2048 tokens of GPT-2 XL). The engine's default token budget is 2048 per step.
+    max_tokens_per_call = 2048
+
+    def __init__(self, model, kv_cache: torch.Tensor):
+        c = model.config
+        arr = lambda t: t.detach().numpy()  # noqa: E731 - shared memory, no copy; the array keeps its tensor alive
+        layers = [
+            [arr(t) for t in (b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias,
+                              b.attn.c_proj.weight, b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias,
+                              b.mlp.c_fc.weight, b.mlp.c_fc.bias, b.mlp.c_proj.weight, b.mlp.c_proj.bias)]
+            for b in model.h
+        ]
+        weight_dtype = "bfloat16" if model.decode_weight_dtype == torch.bfloat16 else "float32"
+        self._step = native.new_cpu_step(arr(model.wte.weight), arr(model.wpe.weight), layers, arr(model.ln_f.weight),
+                                         arr(model.ln_f.bias), c.n_head, c.layer_norm_epsilon, weight_dtype)
+        self._kv_cache = kv_cache.numpy()
+        self.vocab_size = c.vocab_size
+
+    @property
+    def weight_dtype(self) -> str:
+        """'float32' or 'bfloat16': the weight matrices the C++ step reads."""
+        return self._step.weight_dtype
+
+    @staticmethod
+    def supports(model, kv_cache: torch.Tensor) -> bool:
+        w = model.wte.weight
+        return (native.HAS_EXTENSION and not native_decode_disabled() and not dispatch.force_reference()
+                and w.device.type == "cpu" and w.dtype == torch.float32 and kv_cache.dtype == torch.float32
+                and kv_cache.is_contiguous() and model.config.n_embd % 8 == 0)
+
+    def __call__(self, token_ids, positions, slots, seq_index, block_tables, logits_indices) -> torch.Tensor:
+        """token_ids, positions, slots: (N,) int64; seq_index: (N,) int32, each token's row of block_tables
+        (S, max_blocks) int32; logits_indices: (R,) int64. Writes every token's K/V into the pool; returns float32
+        logits (R, vocab) of the rows logits_indices, in that order."""
+        num_threads = torch.get_num_threads()
+        logits = torch.empty(len(logits_indices), self.vocab_size, dtype=torch.float32)
+        tables = block_tables.numpy()
+        n, cap = len(token_ids), self.max_tokens_per_call
+        if n <= cap:
+            self._step.forward(token_ids.numpy(), positions.numpy(), slots.numpy(), seq_index.numpy(), tables,
+                               logits_indices.numpy(), self._kv_cache, logits.numpy(), num_threads)
+            return logits
+        for start in range(0, n, cap):
+            end = min(start + cap, n)
+            rows = ((logits_indices >= start) & (logits_indices < end)).nonzero()[:, 0]
+            part = torch.empty(len(rows), self.vocab_size, dtype=torch.float32)
+            self._step.forward(token_ids[start:end].numpy(), positions[start:end].numpy(), slots[start:end].numpy(),
+                               seq_index[start:end].numpy(), tables, (logits_indices[rows] - start).numpy(),
+                               self._kv_cache, part.numpy(), num_threads)
+            logits[rows] = part
+        return logits
