@@ -6,8 +6,8 @@
 // Batch invariance (the CPU path's contract): every output element of every linear layer, the LM head, LayerNorm and
 // attention is computed by the same sequence of float32 operations whatever else is in the step, so a token's logits
 // are bitwise the same alone, in a decode batch of any size, inside a prefill chunk of any size, after a prefix-cache
-// hit or after recomputation (on a given machine, build and thread count). LayerNorm is per row (layer_norm_row); the
-// linear layers' per-element order does not depend on the number of tokens (decode.cpp's parallel_linear); attention
+// hit or after recomputation (on a given machine and build). LayerNorm is per row (layer_norm_row); the
+// linear layers are one FMA chain per output element whatever the number of tokens (packed_gemm.h); attention
 // is per (token, head) over the token's own context [0, position] (attention.h).
 #pragma once
 
@@ -15,29 +15,38 @@
 #include <vector>
 
 #include "linear.h"
+#include "packed_gemm.h"
 
 namespace fastgpt2 {
 
-// Weight matrices in nn.Linear layout (out_features, in_features), row-major, of type W (float or bf16); LayerNorm
-// parameters, biases and position embeddings float32.
+// The model's float32 parameters as torch holds them (nn.Linear layout, row-major), read in place.
+struct RawLayer {
+  const float *ln_1_weight, *ln_1_bias, *c_attn_weight, *c_attn_bias, *attn_proj_weight, *attn_proj_bias;
+  const float *ln_2_weight, *ln_2_bias, *c_fc_weight, *c_fc_bias, *mlp_proj_weight, *mlp_proj_bias;
+};
+
+// What the step reads: the weight matrices packed for the GEMM (packed_gemm.h) as W (float or bf16), the LM head
+// included; LayerNorm parameters, biases and position embeddings float32; the token embedding's rows as float32
+// (bf16 for bf16 weights) for the lookup.
 template <typename W>
 struct LayerWeights {
   const float *ln_1_weight, *ln_1_bias;
-  const W* c_attn_weight;  // (3C, C)
+  PackedMatrix<W> c_attn;  // (3C, C)
   const float* c_attn_bias;
-  const W* attn_proj_weight;  // (C, C)
+  PackedMatrix<W> attn_proj;  // (C, C)
   const float* attn_proj_bias;
   const float *ln_2_weight, *ln_2_bias;
-  const W* c_fc_weight;  // (4C, C)
+  PackedMatrix<W> c_fc;  // (4C, C)
   const float* c_fc_bias;
-  const W* mlp_proj_weight;  // (C, 4C)
+  PackedMatrix<W> mlp_proj;  // (C, 4C)
   const float* mlp_proj_bias;
 };
 
 template <typename W>
 struct ModelWeights {
-  const W* wte;       // (vocab_size, C), also the LM head
-  const float* wpe;   // (n_positions, C)
+  const W* wte_rows;        // (vocab_size, C) row-major: the embedding lookup
+  PackedMatrix<W> lm_head;  // wte packed: the tied LM head
+  const float* wpe;         // (n_positions, C)
   std::vector<LayerWeights<W>> layers;
   const float *ln_f_weight, *ln_f_bias;
   int64_t n_embd, n_head, vocab_size, n_positions;

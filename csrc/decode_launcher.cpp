@@ -1,5 +1,5 @@
-// Checked entry point of the CPU step: CpuStep holds the model's weight buffers (and keeps the arrays alive), plus
-// bfloat16 copies of the weight matrices when asked for them; forward() validates one step's ids, positions, slots,
+// Checked entry point of the CPU step: CpuStep keeps the model's weight arrays alive and packs the weight matrices
+// for the GEMM once (float32, or bfloat16 when asked for); forward() validates one step's ids, positions, slots,
 // sequence indices, block tables and logits rows, then runs without the GIL.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -41,26 +41,31 @@ class CpuStep {
       kept_.push_back(checked_array<float>(a, name.c_str(), "float32", shape));
       return static_cast<const float*>(kept_.back().data());
     };
-    w_.wte = keep(wte, "wte.weight", {-1, -1});
-    w_.vocab_size = kept_.back().shape(0);
-    const int64_t C = w_.n_embd = kept_.back().shape(1);
-    w_.wpe = keep(wpe, "wpe.weight", {-1, C});
-    w_.n_positions = kept_.back().shape(0);
+    const float* wte_p = keep(wte, "wte.weight", {-1, -1});
+    vocab_size_ = kept_.back().shape(0);
+    const int64_t C = n_embd_ = kept_.back().shape(1);
+    const float* wpe_p = keep(wpe, "wpe.weight", {-1, C});
+    n_positions_ = kept_.back().shape(0);
     if (n_head < 1 || C % n_head != 0) throw py::value_error("n_head must divide n_embd");
     if (C % 8 != 0) throw py::value_error("the CPU step needs n_embd to be a multiple of 8");
-    w_.n_head = n_head;
-    w_.layer_norm_epsilon = layer_norm_epsilon;
     const std::vector<std::vector<py::ssize_t>> shapes = {{C}, {C}, {3 * C, C}, {3 * C}, {C, C}, {C},
                                                           {C}, {C}, {4 * C, C}, {4 * C}, {C, 4 * C}, {C}};
+    std::vector<RawLayer> raw;
     for (size_t l = 0; l < layers.size(); ++l) {
       if (layers[l].size() != 12) throw py::value_error("each layer needs its 12 weight arrays");
       const float* p[12];
       for (int i = 0; i < 12; ++i) p[i] = keep(layers[l][i], "h." + std::to_string(l) + "." + kLayerNames[i], shapes[i]);
-      w_.layers.push_back({p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10], p[11]});
+      raw.push_back({p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10], p[11]});
     }
-    w_.ln_f_weight = keep(ln_f_weight, "ln_f.weight", {C});
-    w_.ln_f_bias = keep(ln_f_bias, "ln_f.bias", {C});
-    if (weight_dtype == "bfloat16") make_bf16_copies();
+    const float* ln_f_w = keep(ln_f_weight, "ln_f.weight", {C});
+    const float* ln_f_b = keep(ln_f_bias, "ln_f.bias", {C});
+    if (weight_dtype == "bfloat16") {
+      bf16_ = std::make_unique<ModelWeights<bf16>>();
+      build(*bf16_, wte_p, wpe_p, raw, ln_f_w, ln_f_b, n_head, layer_norm_epsilon);
+    } else {
+      f32_ = std::make_unique<ModelWeights<float>>();
+      build(*f32_, wte_p, wpe_p, raw, ln_f_w, ln_f_b, n_head, layer_norm_epsilon);
+    }
   }
 
   std::string weight_dtype() const { return bf16_ ? "bfloat16" : "float32"; }
@@ -79,9 +84,9 @@ class CpuStep {
     auto tables = checked_array<int32_t>(block_tables, "block_tables", "int32", {-1, -1});
     auto rows = checked_array<int64_t>(logits_indices, "logits_indices", "int64", {-1});
     const int64_t R = rows.shape(0);
-    const int64_t L = static_cast<int64_t>(w_.layers.size()), H = w_.n_head, D = w_.n_embd / w_.n_head;
+    const int64_t L = num_layers_, H = n_head_, D = n_embd_ / n_head_;
     auto cache = checked_array<float>(kv_cache, "kv_cache", "float32", {L, 2, -1, -1, H, D});
-    auto out = checked_array<float>(logits, "logits", "float32", {R, w_.vocab_size});
+    auto out = checked_array<float>(logits, "logits", "float32", {R, vocab_size_});
     if (num_threads < 1) throw py::value_error("num_threads must be >= 1, got " + std::to_string(num_threads));
     StepBatch batch{ids.data(), pos.data(), slot.data(), index.data(), tables.data(), rows.data(), N,
                     tables.shape(0), tables.shape(1), R, cache.mutable_data(), cache.shape(2), cache.shape(3),
@@ -89,8 +94,8 @@ class CpuStep {
     const int64_t S = batch.num_seqs, bs = batch.block_size, span = batch.max_blocks * bs;
     std::vector<int64_t> last(S, -1);  // per block-table row: the highest position that reads it
     for (int64_t i = 0; i < N; ++i) {
-      check_index(batch.token_ids[i], w_.vocab_size, "token_ids", i, "vocabulary");
-      check_index(batch.positions[i], w_.n_positions, "positions", i, "model's context");
+      check_index(batch.token_ids[i], vocab_size_, "token_ids", i, "vocabulary");
+      check_index(batch.positions[i], n_positions_, "positions", i, "model's context");
       check_index(batch.positions[i], span, "positions", i, "block table's span");
       check_index(batch.slots[i], batch.num_blocks * bs, "slots", i, "KV pool's slots");
       check_index(batch.seq_index[i], S, "seq_index", i, "block tables' rows");
@@ -113,43 +118,50 @@ class CpuStep {
     if (bf16_)
       model_step(*bf16_, batch, num_threads);
     else
-      model_step(w_, batch, num_threads);
+      model_step(*f32_, batch, num_threads);
   }
 
  private:
-  // Every parameter rounded to bfloat16 (round to nearest even, as torch), so that the step computes the model
-  // GPT2.round_weights_to_bfloat16 makes: the weight matrices stored as bf16, the small vectors and wpe as rounded
-  // float32.
-  void make_bf16_copies() {
-    const int64_t C = w_.n_embd;
-    auto matrix = [&](const float* src, int64_t n) {
-      bf16_storage_.emplace_back(n);
-      for (int64_t i = 0; i < n; ++i) bf16_storage_.back()[i] = to_bf16(src[i]);
-      return static_cast<const bf16*>(bf16_storage_.back().data());
-    };
+  // The step's weights from the model's float32 arrays: the matrices packed as W (bf16: rounded to nearest even, as
+  // torch); for bf16 every other parameter rounded too, in float32 copies, so that the step computes the model
+  // GPT2.round_weights_to_bfloat16 makes. float32 reads the vectors and the embedding rows in place.
+  template <typename W>
+  void build(ModelWeights<W>& m, const float* wte, const float* wpe, const std::vector<RawLayer>& raw,
+             const float* ln_f_weight, const float* ln_f_bias, int64_t n_head, float eps) {
+    const int64_t C = n_embd_;
+    constexpr bool kRound = sizeof(W) == 2;
     auto vec = [&](const float* src, int64_t n) {
+      if (!kRound) return src;
       rounded_storage_.emplace_back(n);
       for (int64_t i = 0; i < n; ++i) rounded_storage_.back()[i] = to_float(to_bf16(src[i]));
       return static_cast<const float*>(rounded_storage_.back().data());
     };
-    bf16_ = std::make_unique<ModelWeights<bf16>>();
-    ModelWeights<bf16>& m = *bf16_;
-    m.wte = matrix(w_.wte, w_.vocab_size * C);
-    m.wpe = vec(w_.wpe, w_.n_positions * C);
-    for (const LayerWeights<float>& L : w_.layers)
-      m.layers.push_back({vec(L.ln_1_weight, C), vec(L.ln_1_bias, C), matrix(L.c_attn_weight, 3 * C * C),
-                          vec(L.c_attn_bias, 3 * C), matrix(L.attn_proj_weight, C * C), vec(L.attn_proj_bias, C),
-                          vec(L.ln_2_weight, C), vec(L.ln_2_bias, C), matrix(L.c_fc_weight, 4 * C * C),
-                          vec(L.c_fc_bias, 4 * C), matrix(L.mlp_proj_weight, 4 * C * C), vec(L.mlp_proj_bias, C)});
-    m.ln_f_weight = vec(w_.ln_f_weight, C), m.ln_f_bias = vec(w_.ln_f_bias, C);
-    m.n_embd = w_.n_embd, m.n_head = w_.n_head, m.vocab_size = w_.vocab_size, m.n_positions = w_.n_positions;
-    m.layer_norm_epsilon = w_.layer_norm_epsilon;
+    auto pack = [&](const float* src, int64_t rows, int64_t cols) { return pack_matrix<W>(src, rows, cols); };
+    if constexpr (kRound) {
+      bf16_rows_.resize(vocab_size_ * C);
+      for (int64_t i = 0; i < vocab_size_ * C; ++i) bf16_rows_[i] = to_bf16(wte[i]);
+      m.wte_rows = bf16_rows_.data();
+    } else {
+      m.wte_rows = wte;
+    }
+    m.lm_head = pack(wte, vocab_size_, C);
+    m.wpe = vec(wpe, n_positions_ * C);
+    for (const RawLayer& L : raw)
+      m.layers.push_back({vec(L.ln_1_weight, C), vec(L.ln_1_bias, C), pack(L.c_attn_weight, 3 * C, C),
+                          vec(L.c_attn_bias, 3 * C), pack(L.attn_proj_weight, C, C), vec(L.attn_proj_bias, C),
+                          vec(L.ln_2_weight, C), vec(L.ln_2_bias, C), pack(L.c_fc_weight, 4 * C, C),
+                          vec(L.c_fc_bias, 4 * C), pack(L.mlp_proj_weight, C, 4 * C), vec(L.mlp_proj_bias, C)});
+    m.ln_f_weight = vec(ln_f_weight, C), m.ln_f_bias = vec(ln_f_bias, C);
+    m.n_embd = C, m.n_head = n_head, m.vocab_size = vocab_size_, m.n_positions = n_positions_;
+    m.layer_norm_epsilon = eps;
+    num_layers_ = static_cast<int64_t>(raw.size()), n_head_ = n_head;
   }
 
-  ModelWeights<float> w_;
+  int64_t vocab_size_ = 0, n_embd_ = 0, n_positions_ = 0, num_layers_ = 0, n_head_ = 0;
+  std::unique_ptr<ModelWeights<float>> f32_;
   std::unique_ptr<ModelWeights<bf16>> bf16_;
-  std::vector<py::array_t<float, py::array::c_style>> kept_;
-  std::vector<std::vector<bf16>> bf16_storage_;
+  std::vector<py::array_t<float, py::array::c_style>> kept_;  // the model's arrays, read in place (float32)
+  std::vector<bf16> bf16_rows_;
   std::vector<std::vector<float>> rounded_storage_;
 };
 
