@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 
 #include "sampling.h"
 #include "sampling_select.h"
@@ -36,7 +37,12 @@ bool sample_top_p_fast(const float* x, int64_t vocab_size, const RowScan& scan, 
   if (!(bucket_scale > 0.0f) || inv_scale < 1e-10) return false;  // one bucket, or buckets too narrow
   const int64_t padded = (vocab_size + BLOCK - 1) / BLOCK * BLOCK;
   ws.reserve(padded);
-  const double total32 = fast_exp_pass(x, vocab_size, scan, bucket_scale, next_row, ws);
+  // Tokens with a gap >= g = ln(2 V / (1 - p)) hold less than V e^-g = (1 - p) / 2 of the mass (which is >= 1, the
+  // max's e), so the boundary lies above them by a margin: their buckets need no count (two buckets of margin for
+  // the float32 bucket index).
+  const double count_gap = std::log(2.0 * vocab_size / (1.0 - top_p));
+  const int count_limit = static_cast<int>(std::min(count_gap * bucket_scale + 2.0, double{BUCKET_PAD + 1}));
+  const double total32 = fast_exp_pass(x, vocab_size, scan, bucket_scale, count_limit, next_row, ws);
   // The bracket only guides where the window lies (the decision below is checked): bounds as in plan_row, widened
   // by the float32 exp's error.
   const double slack = buckets.slack + 4 * EXP32_REL_ERROR;

@@ -18,10 +18,11 @@ bool try_top_p_fast(const float* x, int64_t vocab_size, const RowScan& scan, int
                     double uniform, const float* next_row, Workspace& ws, int64_t* token);
 
 // The fast top-p path's pass: e32 = exp32_of_gap(max - x) into ws.e32 and each token's bucket and the count
-// histogram as exp_pass<true> stores them. Returns the sum of e32 in float64. read V floats; write V floats
-// + V uint16 and the count histogram.
-double fast_exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, float bucket_scale, const float* next_row,
-                     Workspace& ws);
+// histogram as exp_pass<true> stores them, except that the counts of buckets >= count_limit may be left at 0 (they
+// are exact below it). Returns the sum of e32 in float64. read V floats; write V floats + V uint16 and the count
+// histogram.
+double fast_exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, float bucket_scale, int count_limit,
+                     const float* next_row, Workspace& ws);
 
 constexpr double FAST_BLOCK_SUM_ERROR = 6.1e-8;  // one float32 rounding (2^-24), with a margin
 
