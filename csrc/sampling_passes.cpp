@@ -267,7 +267,26 @@ double window_pass(const Workspace& ws, int64_t padded, double e_above, double e
   double mass_above = 0.0;
   for (int64_t start = 0; start < padded; start += BLOCK) {
     double sum = 0.0;
-#ifdef FASTGPT2_AVX2
+#if defined(FASTGPT2_AVX512)
+    const __m512i first_v = _mm512_set1_epi16(static_cast<int16_t>(first));
+    const __m512i last_v = _mm512_set1_epi16(static_cast<int16_t>(last));
+    const __m512d above_v = _mm512_set1_pd(e_above);
+    __m512d acc0 = _mm512_setzero_pd(), acc1 = _mm512_setzero_pd();
+    for (int64_t j = start; j < start + BLOCK; j += 32) {
+      const __m512i b = _mm512_loadu_si512(bucket + j);
+      uint32_t candidates = _mm512_mask_cmple_epu16_mask(_mm512_cmpge_epu16_mask(b, first_v), b, last_v);
+      for (; candidates; candidates &= candidates - 1) {
+        const int64_t i = j + __builtin_ctz(candidates);
+        if (e[i] > e_below && e[i] <= e_above) window.push_back({e[i], i});
+      }
+      for (int q = 0; q < 4; q += 2) {
+        const __m512d v0 = _mm512_loadu_pd(e + j + 8 * q), v1 = _mm512_loadu_pd(e + j + 8 * q + 8);
+        acc0 = _mm512_mask_add_pd(acc0, _mm512_cmp_pd_mask(v0, above_v, _CMP_GT_OQ), acc0, v0);
+        acc1 = _mm512_mask_add_pd(acc1, _mm512_cmp_pd_mask(v1, above_v, _CMP_GT_OQ), acc1, v1);
+      }
+    }
+    sum = _mm512_reduce_add_pd(_mm512_add_pd(acc0, acc1));
+#elif defined(FASTGPT2_AVX2)
     const __m256i first_v = _mm256_set1_epi16(static_cast<int16_t>(first));
     const __m256i last_v = _mm256_set1_epi16(static_cast<int16_t>(last));
     const __m256d above_v = _mm256_set1_pd(e_above);
