@@ -3,13 +3,13 @@
 #include "sampling.h"
 
 #include <algorithm>
-#include <atomic>
 #include <exception>
 #include <limits>
 #include <system_error>
 #include <thread>
 
 #include "sampling_math.h"
+#include "sampling_fast.h"
 #include "sampling_passes.h"
 #include "sampling_select.h"
 
@@ -35,23 +35,6 @@ RowStatus row_status(const RowScan& scan) {
   if (scan.max == std::numeric_limits<float>::infinity()) return kPosInf;
   if (scan.max == -std::numeric_limits<float>::infinity()) return kNoFinite;
   return kOk;
-}
-
-// The histogram's scale over max - x in [0, range] (range = max - min_finite, at most RANGE_MAX). The bucket index is
-// computed in float32 (bucket_of): its two roundings move a token's e by at most a relative 2 * 2^-24 * (2047 /
-// scale) off its bucket's bounds, which the slack covers with the rounding of the exp and of the bound recurrence
-// (< 3e-13). scale is 0 (inv_scale +inf) when every finite logit is the same.
-struct BucketScale {
-  float scale;
-  double inv_scale, slack;
-};
-
-BucketScale bucket_scale_of(const RowScan& scan) {
-  const double range = std::min(static_cast<double>(scan.max) - scan.min_finite, RANGE_MAX);
-  const float scale = range >= 1e-30 ? static_cast<float>(NUM_LINEAR_BUCKETS / range) : 0.0f;
-  const double inv_scale = scale > 0.0f ? 1.0 / scale : std::numeric_limits<double>::infinity();
-  const double slack = 1e-12 + (scale > 0.0f ? 2.5 * 0x1p-24 * (NUM_LINEAR_BUCKETS + 1) * inv_scale : 0.0);
-  return {scale, inv_scale, slack};
 }
 
 // Steps 1-6 of sampling.h for one row whose scan has status kOk: fills ws.e and returns how to find the kept set.
@@ -159,112 +142,6 @@ void plan_row(const float* x, int64_t vocab_size, const RowScan& scan, int64_t t
   *plan = {with_min_p(cut, min_p), KeptSource::kScan};
 }
 
-// Rows the fast path takes: top-p alone (no top-k, no min-p).
-bool fast_path_applies(int64_t top_k, double top_p, double min_p, int64_t vocab_size) {
-  return top_p < 1.0 && !(top_k > 0 && top_k < vocab_size) && !(min_p > 0.0);
-}
-
-std::atomic<int64_t> fast_rows_decided{0}, fast_rows_deferred{0};
-
-// Steps 1-7 for a top-p-only row with the float32 exp (exp32_of_gap): about half the exact path's arithmetic and
-// memory. Every sum it compares carries a bound on its error against exact arithmetic; a decision is taken only
-// when its margin exceeds that bound, so the result is always the exact path's. Returns false (and the caller runs
-// the exact path) when the boundary is not safely inside the window or the draw is too close to call.
-//
-// With A = mass of the buckets above the window (e32 sums), W = the window's exact masses and B = the mass below
-// it (T32 - A - window e32), rank r is kept iff A + W_before(r) < p (A + W + B), i.e. W_before(r) < tau with
-// tau = p (W + B) - (1 - p) A, whose error is at most (1 - p) eps_A A + p eps_B B (+ the block sums' float32
-// rounding and the float64 rounding): small even where p is close to 1, as B then is.
-bool sample_top_p_fast(const float* x, int64_t vocab_size, const RowScan& scan, double top_p, double uniform,
-                       const float* next_row, Workspace& ws, int64_t* token) {
-  const double full_range = static_cast<double>(scan.max) - scan.min_finite;  // +inf with -inf logits
-  const BucketScale buckets = bucket_scale_of(scan);
-  const float bucket_scale = buckets.scale;
-  const double inv_scale = buckets.inv_scale;
-  if (!(bucket_scale > 0.0f) || inv_scale < 1e-10) return false;  // one bucket, or buckets too narrow
-  const int64_t padded = (vocab_size + BLOCK - 1) / BLOCK * BLOCK;
-  ws.reserve(padded);
-  const double total32 = fast_exp_pass(x, vocab_size, scan, bucket_scale, next_row, ws);
-  // The bracket only guides where the window lies (the decision below is checked): bounds as in plan_row, widened
-  // by the float32 exp's error.
-  const double slack = buckets.slack + 4 * EXP32_REL_ERROR;
-  const Bracket bracket = bracket_mass(ws.count.data(), top_p * total32, inv_scale, slack);
-  // With top-p close to 1 the lower bounds may never reach the target (they lose up to a bucket's width of every
-  // token's e): the window then ends two buckets past the estimated crossing instead (checked like any window).
-  const int last = bracket.last < BUCKET_TINY
-                       ? bracket.last + 1
-                       : estimated_crossing(ws.count.data(), top_p * total32, inv_scale) + 2;
-  const int first = std::max(bracket.first - 1, 0);
-  if (last >= BUCKET_TINY) return false;
-  double* block_mass = ws.block_mass.data();
-  const FastWindow sums = fast_window_pass(ws, x, scan.max, bucket_scale, vocab_size, first, last, ws.list, block_mass);
-  double window = 0.0;
-  for (const RankedToken& t : ws.list) window += t.e;
-  const double above = sums.above, below = std::max(total32 - above - sums.window_e32, 0.0);
-  // Error bounds on e32 against the exact e: a token above the window has gap < (first + 1) / scale (its float32
-  // bucket index is < first); one below it has gap <= min(full range, EXP32_GAP_MAX), or its e32 is 0 and its exact
-  // e < EXP32_TINY. `above` also carries the block sums' float32 rounding, which reaches `below` through the
-  // subtraction with the weight p + (1 - p) = 1.
-  const double eps_above_exp = EXP32_REL_ERROR + EXP32_GAP_ERROR * (first + 1) * inv_scale;
-  const double eps_above = eps_above_exp + FAST_BLOCK_SUM_ERROR;
-  const double eps_below = EXP32_REL_ERROR + EXP32_GAP_ERROR * std::min(full_range, double{EXP32_GAP_MAX});
-  const double rounding = 4.0 * (vocab_size + BLOCK) * 0x1p-53 * (above + window + below);  // float64 sums
-  // The boundary: the first window token (rank order) whose inclusive window mass reaches tau, taken only when tau
-  // lies farther than the bound from both its masses. The first attempt gets `below` by subtraction; where that
-  // bound is too wide (it carries the block sums' rounding of all of `above`, which dominates when p is close to 1),
-  // the second sums `below` directly, whose rounding then enters with the weight 1 - p only.
-  Hit boundary{};
-  bool decided = false;
-  for (int attempt = 0; attempt < 2 && !decided; ++attempt) {
-    const double below_mass = attempt == 0 ? below : fast_mass_below(ws, padded, last);
-    const double sum_error = attempt == 0 ? FAST_BLOCK_SUM_ERROR * above
-                                          : FAST_BLOCK_SUM_ERROR * ((1.0 - top_p) * above + top_p * below_mass);
-    const double bound = 1.01 * ((1.0 - top_p) * eps_above_exp * above + sum_error + top_p * eps_below * below_mass +
-                                 top_p * vocab_size * EXP32_TINY) + rounding;
-    const double tau = top_p * (window + below_mass) - (1.0 - top_p) * above;
-    if (!(tau > bound && tau < window - bound)) continue;
-    boundary = resolve(ws.list, {0, 0.0}, 0, tau, 0, ws);
-    decided = boundary.found && boundary.incl.mass - tau > bound &&
-              tau - (boundary.incl.mass - boundary.token.e) > bound;
-  }
-  if (!decided) return false;
-  const Cut cut{boundary.token.e, boundary.token.id};
-
-  // Step 7 on the kept set: every token above the window (e32) and the window's tokens up to the cut (exact e).
-  double kept = above;
-  for (const RankedToken& t : ws.list) {
-    if (is_kept(t.e, t.id, cut)) block_mass[t.id / BLOCK] += t.e, kept += t.e;
-  }
-  const double target = uniform * kept;
-  const int64_t num_blocks = padded / BLOCK;
-  double running = 0.0;
-  int64_t blk = 0;
-  while (blk < num_blocks && !(running + block_mass[blk] > target)) running += block_mass[blk++];
-  const float* e32 = ws.e32.data();
-  const uint16_t* bucket = ws.bucket.data();
-  for (int64_t i = blk * BLOCK; i < vocab_size; ++i) {
-    double mass = 0.0;
-    if (bucket[i] < first) {
-      mass = e32[i];
-    } else if (bucket[i] <= last) {
-      const double e = exp_nonpositive(static_cast<double>(x[i]) - static_cast<double>(scan.max));
-      if (is_kept(e, i, cut)) mass = e;
-    }
-    if (mass == 0.0) continue;
-    const double before = running;
-    running += mass;
-    if (running > target) {  // the exact running mass crosses u * (kept mass) here too if the margins allow
-      const double draw_bound = 1.01 * eps_above * (running + uniform * above) + rounding;
-      if (running - target > draw_bound && target - before > draw_bound) {
-        *token = i;
-        return true;
-      }
-      return false;
-    }
-  }
-  return false;  // rounding left no hit: the exact path decides
-}
-
 // Step 7: the smallest kept id whose running kept mass in id order exceeds uniform * (kept mass).
 int64_t draw_row(Workspace& ws, int64_t vocab_size, const RowPlan& plan, double uniform) {
   const double* e = ws.e.data();
@@ -361,25 +238,6 @@ void parallel_rows(int64_t num_rows, int num_threads, const RowFn& row_fn) {
 }  // namespace
 }  // namespace sampling_detail
 
-void exp32_of_gaps(const float* t, int64_t n, float* out) {
-  using namespace sampling_detail;
-  int64_t i = 0;
-#ifdef FASTGPT2_AVX2
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, exp32_of_gap8<true>(_mm256_loadu_ps(t + i)));
-#endif
-  for (; i < n; ++i) out[i] = exp32_of_gap(t[i]);
-}
-
-Exp32Bound exp32_bound() {
-  using namespace sampling_detail;
-  return {EXP32_REL_ERROR, EXP32_GAP_ERROR, EXP32_GAP_MAX};
-}
-
-FastPathStats fast_path_stats() {
-  return {sampling_detail::fast_rows_decided.load(std::memory_order_relaxed),
-          sampling_detail::fast_rows_deferred.load(std::memory_order_relaxed)};
-}
-
 void topk_topp_minp_sample(const float* logits_ptr, int64_t num_rows, int64_t vocab_size, int64_t stride_row,
                            const int64_t* top_k_ptr, const double* top_p_ptr, const double* min_p_ptr,
                            const double* uniform_ptr, int64_t* out_ptr, int32_t* status_ptr, int num_threads) {
@@ -391,12 +249,9 @@ void topk_topp_minp_sample(const float* logits_ptr, int64_t num_rows, int64_t vo
     status_ptr[row] = row_status(scan);
     out_ptr[row] = -1;
     if (status_ptr[row] != kOk) return;
-    if (fast_path_applies(top_k_ptr[row], top_p_ptr[row], min_p_ptr[row], vocab_size)) {
-      if (sample_top_p_fast(x, vocab_size, scan, top_p_ptr[row], uniform_ptr[row], next_row, ws, &out_ptr[row])) {
-        fast_rows_decided.fetch_add(1, std::memory_order_relaxed);
-        return;
-      }
-      fast_rows_deferred.fetch_add(1, std::memory_order_relaxed);
+    if (try_top_p_fast(x, vocab_size, scan, top_k_ptr[row], top_p_ptr[row], min_p_ptr[row], uniform_ptr[row],
+                       next_row, ws, &out_ptr[row])) {
+      return;
     }
     RowPlan plan;
     plan_row(x, vocab_size, scan, top_k_ptr[row], top_p_ptr[row], min_p_ptr[row], next_row, ws, &plan);

@@ -14,8 +14,8 @@
 // Sums are float64: kept sets and draws equal the reference's except where two compared sums are equal to within
 // float64 rounding.
 //
-// Method (per row, no sort of the vocabulary): one pass for the max; one pass computing e (AVX2 + FMA when built
-// with them, else the same arithmetic in scalar code) together with a count histogram over 2046 linear buckets of
+// Method (per row, no sort of the vocabulary): one pass for the max; one pass computing e (AVX-512 or AVX2 + FMA when
+// built with them, else the same arithmetic in scalar code) together with a count histogram over 2046 linear buckets of
 // x - max (bucket index in float32; the loop counts each token 64 tokens after storing its bucket). Counts are
 // exact, so the top-k boundary's bucket is known and the tokens up to it are collected; for top-p, rigorous
 // per-bucket bounds on e (widened by the float32 bucket index's rounding) bracket the boundary in a few buckets, and
@@ -25,10 +25,12 @@
 // float64 bits of e (count and mass per bucket, ties in id order). The kept set is
 // {e > e_cut} U {e == e_cut and id <= id_cut}, intersected with e >= min_p.
 //
-// Fast path (sampling only, rows with top-p and neither top-k nor min-p): the same passes with a float32 exp (8 lanes,
-// about half the work and memory) whose error against the exact exp is bounded; the window's tokens get the exact e
-// and every comparison of sums is taken only when its margin exceeds the bound on its error, else the row goes
-// through the exact path (sampling.cpp, sample_top_p_fast). The result is the exact path's in every case.
+// Fast path (sampling only, rows with top-p and neither top-k nor min-p): the same passes with a float32 exp (8 or 16
+// lanes, about half the work and memory) whose error against the exact exp is bounded; the window's tokens get the
+// exact e and every comparison of sums is taken only when its margin exceeds the bound on its error, else the row goes
+// through the exact path (sampling_fast.cpp, sample_top_p_fast). The result is the exact path's in every case.
+// Every vectorised loop has the same result per token as the portable one (the same IEEE operations per lane); sums
+// of many tokens may differ between builds in their float64 rounding only.
 #pragma once
 
 #include <cstdint>

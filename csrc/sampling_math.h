@@ -7,7 +7,13 @@
 #include <cstring>
 #include <vector>
 
-#include "simd.h"  // FASTGPT2_AVX2, in_register, hsum
+// gcc 12's AVX-512 headers trip -W(maybe-)uninitialized on their own undefined-vector arguments (GCC bug 105593,
+// fixed in 12.3 and 13): silenced for the sampler's translation units, which include this header before intrinsics.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include "simd.h"  // FASTGPT2_AVX2, FASTGPT2_AVX512, in_register, hsum
 
 namespace fastgpt2 {
 namespace sampling_detail {
@@ -111,7 +117,38 @@ inline void exp_nonpositive4(const __m256d (&d)[U], __m256d (&e)[U], __m256d (&v
 
 #endif
 
-// The float32 exp of the fast top-p path (sampling.cpp, AVX2 builds): e32 = exp(-t) for the gap t = max - x computed
+#ifdef FASTGPT2_AVX512
+// exp_nonpositive4 on U vectors of 8 lanes (the same IEEE operations, so bit-identical to exp_nonpositive); with CLAMP,
+// valid[u] gets the lanes with d >= EXP_MIN and the others get e = 0.
+template <bool CLAMP, int U>
+inline void exp_nonpositive8(const __m512d (&d)[U], __m512d (&e)[U], __mmask8 (&valid)[U]) {
+  __m512d dc[U], shifted[U], r[U], q[U];
+  const __m512d log2e = _mm512_set1_pd(LOG2E), round_shift = _mm512_set1_pd(ROUND_SHIFT);
+  for (int u = 0; u < U; ++u) {
+    dc[u] = CLAMP ? _mm512_max_pd(d[u], _mm512_set1_pd(EXP_MIN)) : d[u];
+    shifted[u] = _mm512_fmadd_pd(dc[u], log2e, round_shift);
+  }
+  const __m512d ln2 = _mm512_set1_pd(LN2);
+  for (int u = 0; u < U; ++u) r[u] = _mm512_fnmadd_pd(_mm512_sub_pd(shifted[u], round_shift), ln2, dc[u]);
+  for (int u = 0; u < U; ++u) q[u] = _mm512_fmadd_pd(_mm512_set1_pd(EXP_POLY[0]), r[u], _mm512_set1_pd(EXP_POLY[1]));
+  for (int i = 2; i < EXP_POLY_LEN; ++i) {
+    const __m512d c = _mm512_set1_pd(EXP_POLY[i]);
+    for (int u = 0; u < U; ++u) q[u] = _mm512_fmadd_pd(q[u], r[u], c);
+  }
+  for (int u = 0; u < U; ++u) {
+    const __m512d p = _mm512_fmadd_pd(q[u], r[u], _mm512_set1_pd(1.0));
+    const __m512i bits = _mm512_add_epi64(_mm512_castpd_si512(p), _mm512_slli_epi64(_mm512_castpd_si512(shifted[u]), 52));
+    if (CLAMP) {
+      valid[u] = _mm512_cmp_pd_mask(d[u], _mm512_set1_pd(EXP_MIN), _CMP_GE_OQ);
+      e[u] = _mm512_maskz_mov_pd(valid[u], _mm512_castsi512_pd(bits));
+    } else {
+      e[u] = _mm512_castsi512_pd(bits);
+    }
+  }
+}
+#endif
+
+// The float32 exp of the fast top-p path (sampling_fast.cpp): e32 = exp(-t) for the gap t = max - x computed
 // in float32, as the bucket index uses it. k = round(-t / ln 2) via the 1.5 * 2^23 shift; r' = t + k ln 2 with ln 2
 // split so that k * LN2_HI_F is exact (|k| <= 124); exp(-r') = 1 - r' q(r') with q a degree-5 fit of (1 - exp(-r'))
 // / r' (signs folded into the coefficients). Error against the exact exp(x - max): the rounding of t (at most
@@ -164,6 +201,22 @@ inline __m256 exp32_of_gap8(__m256 t) {
 }
 #endif
 
+#ifdef FASTGPT2_AVX512
+// exp32_of_gap on 16 lanes (the same operations as exp32_of_gap8). Without CLAMP every t is in [0, EXP32_GAP_MAX].
+template <bool CLAMP>
+inline __m512 exp32_of_gap16(__m512 t) {
+  const __m512 shifted = _mm512_fnmadd_ps(t, _mm512_set1_ps(LOG2E_F), _mm512_set1_ps(ROUND_SHIFT_F));
+  const __m512 k = _mm512_sub_ps(shifted, _mm512_set1_ps(ROUND_SHIFT_F));
+  const __m512 r = _mm512_fmadd_ps(k, _mm512_set1_ps(LN2_LO_F), _mm512_fmadd_ps(k, _mm512_set1_ps(LN2_HI_F), t));
+  __m512 q = _mm512_set1_ps(EXP32_POLY[0]);
+  for (int i = 1; i < EXP32_POLY_LEN; ++i) q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(EXP32_POLY[i]));
+  const __m512 p = _mm512_fnmadd_ps(q, r, _mm512_set1_ps(1.0f));
+  const __m512 e = _mm512_castsi512_ps(
+      _mm512_add_epi32(_mm512_castps_si512(p), _mm512_slli_epi32(_mm512_castps_si512(shifted), 23)));
+  return CLAMP ? _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(t, _mm512_set1_ps(EXP32_GAP_MAX), _CMP_LE_OQ), e) : e;
+}
+#endif
+
 // A cut in rank order: token i is kept iff e_i > e or (e_i == e and i <= id). {0, -1} keeps every token with e > 0.
 struct Cut {
   double e;
@@ -190,6 +243,7 @@ struct Workspace {
   std::vector<double> e;  // (padded V,) exp(x - max), 0 in the padding
   std::vector<float> e32;  // (padded V,) the fast path's float32 exp(x - max), 0 in the padding
   std::vector<uint16_t> bucket;  // (padded V,) histogram bucket, BUCKET_PAD in the padding
+  std::vector<uint32_t> listed;  // the fast exp pass's buckets to count (AVX-512 builds), sized there
   std::vector<int32_t> count;  // (NUM_BUCKETS,) tokens per bucket
   std::vector<double> block_mass;  // (padded V / BLOCK,) kept mass per block of the draw
   std::vector<RankedToken> list;  // tokens of a bucket range, id order

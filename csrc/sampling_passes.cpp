@@ -1,10 +1,12 @@
-// See sampling_passes.h. scan_row is plain C++ that gcc vectorises; the other passes have an AVX2 loop and a portable
-// loop for other targets (and for exp_pass's tail).
+// See sampling_passes.h. Each pass has an AVX-512 loop, an AVX2 loop and a portable loop for other targets (and for
+// the tails).
 #include "sampling_passes.h"
 
 #include <algorithm>
 #include <limits>
 #include <type_traits>
+
+#include "sampling_histogram.h"
 
 namespace fastgpt2 {
 namespace sampling_detail {
@@ -19,7 +21,23 @@ bool min_max(const float* x, int64_t vocab_size, float* min_out, float* max_out)
   float lo = INF, hi = -INF;
   bool has_nan = false;
   int64_t i = 0;
-#ifdef FASTGPT2_AVX2
+#if defined(FASTGPT2_AVX512)
+  const __m512 inf_v = _mm512_set1_ps(INF), neg_inf_v = _mm512_set1_ps(-INF);
+  __m512 hi_v[2] = {neg_inf_v, neg_inf_v}, lo_v[2] = {inf_v, inf_v};
+  __mmask16 nan_k = 0;
+  for (; i + 32 <= vocab_size; i += 32) {
+    for (int h = 0; h < 2; ++h) {
+      const __m512 v = _mm512_loadu_ps(x + i + 16 * h);
+      const __m512 for_min = FINITE_ONLY ? _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, neg_inf_v, _CMP_EQ_OQ), inf_v) : v;
+      nan_k |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      hi_v[h] = _mm512_max_ps(v, hi_v[h]);  // the second operand when the first is NaN
+      lo_v[h] = _mm512_min_ps(for_min, lo_v[h]);
+    }
+  }
+  hi = _mm512_reduce_max_ps(_mm512_max_ps(hi_v[0], hi_v[1]));
+  lo = _mm512_reduce_min_ps(_mm512_min_ps(lo_v[0], lo_v[1]));
+  has_nan = nan_k != 0;
+#elif defined(FASTGPT2_AVX2)
   const __m256 inf_v = _mm256_set1_ps(INF), neg_inf_v = _mm256_set1_ps(-INF);
   __m256 hi_v[2] = {neg_inf_v, neg_inf_v}, lo_v[2] = {inf_v, inf_v}, nan_v[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
   for (; i + 16 <= vocab_size; i += 16) {
@@ -61,50 +79,7 @@ RowScan scan_row(const float* x, int64_t vocab_size) {
 
 namespace {
 
-constexpr int64_t COUNT_LAG = 64;  // the exp loops count the buckets they stored this many tokens earlier
-
-// Counts n stored buckets (n a multiple of 4) into the two sub-histograms, 4 per 64-bit load (as fast as 16-bit loads
-// in alternated runs, fewer loads).
-inline void count_buckets(const uint16_t* bucket, int64_t n, int32_t* count, int32_t* odd) {
-  for (int64_t t = 0; t < n; t += 4) {
-    uint64_t four;
-    std::memcpy(&four, bucket + t, sizeof(four));
-    ++count[four & 0xffff], ++odd[(four >> 16) & 0xffff], ++count[(four >> 32) & 0xffff], ++odd[four >> 48];
-  }
-}
-
-// The portable loops' bucket of token j, stored and counted (a tiny token as one of the tiny bucket's copies).
-inline void bucket_and_count(const float* x, int64_t j, float max, float bucket_scale, uint16_t* bucket,
-                             int32_t* count) {
-  const uint32_t b = bucket_of(x[j], max, bucket_scale);
-  bucket[j] = static_cast<uint16_t>(b == BUCKET_TINY ? BUCKET_TINY + (j % NUM_TINY_LANES) : b);
-  ++count[bucket[j]];
-}
-
-// Folds the second sub-histogram and the tiny bucket's copies into count; the padding's buckets get BUCKET_PAD.
-inline void finish_histogram(int32_t* count, const int32_t* odd, uint16_t* bucket, int64_t vocab_size) {
-  for (int b = 0; b < NUM_BUCKETS; ++b) count[b] += odd[b];
-  for (int b = BUCKET_TINY + 1; b <= BUCKET_TINY_LAST; ++b) count[BUCKET_TINY] += count[b], count[b] = 0;
-  const int64_t padded = (vocab_size + BLOCK - 1) / BLOCK * BLOCK;
-  std::fill(bucket + vocab_size, bucket + padded, static_cast<uint16_t>(BUCKET_PAD));
-}
-
-#ifdef FASTGPT2_AVX2
-// Stores the buckets of 8 tokens from their gaps max - x: floor(gap * scale) in float32, as bucket_of. The unsigned
-// min with BUCKET_TINY + lane sends every tiny token (+inf and out-of-range gaps included) to one of the tiny bucket's
-// copies (a linear bucket is < BUCKET_TINY, so it passes unchanged).
-inline void store_buckets8(uint16_t* dst, __m256 gap, __m256 scale, __m256i tiny_lanes) {
-  const __m256i b = _mm256_min_epu32(_mm256_cvttps_epi32(_mm256_mul_ps(gap, scale)), tiny_lanes);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm_packus_epi32(_mm256_castsi256_si128(b),
-                                                                     _mm256_extracti128_si256(b, 1)));
-}
-
-inline __m256i tiny_lanes8() {
-  return _mm256_add_epi32(_mm256_set1_epi32(BUCKET_TINY), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-#endif
-
-#ifdef FASTGPT2_AVX2
+#if defined(FASTGPT2_AVX2) && !defined(FASTGPT2_AVX512)
 // The AVX2 loop of exp_pass over whole groups of 8 tokens; returns the number of tokens done. Each group's buckets
 // are stored, and counted COUNT_LAG tokens later (from memory, into two sub-histograms): the counting's scalar loads
 // and increments then run beside the exp's vector work instead of after it (measured per row of 50257: 8-12 us less
@@ -167,6 +142,49 @@ int64_t exp_loop(const float* x, int64_t vocab_size, float max, float bucket_sca
 }
 #endif
 
+#ifdef FASTGPT2_AVX512
+// The AVX-512 loop of exp_pass over whole groups of 16 tokens: the exp on 8 float64 lanes, the buckets on 16 float32
+// lanes, the same counting as the AVX2 loop.
+template <bool HIST, bool CLAMP>
+int64_t exp_loop512(const float* x, int64_t vocab_size, float max, float bucket_scale, const float* next_row,
+                    Workspace& ws, int32_t* odd, ExpSums* sums) {
+  double* e = ws.e.data();
+  uint16_t* bucket = ws.bucket.data();
+  int32_t* count = ws.count.data();
+  const __m512d max_v = _mm512_set1_pd(max);
+  const __m512 max_f = _mm512_set1_ps(max), scale_f = _mm512_set1_ps(bucket_scale);
+  const __m512i tiny_lanes = tiny_lanes16();
+  __m512d sum0 = _mm512_setzero_pd(), sum1 = _mm512_setzero_pd();
+  int64_t num_valid = 0;
+  int64_t j = 0;
+  for (; j + 16 <= vocab_size; j += 16) {
+    if (next_row != nullptr) _mm_prefetch(reinterpret_cast<const char*>(next_row + j), _MM_HINT_T1);
+    __m512d d[2], ev[2];
+    __mmask8 valid[2];
+    d[0] = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + j)), max_v);
+    d[1] = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + j + 8)), max_v);
+    exp_nonpositive8<CLAMP>(d, ev, valid);
+    _mm512_storeu_pd(e + j, ev[0]);
+    _mm512_storeu_pd(e + j + 8, ev[1]);
+    sum0 = _mm512_add_pd(sum0, ev[0]);
+    sum1 = _mm512_add_pd(sum1, ev[1]);
+    if (CLAMP) num_valid += __builtin_popcount(valid[0] | (static_cast<unsigned>(valid[1]) << 8));
+    if (HIST) {
+      const __m512i b = bucket16(_mm512_sub_ps(max_f, _mm512_loadu_ps(x + j)), scale_f, tiny_lanes);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(bucket + j), _mm512_cvtepi32_epi16(b));
+      if (j >= COUNT_LAG) count_buckets(bucket + j - COUNT_LAG, 16, count, odd);
+    }
+  }
+  if (HIST) {
+    const int64_t uncounted = std::max<int64_t>(j - COUNT_LAG, 0);
+    count_buckets(bucket + uncounted, j - uncounted, count, odd);
+  }
+  sums->total = _mm512_reduce_add_pd(_mm512_add_pd(sum0, sum1));
+  if (CLAMP) sums->num_zero = j - num_valid;
+  return j;
+}
+#endif
+
 }  // namespace
 
 template <bool HIST>
@@ -184,9 +202,13 @@ ExpSums exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, float 
   const float max = scan.max;
   ExpSums sums{0.0, 0};
   int64_t j = 0;
-#ifdef FASTGPT2_AVX2
   // Without -inf and with every d >= EXP_MIN, the exp needs no clamp and no zero count (~6 us less per row).
   const bool clamp = scan.has_neg_inf || static_cast<double>(scan.min_finite) - max < EXP_MIN;
+  static_cast<void>(clamp);
+#if defined(FASTGPT2_AVX512)
+  j = clamp ? exp_loop512<HIST, true>(x, vocab_size, max, bucket_scale, next_row, ws, odd, &sums)
+            : exp_loop512<HIST, false>(x, vocab_size, max, bucket_scale, next_row, ws, odd, &sums);
+#elif defined(FASTGPT2_AVX2)
   j = clamp ? exp_loop<HIST, true>(x, vocab_size, max, bucket_scale, next_row, ws, odd, &sums)
             : exp_loop<HIST, false>(x, vocab_size, max, bucket_scale, next_row, ws, odd, &sums);
 #endif
@@ -207,166 +229,6 @@ ExpSums exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, float 
 template ExpSums exp_pass<false>(const float*, int64_t, const RowScan&, float, const float*, Workspace&);
 template ExpSums exp_pass<true>(const float*, int64_t, const RowScan&, float, const float*, Workspace&);
 
-namespace {
-
-#ifdef FASTGPT2_AVX2
-// The AVX2 loop of fast_exp_pass over whole groups of 16 tokens (the bucket and count steps as in exp_loop); returns
-// the number of tokens done and adds the sum of e32 to *total.
-template <bool CLAMP>
-int64_t fast_exp_loop(const float* x, int64_t vocab_size, float max, float bucket_scale, const float* next_row,
-                      Workspace& ws, int32_t* odd, double* total) {
-  float* e32 = ws.e32.data();
-  uint16_t* bucket = ws.bucket.data();
-  int32_t* count = ws.count.data();
-  const __m256 max_f = _mm256_set1_ps(max), scale_f = _mm256_set1_ps(bucket_scale);
-  const __m256i tiny_lanes = tiny_lanes8();
-  __m256d sum0 = _mm256_setzero_pd(), sum1 = _mm256_setzero_pd();
-  int64_t j = 0;
-  for (; j + 16 <= vocab_size; j += 16) {
-    if (next_row != nullptr) _mm_prefetch(reinterpret_cast<const char*>(next_row + j), _MM_HINT_T1);
-    for (int g = 0; g < 2; ++g) {
-      const __m256 t = _mm256_sub_ps(max_f, _mm256_loadu_ps(x + j + 8 * g));  // the gap, >= 0 (+inf for -inf)
-      _mm256_storeu_ps(e32 + j + 8 * g, exp32_of_gap8<CLAMP>(t));
-      store_buckets8(bucket + j + 8 * g, t, scale_f, tiny_lanes);
-    }
-    // The float64 sum reloads the stored e32 as halves (a load is cheaper than a lane extract here).
-    sum0 = _mm256_add_pd(sum0, _mm256_cvtps_pd(_mm_loadu_ps(e32 + j)));
-    sum1 = _mm256_add_pd(sum1, _mm256_cvtps_pd(_mm_loadu_ps(e32 + j + 4)));
-    sum0 = _mm256_add_pd(sum0, _mm256_cvtps_pd(_mm_loadu_ps(e32 + j + 8)));
-    sum1 = _mm256_add_pd(sum1, _mm256_cvtps_pd(_mm_loadu_ps(e32 + j + 12)));
-    if (j >= COUNT_LAG) count_buckets(bucket + j - COUNT_LAG, 16, count, odd);
-  }
-  const int64_t uncounted = std::max<int64_t>(j - COUNT_LAG, 0);
-  count_buckets(bucket + uncounted, j - uncounted, count, odd);
-  *total += hsum(_mm256_add_pd(sum0, sum1));
-  return j;
-}
-#endif
-
-}  // namespace
-
-double fast_exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, float bucket_scale, const float* next_row,
-                     Workspace& ws) {
-  float* e32 = ws.e32.data();
-  uint16_t* bucket = ws.bucket.data();
-  int32_t* count = ws.count.data();
-  int32_t odd[NUM_BUCKETS];
-  std::fill(count, count + NUM_BUCKETS, 0);
-  std::fill(odd, odd + NUM_BUCKETS, 0);
-  static_cast<void>(next_row);
-  const float max = scan.max;
-  double total = 0.0;
-  int64_t j = 0;
-#ifdef FASTGPT2_AVX2
-  const bool clamp = scan.has_neg_inf || static_cast<double>(scan.max) - scan.min_finite > EXP32_GAP_MAX;
-  j = clamp ? fast_exp_loop<true>(x, vocab_size, max, bucket_scale, next_row, ws, odd, &total)
-            : fast_exp_loop<false>(x, vocab_size, max, bucket_scale, next_row, ws, odd, &total);
-#endif
-  for (; j < vocab_size; ++j) {
-    e32[j] = exp32_of_gap(max - x[j]);
-    total += e32[j];
-    bucket_and_count(x, j, max, bucket_scale, bucket, count);
-  }
-  finish_histogram(count, odd, bucket, vocab_size);
-  std::fill(e32 + vocab_size, e32 + (vocab_size + BLOCK - 1) / BLOCK * BLOCK, 0.0f);
-  return total;
-}
-
-FastWindow fast_window_pass(const Workspace& ws, const float* x, float max, float bucket_scale, int64_t vocab_size,
-                            int first, int last, std::vector<RankedToken>& window, double* block_mass) {
-  const float* e32 = ws.e32.data();
-  const uint16_t* bucket = ws.bucket.data();
-  const int64_t padded = (vocab_size + BLOCK - 1) / BLOCK * BLOCK;
-  FastWindow sums{0.0, 0.0};
-  // 1. Per block, the e32 mass of the tokens in buckets < first. Two loops rather than one: the window's collection
-  // (a push_back, a call) made the compiler keep this loop's constants in memory (measured 3-4 us per row slower).
-  int64_t start = 0;
-#ifdef FASTGPT2_AVX2
-  {
-    // bucket < first recomputed from x in the float lanes: (max - x) * scale < first, the same float32 operations
-    // as the stored bucket index (cheaper than widening a 16-bit compare to the float lanes).
-    const __m256 max_f = _mm256_set1_ps(max), scale_f = _mm256_set1_ps(bucket_scale);
-    const __m256 first_f = _mm256_set1_ps(static_cast<float>(first));
-    for (; start + BLOCK <= vocab_size; start += BLOCK) {  // whole blocks: x ends at vocab_size
-      __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
-      for (int64_t j = start; j < start + BLOCK; j += 16) {
-        const __m256 m0 = _mm256_mul_ps(_mm256_sub_ps(max_f, _mm256_loadu_ps(x + j)), scale_f);
-        const __m256 m1 = _mm256_mul_ps(_mm256_sub_ps(max_f, _mm256_loadu_ps(x + j + 8)), scale_f);
-        const __m256 v0 = _mm256_and_ps(_mm256_loadu_ps(e32 + j), _mm256_cmp_ps(m0, first_f, _CMP_LT_OQ));
-        const __m256 v1 = _mm256_and_ps(_mm256_loadu_ps(e32 + j + 8), _mm256_cmp_ps(m1, first_f, _CMP_LT_OQ));
-        // One float32 addition (relative error <= 2^-24 < FAST_BLOCK_SUM_ERROR), then float64.
-        const __m256 v = _mm256_add_ps(v0, v1);
-        acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
-        acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
-      }
-      block_mass[start / BLOCK] = hsum(_mm256_add_pd(acc0, acc1));
-      sums.above += block_mass[start / BLOCK];
-    }
-  }
-#endif
-  for (; start < padded; start += BLOCK) {  // the padding's e32 is 0
-    double block = 0.0;
-    for (int64_t j = start; j < start + BLOCK; ++j) block += bucket[j] < first ? e32[j] : 0.0f;
-    block_mass[start / BLOCK] = block;
-    sums.above += block;
-  }
-  // 2. The window: tokens in buckets [first, last] (the padding's buckets are past `last`), then their exact e, the
-  // same as exp_pass's (bit-identical scalar and AVX2 exp).
-  bucket_range_pass(ws, padded, first, last, window, false);
-  const double max_d = max;
-  RankedToken* w = window.data();
-  const size_t n = window.size();
-  size_t i = 0;
-#ifdef FASTGPT2_AVX2
-  // 8 at a time: the window's tokens are finite and within RANGE_MAX of the max, so no clamp (~3 us less per row of
-  // 50257 than the scalar exp's latency-bound loop).
-  const __m256d max_v = _mm256_set1_pd(max_d);
-  for (; i + 8 <= n; i += 8) {
-    __m256d d[2], ev[2], valid[2];
-    for (int u = 0; u < 2; ++u) {
-      const RankedToken* t = w + i + 4 * u;
-      d[u] = _mm256_sub_pd(_mm256_setr_pd(x[t[0].id], x[t[1].id], x[t[2].id], x[t[3].id]), max_v);
-    }
-    exp_nonpositive4<false>(d, ev, valid);
-    alignas(32) double lanes[8];
-    _mm256_store_pd(lanes, ev[0]);
-    _mm256_store_pd(lanes + 4, ev[1]);
-    for (int l = 0; l < 8; ++l) w[i + l].e = lanes[l];
-  }
-#endif
-  for (; i < n; ++i) w[i].e = exp_nonpositive(static_cast<double>(x[w[i].id]) - max_d);
-  for (const RankedToken& t : window) sums.window_e32 += e32[t.id];
-  return sums;
-}
-
-double fast_mass_below(const Workspace& ws, int64_t padded, int last) {
-  const float* e32 = ws.e32.data();
-  const uint16_t* bucket = ws.bucket.data();
-  double total = 0.0;
-  int64_t j = 0;
-#ifdef FASTGPT2_AVX2
-  // Intrinsics on purpose: gcc 12.2 at -O3 -mavx2 miscompiles the plain loop that selects e32 by a uint16 compare
-  // and adds the pairs in float32 (a wrong sum; reproduced in a 15-line program).
-  const __m256i last_v = _mm256_set1_epi16(static_cast<int16_t>(last));
-  __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
-  for (; j < padded; j += 16) {
-    const __m256i below = _mm256_cmpgt_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bucket + j)), last_v);
-    const __m256 v0 = _mm256_and_ps(_mm256_loadu_ps(e32 + j),
-                                    _mm256_castsi256_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(below))));
-    const __m256 v1 = _mm256_and_ps(_mm256_loadu_ps(e32 + j + 8),
-                                    _mm256_castsi256_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(below, 1))));
-    const __m256 v = _mm256_add_ps(v0, v1);  // one float32 addition per pair, then float64
-    acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
-    acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
-  }
-  total = hsum(_mm256_add_pd(acc0, acc1));
-#endif
-  for (; j < padded; ++j) {  // float64 throughout (within the same bound)
-    if (bucket[j] > last) total += e32[j];
-  }
-  return total;
-}
-
 void bucket_range_pass(const Workspace& ws, int64_t padded, int first, int last, std::vector<RankedToken>& out,
                        bool with_e) {
   const double* e = with_e ? ws.e.data() : nullptr;
@@ -374,7 +236,15 @@ void bucket_range_pass(const Workspace& ws, int64_t padded, int first, int last,
   auto token = [e](int64_t i) { return RankedToken{e != nullptr ? e[i] : 0.0, i}; };
   out.clear();
   int64_t j = 0;
-#ifdef FASTGPT2_AVX2
+#if defined(FASTGPT2_AVX512)
+  const __m512i first_v = _mm512_set1_epi16(static_cast<int16_t>(first));
+  const __m512i last_v = _mm512_set1_epi16(static_cast<int16_t>(last));
+  for (; j < padded; j += 32) {  // padded is a multiple of 32
+    const __m512i b = _mm512_loadu_si512(bucket + j);
+    uint32_t in = _mm512_mask_cmple_epu16_mask(_mm512_cmpge_epu16_mask(b, first_v), b, last_v);
+    for (; in; in &= in - 1) out.push_back(token(j + __builtin_ctz(in)));
+  }
+#elif defined(FASTGPT2_AVX2)
   const __m256i first_v = _mm256_set1_epi16(static_cast<int16_t>(first));
   const __m256i last_v = _mm256_set1_epi16(static_cast<int16_t>(last));
   for (; j < padded; j += 16) {
@@ -397,7 +267,26 @@ double window_pass(const Workspace& ws, int64_t padded, double e_above, double e
   double mass_above = 0.0;
   for (int64_t start = 0; start < padded; start += BLOCK) {
     double sum = 0.0;
-#ifdef FASTGPT2_AVX2
+#if defined(FASTGPT2_AVX512)
+    const __m512i first_v = _mm512_set1_epi16(static_cast<int16_t>(first));
+    const __m512i last_v = _mm512_set1_epi16(static_cast<int16_t>(last));
+    const __m512d above_v = _mm512_set1_pd(e_above);
+    __m512d acc0 = _mm512_setzero_pd(), acc1 = _mm512_setzero_pd();
+    for (int64_t j = start; j < start + BLOCK; j += 32) {
+      const __m512i b = _mm512_loadu_si512(bucket + j);
+      uint32_t candidates = _mm512_mask_cmple_epu16_mask(_mm512_cmpge_epu16_mask(b, first_v), b, last_v);
+      for (; candidates; candidates &= candidates - 1) {
+        const int64_t i = j + __builtin_ctz(candidates);
+        if (e[i] > e_below && e[i] <= e_above) window.push_back({e[i], i});
+      }
+      for (int q = 0; q < 4; q += 2) {
+        const __m512d v0 = _mm512_loadu_pd(e + j + 8 * q), v1 = _mm512_loadu_pd(e + j + 8 * q + 8);
+        acc0 = _mm512_mask_add_pd(acc0, _mm512_cmp_pd_mask(v0, above_v, _CMP_GT_OQ), acc0, v0);
+        acc1 = _mm512_mask_add_pd(acc1, _mm512_cmp_pd_mask(v1, above_v, _CMP_GT_OQ), acc1, v1);
+      }
+    }
+    sum = _mm512_reduce_add_pd(_mm512_add_pd(acc0, acc1));
+#elif defined(FASTGPT2_AVX2)
     const __m256i first_v = _mm256_set1_epi16(static_cast<int16_t>(first));
     const __m256i last_v = _mm256_set1_epi16(static_cast<int16_t>(last));
     const __m256d above_v = _mm256_set1_pd(e_above);
@@ -439,7 +328,18 @@ void block_sums(const Workspace& ws, int64_t padded, const Cut& cut, double* blo
       continue;
     }
     const bool ties_kept = cut.id >= start;  // then e >= cut.e keeps the block, else e > cut.e
-#ifdef FASTGPT2_AVX2
+#if defined(FASTGPT2_AVX512)
+    const __m512d cut_v = _mm512_set1_pd(cut.e);
+    __m512d acc0 = _mm512_setzero_pd(), acc1 = _mm512_setzero_pd();
+    for (int64_t j = start; j < start + BLOCK; j += 16) {
+      const __m512d v0 = _mm512_loadu_pd(e + j), v1 = _mm512_loadu_pd(e + j + 8);
+      const __mmask8 k0 = ties_kept ? _mm512_cmp_pd_mask(v0, cut_v, _CMP_GE_OQ) : _mm512_cmp_pd_mask(v0, cut_v, _CMP_GT_OQ);
+      const __mmask8 k1 = ties_kept ? _mm512_cmp_pd_mask(v1, cut_v, _CMP_GE_OQ) : _mm512_cmp_pd_mask(v1, cut_v, _CMP_GT_OQ);
+      acc0 = _mm512_mask_add_pd(acc0, k0, acc0, v0);
+      acc1 = _mm512_mask_add_pd(acc1, k1, acc1, v1);
+    }
+    sum = _mm512_reduce_add_pd(_mm512_add_pd(acc0, acc1));
+#elif defined(FASTGPT2_AVX2)
     const __m256d cut_v = _mm256_set1_pd(cut.e);
     __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
     for (int64_t j = start; j < start + BLOCK; j += 8) {

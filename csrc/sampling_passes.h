@@ -1,8 +1,11 @@
-// The vectorised passes of the CPU sampler over one row (AVX2 + FMA when built with them, else the same arithmetic in
-// scalar code): the max, e = exp(x - max) with its bucket histogram, and the masked collections and sums over e.
+// The vectorised passes of the CPU sampler over one row (AVX-512 or AVX2 + FMA when built with them, else the same
+// arithmetic in scalar code): the max, e = exp(x - max) with its bucket histogram, and the masked collections and
+// sums over e. The fast top-p path's passes are in sampling_fast.h.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "sampling_math.h"
@@ -20,6 +23,23 @@ struct RowScan {
 // The max, the smallest finite value and whether a NaN or a -inf is present. read V floats.
 RowScan scan_row(const float* x, int64_t vocab_size);
 
+// The histogram's scale over max - x in [0, range] (range = max - min_finite, at most RANGE_MAX). The bucket index is
+// computed in float32 (bucket_of): its two roundings move a token's e by at most a relative 2 * 2^-24 * (2047 /
+// scale) off its bucket's bounds, which the slack covers with the rounding of the exp and of the bound recurrence
+// (< 3e-13). scale is 0 (inv_scale +inf) when every finite logit is the same.
+struct BucketScale {
+  float scale;
+  double inv_scale, slack;
+};
+
+inline BucketScale bucket_scale_of(const RowScan& scan) {
+  const double range = std::min(static_cast<double>(scan.max) - scan.min_finite, RANGE_MAX);
+  const float scale = range >= 1e-30 ? static_cast<float>(NUM_LINEAR_BUCKETS / range) : 0.0f;
+  const double inv_scale = scale > 0.0f ? 1.0 / scale : std::numeric_limits<double>::infinity();
+  const double slack = 1e-12 + (scale > 0.0f ? 2.5 * 0x1p-24 * (NUM_LINEAR_BUCKETS + 1) * inv_scale : 0.0);
+  return {scale, inv_scale, slack};
+}
+
 struct ExpSums {
   double total;  // sum of e
   int64_t num_zero;  // tokens with e == 0
@@ -31,30 +51,6 @@ struct ExpSums {
 template <bool HIST>
 ExpSums exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, float bucket_scale, const float* next_row,
                  Workspace& ws);
-
-// The fast top-p path's pass: e32 = exp32_of_gap(max - x) into ws.e32 and each token's bucket and the count
-// histogram as exp_pass<true> stores them. Returns the sum of e32 in float64. read V floats; write V floats
-// + V uint16 and the count histogram.
-double fast_exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, float bucket_scale, const float* next_row,
-                     Workspace& ws);
-
-constexpr double FAST_BLOCK_SUM_ERROR = 6.1e-8;  // one float32 rounding (2^-24), with a margin
-
-struct FastWindow {
-  double above;  // sum of e32 over buckets < first
-  double window_e32;  // sum of e32 over the window's tokens
-};
-
-// The fast path's top-p pass: per block, the e32 mass of the tokens in buckets < first into block_mass (pairs added
-// in float32, then summed in float64: relative error < FAST_BLOCK_SUM_ERROR); the tokens in buckets [first, last]
-// appended to `window` (id order) with their exact e (exp_nonpositive of x - max). bucket_scale is fast_exp_pass's.
-// read padded V floats (e32) + V floats (x) + padded V uint16.
-FastWindow fast_window_pass(const Workspace& ws, const float* x, float max, float bucket_scale, int64_t vocab_size,
-                            int first, int last, std::vector<RankedToken>& window, double* block_mass);
-
-// The e32 mass of the tokens in buckets > last (the padding's e32 is 0), summed in float32 pairs then float64
-// (relative error < FAST_BLOCK_SUM_ERROR). read padded V floats + padded V uint16.
-double fast_mass_below(const Workspace& ws, int64_t padded, int last);
 
 // Tokens with first <= bucket <= last (BUCKET_TINY_LAST takes in the tiny bucket's copies), appended to `out` in id
 // order with their e (or 0 without with_e): the top-k candidates, a peaked row's top-p list, the fast path's window.

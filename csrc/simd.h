@@ -1,5 +1,6 @@
-// SIMD helpers shared by the CPU kernels. FASTGPT2_AVX2 is defined when the compiler targets AVX2 + FMA (setup.py
-// builds one module per ISA variant, each with its own flags); every kernel keeps a portable path for other targets.
+// SIMD helpers shared by the CPU kernels. FASTGPT2_AVX2 is defined when the compiler targets AVX2 + FMA, and
+// FASTGPT2_AVX512 as well when it also targets AVX-512 F/BW/VL/DQ (16-lane loops where a kernel has them); setup.py
+// builds one module per ISA variant, each with its own flags. Every kernel keeps a portable path for other targets.
 #pragma once
 
 #include <cmath>
@@ -93,6 +94,37 @@ inline __m256 gelu256(__m256 v) {
   const __m256 d = _mm256_add_ps(_mm256_set1_ps(1.0f), exp256(u2));
   return _mm256_sub_ps(v, _mm256_div_ps(v, d));
 }
+
+}  // namespace fastgpt2
+#endif
+
+#if defined(FASTGPT2_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512DQ__)
+#define FASTGPT2_AVX512 1
+
+namespace fastgpt2 {
+
+// exp256 on 16 lanes (the same operations, so the same results lane for lane).
+inline __m512 exp512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+// The two 8-lane float64 halves of 16 float32 lanes (exact).
+inline __m512d low_pd(__m512 v) { return _mm512_cvtps_pd(_mm512_castps512_ps256(v)); }
+inline __m512d high_pd(__m512 v) { return _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1)); }
 
 }  // namespace fastgpt2
 #endif

@@ -1,0 +1,46 @@
+// The fast top-p path of the CPU sampler (sampling.h, "Fast path"): rows with top-p and neither top-k nor min-p,
+// sampled with a float32 exp whose every decision is checked against a bound on its error (sampling_fast.cpp), and
+// its passes over the row (sampling_fast_passes.cpp).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "sampling_passes.h"
+
+namespace fastgpt2 {
+namespace sampling_detail {
+
+// Samples a row of status kOk through the fast path when it applies (top_p < 1, no top-k, no min-p) and its margins
+// allow: returns true with *token set, the exact path's token. Returns false, with ws left for the exact path to
+// refill, when the path does not apply or hands the row over. Counts the rows for fast_path_stats().
+bool try_top_p_fast(const float* x, int64_t vocab_size, const RowScan& scan, int64_t top_k, double top_p, double min_p,
+                    double uniform, const float* next_row, Workspace& ws, int64_t* token);
+
+// The fast top-p path's pass: e32 = exp32_of_gap(max - x) into ws.e32 and each token's bucket and the count
+// histogram as exp_pass<true> stores them, except that the counts of buckets >= count_limit may be left at 0 (they
+// are exact below it). Returns the sum of e32 in float64. read V floats; write V floats + V uint16 and the count
+// histogram.
+double fast_exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, float bucket_scale, int count_limit,
+                     const float* next_row, Workspace& ws);
+
+constexpr double FAST_BLOCK_SUM_ERROR = 6.1e-8;  // one float32 rounding (2^-24), with a margin
+
+struct FastWindow {
+  double above;  // sum of e32 over buckets < first
+  double window_e32;  // sum of e32 over the window's tokens
+};
+
+// The fast path's top-p pass: per block, the e32 mass of the tokens in buckets < first into block_mass (pairs added
+// in float32, then summed in float64: relative error < FAST_BLOCK_SUM_ERROR); the tokens in buckets [first, last]
+// appended to `window` (id order) with their exact e (exp_nonpositive of x - max). bucket_scale is fast_exp_pass's.
+// read padded V floats (e32) + V floats (x) + padded V uint16.
+FastWindow fast_window_pass(const Workspace& ws, const float* x, float max, float bucket_scale, int64_t vocab_size,
+                            int first, int last, std::vector<RankedToken>& window, double* block_mass);
+
+// The e32 mass of the tokens in buckets > last (the padding's e32 is 0), summed in float32 pairs then float64
+// (relative error < FAST_BLOCK_SUM_ERROR). read padded V floats + padded V uint16.
+double fast_mass_below(const Workspace& ws, int64_t padded, int last);
+
+}  // namespace sampling_detail
+}  // namespace fastgpt2

@@ -1,0 +1,303 @@
+// See sampling_fast.h: the fast top-p path's passes over a row (AVX-512 or AVX2 loops, and a portable loop for other
+// targets and for the tails).
+#include "sampling_fast.h"
+
+#include <algorithm>
+
+#include "sampling_histogram.h"
+
+namespace fastgpt2 {
+namespace sampling_detail {
+
+namespace {
+
+#if defined(FASTGPT2_AVX2) && !defined(FASTGPT2_AVX512)
+// The AVX2 loop of fast_exp_pass over whole groups of 16 tokens (the bucket and count steps as in exp_loop); returns
+// the number of tokens done and adds the sum of e32 to *total.
+template <bool CLAMP>
+int64_t fast_exp_loop(const float* x, int64_t vocab_size, float max, float bucket_scale, const float* next_row,
+                      Workspace& ws, int32_t* odd, double* total) {
+  float* e32 = ws.e32.data();
+  uint16_t* bucket = ws.bucket.data();
+  int32_t* count = ws.count.data();
+  const __m256 max_f = _mm256_set1_ps(max), scale_f = _mm256_set1_ps(bucket_scale);
+  const __m256i tiny_lanes = tiny_lanes8();
+  __m256d sum0 = _mm256_setzero_pd(), sum1 = _mm256_setzero_pd();
+  int64_t j = 0;
+  for (; j + 16 <= vocab_size; j += 16) {
+    if (next_row != nullptr) _mm_prefetch(reinterpret_cast<const char*>(next_row + j), _MM_HINT_T1);
+    for (int g = 0; g < 2; ++g) {
+      const __m256 t = _mm256_sub_ps(max_f, _mm256_loadu_ps(x + j + 8 * g));  // the gap, >= 0 (+inf for -inf)
+      _mm256_storeu_ps(e32 + j + 8 * g, exp32_of_gap8<CLAMP>(t));
+      store_buckets8(bucket + j + 8 * g, t, scale_f, tiny_lanes);
+    }
+    // The float64 sum reloads the stored e32 as halves (a load is cheaper than a lane extract here).
+    sum0 = _mm256_add_pd(sum0, _mm256_cvtps_pd(_mm_loadu_ps(e32 + j)));
+    sum1 = _mm256_add_pd(sum1, _mm256_cvtps_pd(_mm_loadu_ps(e32 + j + 4)));
+    sum0 = _mm256_add_pd(sum0, _mm256_cvtps_pd(_mm_loadu_ps(e32 + j + 8)));
+    sum1 = _mm256_add_pd(sum1, _mm256_cvtps_pd(_mm_loadu_ps(e32 + j + 12)));
+    if (j >= COUNT_LAG) count_buckets(bucket + j - COUNT_LAG, 16, count, odd);
+  }
+  const int64_t uncounted = std::max<int64_t>(j - COUNT_LAG, 0);
+  count_buckets(bucket + uncounted, j - uncounted, count, odd);
+  *total += hsum(_mm256_add_pd(sum0, sum1));
+  return j;
+}
+#endif
+
+#ifdef FASTGPT2_AVX512
+// The AVX-512 loop of fast_exp_pass over whole groups of 16 tokens, 32 per step: the exp and the buckets on 16 lanes,
+// the same counting as the AVX2 loop.
+// With LIMIT, only the tokens of buckets < count_limit are counted: their buckets are packed (a compress per 16 tokens)
+// into ws.listed and counted from there, so that the far tail costs no increment (the increments' stores bound this
+// loop: ~9 of its ~20 us per row of 50257 when every token is counted).
+template <bool CLAMP, bool LIMIT>
+int64_t fast_exp_loop512(const float* x, int64_t vocab_size, float max, float bucket_scale, const float* next_row,
+                         Workspace& ws, int32_t* odd, uint32_t count_limit, double* total) {
+  float* e32 = ws.e32.data();
+  uint16_t* bucket = ws.bucket.data();
+  int32_t* count = ws.count.data();
+  const __m512 max_f = _mm512_set1_ps(max), scale_f = _mm512_set1_ps(bucket_scale);
+  const __m512i tiny_lanes = tiny_lanes16();
+  __m512d sum[4] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd()};
+  const __m512i limit_v = _mm512_set1_epi32(static_cast<int32_t>(count_limit));
+  uint32_t* listed = ws.listed.data();
+  int64_t num_listed = 0, num_counted = 0;
+  auto list16 = [&](__m512i b) {
+    const __mmask16 k = _mm512_cmplt_epu32_mask(b, limit_v);
+    _mm512_storeu_si512(listed + num_listed, _mm512_maskz_compress_epi32(k, b));
+    num_listed += __builtin_popcount(k);
+  };
+  auto count_listed = [&](int64_t upto) {  // the listed buckets [num_counted, upto), in pairs
+    for (; num_counted + 2 <= upto; num_counted += 2) ++count[listed[num_counted]], ++odd[listed[num_counted + 1]];
+  };
+  int64_t j = 0;
+  for (; j + 32 <= vocab_size; j += 32) {
+    if (next_row != nullptr) {
+      _mm_prefetch(reinterpret_cast<const char*>(next_row + j), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(next_row + j + 16), _MM_HINT_T1);
+    }
+    const __m512 t0 = _mm512_sub_ps(max_f, _mm512_loadu_ps(x + j));  // the gaps, >= 0 (+inf for -inf)
+    const __m512 t1 = _mm512_sub_ps(max_f, _mm512_loadu_ps(x + j + 16));
+    const __m512 e0 = exp32_of_gap16<CLAMP>(t0), e1 = exp32_of_gap16<CLAMP>(t1);
+    _mm512_storeu_ps(e32 + j, e0);
+    _mm512_storeu_ps(e32 + j + 16, e1);
+    const __m512i b0 = bucket16(t0, scale_f, tiny_lanes), b1 = bucket16(t1, scale_f, tiny_lanes);
+    store_buckets32(bucket + j, b0, b1);
+    sum[0] = _mm512_add_pd(sum[0], low_pd(e0));
+    sum[1] = _mm512_add_pd(sum[1], high_pd(e0));
+    sum[2] = _mm512_add_pd(sum[2], low_pd(e1));
+    sum[3] = _mm512_add_pd(sum[3], high_pd(e1));
+    if (LIMIT) {
+      list16(b0);
+      list16(b1);
+      count_listed(num_listed - COUNT_LAG);
+    } else if (j >= COUNT_LAG) {
+      count_buckets(bucket + j - COUNT_LAG, 32, count, odd);
+    }
+  }
+  if (j + 16 <= vocab_size) {
+    const __m512 t = _mm512_sub_ps(max_f, _mm512_loadu_ps(x + j));
+    const __m512 e = exp32_of_gap16<CLAMP>(t);
+    _mm512_storeu_ps(e32 + j, e);
+    const __m512i b = bucket16(t, scale_f, tiny_lanes);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(bucket + j), _mm512_cvtepi32_epi16(b));
+    if (LIMIT) list16(b);
+    sum[0] = _mm512_add_pd(sum[0], low_pd(e));
+    sum[1] = _mm512_add_pd(sum[1], high_pd(e));
+    j += 16;
+  }
+  if (LIMIT) {
+    count_listed(num_listed);
+    if (num_counted < num_listed) ++count[listed[num_counted]];
+  } else {
+    const int64_t uncounted = std::max<int64_t>(j - COUNT_LAG, 0);
+    count_buckets(bucket + uncounted, j - uncounted, count, odd);
+  }
+  *total += _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(sum[0], sum[1]), _mm512_add_pd(sum[2], sum[3])));
+  return j;
+}
+#endif
+
+}  // namespace
+
+double fast_exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, float bucket_scale, int count_limit,
+                     const float* next_row, Workspace& ws) {
+  float* e32 = ws.e32.data();
+  uint16_t* bucket = ws.bucket.data();
+  int32_t* count = ws.count.data();
+  int32_t odd[NUM_BUCKETS];
+  std::fill(count, count + NUM_BUCKETS, 0);
+  std::fill(odd, odd + NUM_BUCKETS, 0);
+  static_cast<void>(next_row);
+  const float max = scan.max;
+  double total = 0.0;
+  int64_t j = 0;
+  const bool clamp = scan.has_neg_inf || static_cast<double>(scan.max) - scan.min_finite > EXP32_GAP_MAX;
+#if defined(FASTGPT2_AVX512)
+  // Limiting the counts costs a compress per 16 tokens (~5 us per row of 50257) and saves the increments of the
+  // tokens past the limit (~9 us for all of them): it is taken where a sample of 256 tokens (every V/256-th) has
+  // fewer than 40% of them below the limit. Measured per row: peaked rows and Gumbel(0, 2) logits 28 -> 22 us;
+  // N(0, 3) logits at top-p 0.9 (60% below the limit) 31 -> 34 us, hence the sample.
+  const uint32_t limit = static_cast<uint32_t>(count_limit);
+  bool limited = false;
+  if (count_limit < NUM_LINEAR_BUCKETS && vocab_size >= 4096) {
+    int below_limit = 0;
+    const int64_t stride = vocab_size / 256;
+    for (int64_t i = 0; i < 256; ++i) below_limit += bucket_of(x[i * stride], max, bucket_scale) < limit;
+    limited = below_limit < 256 * 2 / 5;
+  }
+  if (limited) ws.listed.resize(std::max<size_t>(ws.listed.size(), vocab_size + 16));
+  j = clamp ? (limited ? fast_exp_loop512<true, true>(x, vocab_size, max, bucket_scale, next_row, ws, odd, limit, &total)
+                       : fast_exp_loop512<true, false>(x, vocab_size, max, bucket_scale, next_row, ws, odd, limit, &total))
+            : (limited ? fast_exp_loop512<false, true>(x, vocab_size, max, bucket_scale, next_row, ws, odd, limit, &total)
+                       : fast_exp_loop512<false, false>(x, vocab_size, max, bucket_scale, next_row, ws, odd, limit, &total));
+#elif defined(FASTGPT2_AVX2)
+  j = clamp ? fast_exp_loop<true>(x, vocab_size, max, bucket_scale, next_row, ws, odd, &total)
+            : fast_exp_loop<false>(x, vocab_size, max, bucket_scale, next_row, ws, odd, &total);
+#endif
+  static_cast<void>(clamp), static_cast<void>(count_limit);
+  for (; j < vocab_size; ++j) {
+    e32[j] = exp32_of_gap(max - x[j]);
+    total += e32[j];
+    bucket_and_count(x, j, max, bucket_scale, bucket, count);
+  }
+  finish_histogram(count, odd, bucket, vocab_size);
+  std::fill(e32 + vocab_size, e32 + (vocab_size + BLOCK - 1) / BLOCK * BLOCK, 0.0f);
+  return total;
+}
+
+FastWindow fast_window_pass(const Workspace& ws, const float* x, float max, float bucket_scale, int64_t vocab_size,
+                            int first, int last, std::vector<RankedToken>& window, double* block_mass) {
+  const float* e32 = ws.e32.data();
+  const uint16_t* bucket = ws.bucket.data();
+  const int64_t padded = (vocab_size + BLOCK - 1) / BLOCK * BLOCK;
+  FastWindow sums{0.0, 0.0};
+  static_cast<void>(bucket_scale);  // the AVX2 loop's recomputed bucket index only
+#ifdef FASTGPT2_AVX512
+  // One loop: per 32 tokens, two 16-bit compares of the stored buckets give the masks of the tokens above the window
+  // (summed per block: pairs added in float32, then float64) and of the window's tokens (collected).
+  window.clear();
+  {
+    const __m512i first_v = _mm512_set1_epi16(static_cast<int16_t>(first));
+    const __m512i last_v = _mm512_set1_epi16(static_cast<int16_t>(last));
+    for (int64_t start = 0; start < padded; start += BLOCK) {
+      __m512d acc0 = _mm512_setzero_pd(), acc1 = _mm512_setzero_pd();
+      for (int64_t j = start; j < start + BLOCK; j += 32) {
+        const __m512i b = _mm512_loadu_si512(bucket + j);
+        const __mmask32 above = _mm512_cmplt_epu16_mask(b, first_v);
+        uint32_t in = _mm512_mask_cmple_epu16_mask(~above, b, last_v);
+        const __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(static_cast<__mmask16>(above), e32 + j),
+                                       _mm512_maskz_loadu_ps(static_cast<__mmask16>(above >> 16), e32 + j + 16));
+        acc0 = _mm512_add_pd(acc0, low_pd(v));
+        acc1 = _mm512_add_pd(acc1, high_pd(v));
+        for (; in; in &= in - 1) window.push_back({0.0, j + __builtin_ctz(in)});
+      }
+      block_mass[start / BLOCK] = _mm512_reduce_add_pd(_mm512_add_pd(acc0, acc1));
+      sums.above += block_mass[start / BLOCK];
+    }
+  }
+#else
+  // 1. Per block, the e32 mass of the tokens in buckets < first. Two loops rather than one: the window's collection
+  // (a push_back, a call) made the compiler keep this loop's constants in memory (measured 3-4 us per row slower).
+  int64_t start = 0;
+#ifdef FASTGPT2_AVX2
+  {
+    // bucket < first recomputed from x in the float lanes: (max - x) * scale < first, the same float32 operations
+    // as the stored bucket index (cheaper than widening a 16-bit compare to the float lanes).
+    const __m256 max_f = _mm256_set1_ps(max), scale_f = _mm256_set1_ps(bucket_scale);
+    const __m256 first_f = _mm256_set1_ps(static_cast<float>(first));
+    for (; start + BLOCK <= vocab_size; start += BLOCK) {  // whole blocks: x ends at vocab_size
+      __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
+      for (int64_t j = start; j < start + BLOCK; j += 16) {
+        const __m256 m0 = _mm256_mul_ps(_mm256_sub_ps(max_f, _mm256_loadu_ps(x + j)), scale_f);
+        const __m256 m1 = _mm256_mul_ps(_mm256_sub_ps(max_f, _mm256_loadu_ps(x + j + 8)), scale_f);
+        const __m256 v0 = _mm256_and_ps(_mm256_loadu_ps(e32 + j), _mm256_cmp_ps(m0, first_f, _CMP_LT_OQ));
+        const __m256 v1 = _mm256_and_ps(_mm256_loadu_ps(e32 + j + 8), _mm256_cmp_ps(m1, first_f, _CMP_LT_OQ));
+        // One float32 addition (relative error <= 2^-24 < FAST_BLOCK_SUM_ERROR), then float64.
+        const __m256 v = _mm256_add_ps(v0, v1);
+        acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+        acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+      }
+      block_mass[start / BLOCK] = hsum(_mm256_add_pd(acc0, acc1));
+      sums.above += block_mass[start / BLOCK];
+    }
+  }
+#endif
+  for (; start < padded; start += BLOCK) {  // the padding's e32 is 0
+    double block = 0.0;
+    for (int64_t j = start; j < start + BLOCK; ++j) block += bucket[j] < first ? e32[j] : 0.0f;
+    block_mass[start / BLOCK] = block;
+    sums.above += block;
+  }
+  // 2. The window: tokens in buckets [first, last] (the padding's buckets are past `last`), then their exact e, the
+  // same as exp_pass's (bit-identical scalar and AVX2 exp).
+  bucket_range_pass(ws, padded, first, last, window, false);
+#endif
+  const double max_d = max;
+  RankedToken* w = window.data();
+  const size_t n = window.size();
+  size_t i = 0;
+#ifdef FASTGPT2_AVX2
+  // 8 at a time: the window's tokens are finite and within RANGE_MAX of the max, so no clamp (~3 us less per row of
+  // 50257 than the scalar exp's latency-bound loop).
+  const __m256d max_v = _mm256_set1_pd(max_d);
+  for (; i + 8 <= n; i += 8) {
+    __m256d d[2], ev[2], valid[2];
+    for (int u = 0; u < 2; ++u) {
+      const RankedToken* t = w + i + 4 * u;
+      d[u] = _mm256_sub_pd(_mm256_setr_pd(x[t[0].id], x[t[1].id], x[t[2].id], x[t[3].id]), max_v);
+    }
+    exp_nonpositive4<false>(d, ev, valid);
+    alignas(32) double lanes[8];
+    _mm256_store_pd(lanes, ev[0]);
+    _mm256_store_pd(lanes + 4, ev[1]);
+    for (int l = 0; l < 8; ++l) w[i + l].e = lanes[l];
+  }
+#endif
+  for (; i < n; ++i) w[i].e = exp_nonpositive(static_cast<double>(x[w[i].id]) - max_d);
+  for (const RankedToken& t : window) sums.window_e32 += e32[t.id];
+  return sums;
+}
+
+double fast_mass_below(const Workspace& ws, int64_t padded, int last) {
+  const float* e32 = ws.e32.data();
+  const uint16_t* bucket = ws.bucket.data();
+  double total = 0.0;
+  int64_t j = 0;
+#if defined(FASTGPT2_AVX512)
+  const __m512i last_v = _mm512_set1_epi16(static_cast<int16_t>(last));
+  __m512d acc0 = _mm512_setzero_pd(), acc1 = _mm512_setzero_pd();
+  for (; j < padded; j += 32) {  // padded is a multiple of 32
+    const __mmask32 below = _mm512_cmpgt_epu16_mask(_mm512_loadu_si512(bucket + j), last_v);
+    const __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(static_cast<__mmask16>(below), e32 + j),
+                                   _mm512_maskz_loadu_ps(static_cast<__mmask16>(below >> 16), e32 + j + 16));
+    acc0 = _mm512_add_pd(acc0, low_pd(v));
+    acc1 = _mm512_add_pd(acc1, high_pd(v));
+  }
+  total = _mm512_reduce_add_pd(_mm512_add_pd(acc0, acc1));
+#elif defined(FASTGPT2_AVX2)
+  // Intrinsics on purpose: gcc 12.2 at -O3 -mavx2 miscompiles the plain loop that selects e32 by a uint16 compare
+  // and adds the pairs in float32 (a wrong sum; reproduced in a 15-line program).
+  const __m256i last_v = _mm256_set1_epi16(static_cast<int16_t>(last));
+  __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
+  for (; j < padded; j += 16) {
+    const __m256i below = _mm256_cmpgt_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bucket + j)), last_v);
+    const __m256 v0 = _mm256_and_ps(_mm256_loadu_ps(e32 + j),
+                                    _mm256_castsi256_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(below))));
+    const __m256 v1 = _mm256_and_ps(_mm256_loadu_ps(e32 + j + 8),
+                                    _mm256_castsi256_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(below, 1))));
+    const __m256 v = _mm256_add_ps(v0, v1);  // one float32 addition per pair, then float64
+    acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+    acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+  }
+  total = hsum(_mm256_add_pd(acc0, acc1));
+#endif
+  for (; j < padded; ++j) {  // float64 throughout (within the same bound)
+    if (bucket[j] > last) total += e32[j];
+  }
+  return total;
+}
+
+}  // namespace sampling_detail
+}  // namespace fastgpt2
