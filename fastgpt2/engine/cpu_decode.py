@@ -22,7 +22,8 @@ class CpuDecodeStep:
     It reads the model's parameters in place (the C++ side holds numpy views of them); a model whose parameters are
     replaced needs a new CpuDecodeStep. When model.decode_weight_dtype is bfloat16 (GPT2.round_weights_to_bfloat16),
     the C++ side keeps bfloat16 copies of the weight matrices and reads those: half the bytes per step, same float32
-    arithmetic.
+    arithmetic. When it is "int8" (GPT2.quantize_weights_int8) the parameters already hold the dequantised int8
+    weights, which this step reads as float32 (the same function; int8 storage is csrc/packed_gemm.h's PackedMatrix<q8>).
     """
 
     # Larger decode batches run the torch model. Up to this size the C++ step is faster at every batch: GEMV kernels
