@@ -128,11 +128,3 @@ def random_model(n_layer: int = 12, seed: int = 0):
 
     torch.manual_seed(seed)
     return GPT2(GPT2Config.from_name("124M").replace(n_layer=n_layer)).eval()
-
-
-if __name__ == "__main__":  # python -m fastgpt2.model.quantize [n_layer]: the error report on random 124M weights
-    import json
-    import sys
-
-    n_layer = int(sys.argv[1]) if len(sys.argv) > 1 else 12
-    print(json.dumps(quantization_error(random_model(n_layer)), indent=2))
