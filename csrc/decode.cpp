@@ -42,7 +42,7 @@ void model_step(const ModelWeights<W>& w, const StepBatch& batch, int num_thread
   // 1. Token + position embeddings.
   for (int64_t i = 0; i < N; ++i) {
     context[i] = batch.positions[i] + 1;
-    const W* te = w.wte_rows + batch.token_ids[i] * C;
+    const auto* te = w.wte_rows + batch.token_ids[i] * C;
     const float* pe = w.wpe + batch.positions[i] * C;
     for (int64_t c = 0; c < C; ++c) x[i * C + c] = to_float(te[c]) + pe[c];
   }
@@ -78,5 +78,6 @@ void model_step(const ModelWeights<W>& w, const StepBatch& batch, int num_thread
 
 template void model_step<float>(const ModelWeights<float>&, const StepBatch&, int);
 template void model_step<bf16>(const ModelWeights<bf16>&, const StepBatch&, int);
+template void model_step<q8>(const ModelWeights<q8>&, const StepBatch&, int);
 
 }  // namespace fastgpt2

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "linear.h"
@@ -25,9 +26,9 @@ struct RawLayer {
   const float *ln_2_weight, *ln_2_bias, *c_fc_weight, *c_fc_bias, *mlp_proj_weight, *mlp_proj_bias;
 };
 
-// What the step reads: the weight matrices packed for the GEMM (packed_gemm.h) as W (float or bf16), the LM head
-// included; LayerNorm parameters, biases and position embeddings float32; the token embedding's rows as float32
-// (bf16 for bf16 weights) for the lookup.
+// What the step reads: the weight matrices packed for the GEMM (packed_gemm.h) as W (float, bf16 or q8), the LM
+// head included; LayerNorm parameters, biases and position embeddings float32; the token embedding's rows as float32
+// (bf16 for bf16 weights; the dequantised values for int8) for the lookup.
 template <typename W>
 struct LayerWeights {
   const float *ln_1_weight, *ln_1_bias;
@@ -44,7 +45,8 @@ struct LayerWeights {
 
 template <typename W>
 struct ModelWeights {
-  const W* wte_rows;        // (vocab_size, C) row-major: the embedding lookup
+  using Row = std::conditional_t<std::is_same_v<W, bf16>, bf16, float>;  // int8: the dequantised rows
+  const Row* wte_rows;      // (vocab_size, C) row-major: the embedding lookup
   PackedMatrix<W> lm_head;  // wte packed: the tied LM head
   const float* wpe;         // (n_positions, C)
   std::vector<LayerWeights<W>> layers;

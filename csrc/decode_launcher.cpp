@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
@@ -35,8 +36,8 @@ class CpuStep {
   CpuStep(const py::array& wte, const py::array& wpe, const std::vector<std::vector<py::array>>& layers,
              const py::array& ln_f_weight, const py::array& ln_f_bias, int64_t n_head, float layer_norm_epsilon,
              const std::string& weight_dtype) {
-    if (weight_dtype != "float32" && weight_dtype != "bfloat16")
-      throw py::value_error("weight_dtype must be 'float32' or 'bfloat16', got '" + weight_dtype + "'");
+    if (weight_dtype != "float32" && weight_dtype != "bfloat16" && weight_dtype != "int8")
+      throw py::value_error("weight_dtype must be 'float32', 'bfloat16' or 'int8', got '" + weight_dtype + "'");
     auto keep = [&](const py::array& a, const std::string& name, std::vector<py::ssize_t> shape) {
       kept_.push_back(checked_array<float>(a, name.c_str(), "float32", shape));
       return static_cast<const float*>(kept_.back().data());
@@ -59,16 +60,22 @@ class CpuStep {
     }
     const float* ln_f_w = keep(ln_f_weight, "ln_f.weight", {C});
     const float* ln_f_b = keep(ln_f_bias, "ln_f.bias", {C});
+    if (weight_dtype == "int8" && C % kQ8Block != 0)
+      throw py::value_error("int8 weights need n_embd to be a multiple of " + std::to_string(kQ8Block) + ", got " +
+                            std::to_string(C));
     if (weight_dtype == "bfloat16") {
       bf16_ = std::make_unique<ModelWeights<bf16>>();
       build(*bf16_, wte_p, wpe_p, raw, ln_f_w, ln_f_b, n_head, layer_norm_epsilon);
+    } else if (weight_dtype == "int8") {
+      q8_ = std::make_unique<ModelWeights<q8>>();
+      build(*q8_, wte_p, wpe_p, raw, ln_f_w, ln_f_b, n_head, layer_norm_epsilon);
     } else {
       f32_ = std::make_unique<ModelWeights<float>>();
       build(*f32_, wte_p, wpe_p, raw, ln_f_w, ln_f_b, n_head, layer_norm_epsilon);
     }
   }
 
-  std::string weight_dtype() const { return bf16_ ? "bfloat16" : "float32"; }
+  std::string weight_dtype() const { return bf16_ ? "bfloat16" : q8_ ? "int8" : "float32"; }
 
   // token_ids, positions, slots: (N,) int64; seq_index: (N,) int32, rows of block_tables (S, max_blocks) int32;
   // logits_indices: (R,) int64 in [0, N); kv_cache: (n_layer, 2, num_blocks, block_size, n_head, head_dim) float32;
@@ -117,14 +124,17 @@ class CpuStep {
     py::gil_scoped_release release;
     if (bf16_)
       model_step(*bf16_, batch, num_threads);
+    else if (q8_)
+      model_step(*q8_, batch, num_threads);
     else
       model_step(*f32_, batch, num_threads);
   }
 
  private:
   // The step's weights from the model's float32 arrays: the matrices packed as W (bf16: rounded to nearest even, as
-  // torch); for bf16 every other parameter rounded too, in float32 copies, so that the step computes the model
-  // GPT2.round_weights_to_bfloat16 makes. float32 reads the vectors and the embedding rows in place.
+  // torch; q8: llama.cpp's q8_0 quantiser with float32 scales); for bf16 every other parameter rounded too, in float32
+  // copies, so that the step computes the model GPT2.round_weights_to_bfloat16 makes; for int8 the embedding rows
+  // dequantised (the model GPT2.quantize_weights_int8 makes). float32 reads the vectors and rows in place.
   template <typename W>
   void build(ModelWeights<W>& m, const float* wte, const float* wpe, const std::vector<RawLayer>& raw,
              const float* ln_f_weight, const float* ln_f_bias, int64_t n_head, float eps) {
@@ -141,6 +151,10 @@ class CpuStep {
       bf16_rows_.resize(vocab_size_ * C);
       for (int64_t i = 0; i < vocab_size_ * C; ++i) bf16_rows_[i] = to_bf16(wte[i]);
       m.wte_rows = bf16_rows_.data();
+    } else if constexpr (std::is_same_v<W, q8>) {
+      dequantized_rows_.resize(vocab_size_ * C);
+      dequantize_q8(wte, vocab_size_, C, dequantized_rows_.data());
+      m.wte_rows = dequantized_rows_.data();
     } else {
       m.wte_rows = wte;
     }
@@ -160,6 +174,8 @@ class CpuStep {
   int64_t vocab_size_ = 0, n_embd_ = 0, n_positions_ = 0, num_layers_ = 0, n_head_ = 0;
   std::unique_ptr<ModelWeights<float>> f32_;
   std::unique_ptr<ModelWeights<bf16>> bf16_;
+  std::unique_ptr<ModelWeights<q8>> q8_;
+  std::vector<float> dequantized_rows_;
   std::vector<py::array_t<float, py::array::c_style>> kept_;  // the model's arrays, read in place (float32)
   std::vector<bf16> bf16_rows_;
   std::vector<std::vector<float>> rounded_storage_;
@@ -167,8 +183,8 @@ class CpuStep {
 
 void bind_cpu_step(py::module_& m) {
   py::class_<CpuStep>(m, "CpuStep",
-                      "GPT-2's step on CPU over packed prefill and decode tokens (float32 arithmetic, float32 or "
-                      "bfloat16 weight matrices; each token's result independent of the rest of the step); holds the "
+                      "GPT-2's step on CPU over packed prefill and decode tokens (float32 arithmetic, float32, bfloat16 "
+                      "or int8 weight matrices; each token's result independent of the rest of the step); holds the "
                       "weight arrays it is given.")
       .def(py::init<const py::array&, const py::array&, const std::vector<std::vector<py::array>>&, const py::array&,
                     const py::array&, int64_t, float, const std::string&>(),

@@ -1,5 +1,6 @@
 // Checked entry point of the packed GEMM (packed_gemm.h) for tests and benchmarks: PackedLinear packs a float32
-// nn.Linear weight once; forward() runs y = epilogue(x W^T + b) on the pool without the GIL.
+// nn.Linear weight once (float32, bfloat16 or int8 storage); forward() runs y = epilogue(x W^T + b) on the pool
+// without the GIL. quantize_q8 returns the weights an int8 PackedLinear computes with.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -24,18 +25,22 @@ Epilogue parse_epilogue(const std::string& name) {
 class PackedLinear {
  public:
   PackedLinear(const py::array& weight, const std::string& weight_dtype) {
-    if (weight_dtype != "float32" && weight_dtype != "bfloat16")
-      throw py::value_error("weight_dtype must be 'float32' or 'bfloat16', got '" + weight_dtype + "'");
+    if (weight_dtype != "float32" && weight_dtype != "bfloat16" && weight_dtype != "int8")
+      throw py::value_error("weight_dtype must be 'float32', 'bfloat16' or 'int8', got '" + weight_dtype + "'");
     auto w = checked_array<float>(weight, "weight", "float32", {-1, -1});
     if (w.shape(1) % 8 != 0) throw py::value_error("weight's in_features must be a multiple of 8, got " +
                                                    std::to_string(w.shape(1)));
-    bf16_ = weight_dtype == "bfloat16";
-    if (bf16_)
+    dtype_ = weight_dtype;
+    if (dtype_ == "bfloat16")
       b_ = pack_matrix<bf16>(w.data(), w.shape(0), w.shape(1));
+    else if (dtype_ == "int8")
+      q_ = pack_matrix<q8>(w.data(), w.shape(0), w.shape(1));  // std::invalid_argument (ValueError) unless K % 32 == 0
     else
       f_ = pack_matrix<float>(w.data(), w.shape(0), w.shape(1));
     rows_ = w.shape(0), cols_ = w.shape(1);
   }
+
+  const std::string& weight_dtype() const { return dtype_; }
 
   void forward(const py::array& x, py::array& out, const py::object& bias, const std::string& epilogue,
                int num_threads) {
@@ -53,23 +58,37 @@ class PackedLinear {
     const float* xp = xs.data();
     float* yp = ys.mutable_data();
     py::gil_scoped_release release;
-    if (num_threads == 0) {
-      if (bf16_) packed_linear_serial(b_, bp, xp, cols_, yp, rows_, T, e);
-      else packed_linear_serial(f_, bp, xp, cols_, yp, rows_, T, e);
-      return;
-    }
-    ThreadPool::with_pool(num_threads, /*linger=*/false, [&](ThreadPool& pool) {
-      if (bf16_) packed_linear(pool, b_, bp, xp, cols_, yp, rows_, T, e);
-      else packed_linear(pool, f_, bp, xp, cols_, yp, rows_, T, e);
-    });
+    auto run = [&](const auto& m) {
+      if (num_threads == 0) {
+        packed_linear_serial(m, bp, xp, cols_, yp, rows_, T, e);
+        return;
+      }
+      ThreadPool::with_pool(num_threads, /*linger=*/false,
+                            [&](ThreadPool& pool) { packed_linear(pool, m, bp, xp, cols_, yp, rows_, T, e); });
+    };
+    if (dtype_ == "bfloat16") run(b_);
+    else if (dtype_ == "int8") run(q_);
+    else run(f_);
   }
 
  private:
-  bool bf16_ = false;
+  std::string dtype_;
   int64_t rows_ = 0, cols_ = 0;
   PackedMatrix<float> f_;
   PackedMatrix<bf16> b_;
+  PackedMatrix<q8> q_;
 };
+
+py::array_t<float> quantize_q8(const py::array& weight) {
+  auto w = checked_array<float>(weight, "weight", "float32", {-1, -1});
+  py::array_t<float> out({w.shape(0), w.shape(1)});
+  const float* wp = w.data();
+  float* op = out.mutable_data();
+  const int64_t rows = w.shape(0), cols = w.shape(1);
+  py::gil_scoped_release release;
+  dequantize_q8(wp, rows, cols, op);
+  return out;
+}
 
 }  // namespace
 
@@ -78,14 +97,21 @@ void bind_packed_gemm(py::module_& m) {
   m.def("_fma_peak_gflops", &fma_peak_gflops, "Measured float32 FMA peak of one core for this build (GFLOP/s).",
         py::arg("seconds") = 0.2, py::call_guard<py::gil_scoped_release>());
   py::class_<PackedLinear>(m, "PackedLinear",
-                           "A float32 nn.Linear weight (out, in) packed for the CPU step's GEMM (float32 or bfloat16 "
-                           "storage, float32 arithmetic).")
+                           "A float32 nn.Linear weight (out, in) packed for the CPU step's GEMM (float32, bfloat16 or "
+                           "int8 storage, float32 arithmetic; int8: one float32 scale per row and 32 inputs, "
+                           "in_features a multiple of 32).")
       .def(py::init<const py::array&, const std::string&>(), py::arg("weight"), py::arg("weight_dtype") = "float32")
+      .def_property_readonly("weight_dtype", &PackedLinear::weight_dtype)
       .def("forward", &PackedLinear::forward,
            "out = epilogue(x W^T + bias): 'store', 'gelu' (tanh) or 'accumulate' (out += ...); num_threads 0 runs on "
            "the calling thread.",
            py::arg("x"), py::arg("out"), py::arg("bias") = py::none(), py::arg("epilogue") = "store",
            py::arg("num_threads") = 1);
+  m.def("quantize_q8", &quantize_q8,
+        "The weights an int8 PackedLinear computes with: weight (out, in) float32, in % 32 == 0, quantised per row "
+        "and block of 32 inputs as llama.cpp's q8_0 (d = absmax / 127, q = roundf(w * (1 / d))) with a float32 scale, "
+        "returned dequantised (float(q) * d) as a new float32 array.",
+        py::arg("weight"));
 }
 
 }  // namespace fastgpt2

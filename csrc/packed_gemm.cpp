@@ -1,6 +1,7 @@
 // See packed_gemm.h. One microkernel template, instantiated per (tokens, panels) register tile: MR tokens x NP panels
-// of accumulators, per k one load of each panel's 16 weights (bf16 widened by a 16-bit shift, exact), one broadcast
-// of each token's x and MR x NP FMAs. Tokens are tiled 12 at a time (6 with AVX2), the remainder as one smaller tile.
+// of accumulators, per k one load of each panel's 16 weights (bf16 widened by a 16-bit shift, exact; int8 widened
+// and multiplied by its block's scale), one broadcast of each token's x and MR x NP FMAs. Tokens are tiled 8 at a
+// time (6 with AVX2), the remainder as one smaller tile. The vector operations are in packed_gemm_kernels.h.
 #include "packed_gemm.h"
 
 #include <algorithm>
@@ -8,85 +9,17 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "packed_gemm_kernels.h"
 #include "thread_pool.h"
 
 namespace fastgpt2 {
 namespace {
-
-#if defined(__AVX512F__)
-using Vec = __m512;
-constexpr int kLanes = 16;
-constexpr int kTileTokens = 8;
-constexpr int kMaxAccumulators = 24;  // of 32 zmm registers
-inline Vec vzero() { return _mm512_setzero_ps(); }
-inline Vec vset1(float v) { return _mm512_set1_ps(v); }
-inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
-inline Vec vload(const bf16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
-inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
-
-// exp256 / gelu256 of simd.h on 16 lanes, the same operations in the same order.
-inline Vec vexp(Vec x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-  const Vec n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  Vec r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  Vec p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-}
-inline Vec vgelu(Vec v) {
-  const Vec v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
-  const Vec u2 = _mm512_mul_ps(_mm512_set1_ps(2.0f * 0.7978845608028654f),
-                               _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), v3, v));
-  const Vec d = _mm512_add_ps(_mm512_set1_ps(1.0f), vexp(u2));
-  return _mm512_sub_ps(v, _mm512_div_ps(v, d));
-}
-constexpr const char* kIsa = "avx512";
-#elif defined(FASTGPT2_AVX2)
-using Vec = __m256;
-constexpr int kLanes = 8;
-constexpr int kTileTokens = 6;
-constexpr int kMaxAccumulators = 12;  // of 16 ymm registers
-inline Vec vzero() { return _mm256_setzero_ps(); }
-inline Vec vset1(float v) { return _mm256_set1_ps(v); }
-inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
-inline Vec vload(const bf16* p) { return load8(p); }
-inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
-inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
-inline Vec vgelu(Vec v) { return gelu256(v); }
-constexpr const char* kIsa = "avx2";
-#else
-// Portable: one float per "vector", std::fma, the same chains.
-using Vec = float;
-constexpr int kLanes = 1;
-constexpr int kTileTokens = 4;
-constexpr int kMaxAccumulators = 64;
-inline Vec vzero() { return 0.0f; }
-inline Vec vset1(float v) { return v; }
-inline Vec vload(const float* p) { return *p; }
-inline Vec vload(const bf16* p) { return to_float(*p); }
-inline Vec vfma(Vec a, Vec b, Vec c) { return std::fma(a, b, c); }
-inline Vec vadd(Vec a, Vec b) { return a + b; }
-inline void vstore(float* p, Vec v) { *p = v; }
-inline Vec vgelu(Vec v) { return gelu_scalar(v); }
-constexpr const char* kIsa = "portable";
-#endif
 
 constexpr int kVecsPerPanel = kPanelRows / kLanes;
 
@@ -98,22 +31,51 @@ constexpr int panels_for(int mr) {
   return std::max(1, std::min(cap, by_registers));
 }
 
+// The weights of a register tile: panels at b (panel stride pstride) holding k in [koff, ...): the packed matrix
+// (koff 0), or a dequantised slice of it. q8 also reads its scales (per panel (K / 32, 16) at s, stride sstride).
+template <typename W>
+struct Panels {
+  const W* b;
+  int64_t pstride, koff;
+  const float* s = nullptr;
+  int64_t sstride = 0;
+};
+
+template <int MR, int NV>
+inline void fma_step(Vec (&c)[MR][NV], const Vec (&bv)[NV], const float* xk) {
+  for (int i = 0; i < MR; ++i) {
+    const Vec a = vset1(xk[i]);
+    for (int j = 0; j < NV; ++j) c[i][j] = vfma(a, bv[j], c[i][j]);
+  }
+}
+
 // acc (MR x NP*16) continued over k in [k_begin, k_end) (from zero when k_begin == 0, else from acc's stored
-// values: the chains carry on exactly) with the X tile (packed (K, MR)) and the NP panels at b (panel stride
-// pstride).
+// values: the chains carry on exactly) with the X tile (packed (K, MR)) and the NP panels of w. q8: k_begin and
+// k_end are multiples of 32, and each weight is float(q) * d (one multiply) before its FMA.
 template <int MR, int NP, typename W>
-inline void microkernel(const W* b, int64_t pstride, const float* xp, int64_t k_begin, int64_t k_end, float* acc) {
+inline void microkernel(const Panels<W>& w, const float* xp, int64_t k_begin, int64_t k_end, float* acc) {
   constexpr int NV = NP * kVecsPerPanel;
   Vec c[MR][NV];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NV; ++j) c[i][j] = k_begin == 0 ? vzero() : vload(acc + i * NP * kPanelRows + j * kLanes);
-  for (int64_t k = k_begin; k < k_end; ++k) {
-    Vec bv[NV];
-    for (int j = 0; j < NV; ++j)
-      bv[j] = vload(b + (j / kVecsPerPanel) * pstride + k * kPanelRows + (j % kVecsPerPanel) * kLanes);
-    for (int i = 0; i < MR; ++i) {
-      const Vec a = vset1(xp[k * MR + i]);
-      for (int j = 0; j < NV; ++j) c[i][j] = vfma(a, bv[j], c[i][j]);
+  const W* b = w.b - w.koff * kPanelRows;
+  auto weights = [&](int j) { return b + (j / kVecsPerPanel) * w.pstride + (j % kVecsPerPanel) * kLanes; };
+  if constexpr (std::is_same_v<W, q8>) {
+    for (int64_t kb = k_begin; kb < k_end; kb += kQ8Block) {
+      Vec d[NV];
+      for (int j = 0; j < NV; ++j)
+        d[j] = vload(w.s + (j / kVecsPerPanel) * w.sstride + kb / kQ8Block * kPanelRows + (j % kVecsPerPanel) * kLanes);
+      for (int64_t k = kb; k < kb + kQ8Block; ++k) {
+        Vec bv[NV];
+        for (int j = 0; j < NV; ++j) bv[j] = vmul(vload(weights(j) + k * kPanelRows), d[j]);
+        fma_step<MR, NV>(c, bv, xp + k * MR);
+      }
+    }
+  } else {
+    for (int64_t k = k_begin; k < k_end; ++k) {
+      Vec bv[NV];
+      for (int j = 0; j < NV; ++j) bv[j] = vload(weights(j) + k * kPanelRows);
+      fma_step<MR, NV>(c, bv, xp + k * MR);
     }
   }
   for (int i = 0; i < MR; ++i)
@@ -160,33 +122,52 @@ inline void store_tile(const float* acc, int mr, int np, const float* bias, int6
 // Where a tile's running sums live between K blocks: MR x NP*16 floats per tile.
 constexpr int64_t kAccFloats = kTileTokens * 8 * kPanelRows;
 
-// One tile over k in [k_begin, k_end): the MR-token kernel over NP panels; acc holds the tile's running sums. The
-// last K block applies the epilogue and stores.
+// Where the tiles' outputs go (when the K block ending at `cols` completes their chains).
+struct Output {
+  const float* bias;
+  int64_t rows, cols;
+  float* y;
+  int64_t ldy;
+  Epilogue epilogue;
+};
+
+// One tile over k in [k_begin, k_end): the MR-token kernel over the NP panels from `panel`; acc holds the tile's
+// running sums. The last K block applies the epilogue and stores.
 template <int MR, int NP, typename W>
-void run_tile_np(const PackedMatrix<W>& w, const float* bias, const float* tile_x, int64_t panel, int64_t k_begin,
-                 int64_t k_end, float* acc, float* y, int64_t ldy, int64_t t0, Epilogue epilogue) {
-  microkernel<MR, NP>(w.panel(panel), w.cols * kPanelRows, tile_x, k_begin, k_end, acc);
-  if (k_end == w.cols) store_tile(acc, MR, NP, bias, panel * kPanelRows, w.rows, y, ldy, t0, epilogue);
+void run_tile_np(const Panels<W>& w, const float* tile_x, int64_t k_begin, int64_t k_end, float* acc,
+                 const Output& o, int64_t panel, int64_t t0) {
+  microkernel<MR, NP>(w, tile_x, k_begin, k_end, acc);
+  if (k_end == o.cols) store_tile(acc, MR, NP, o.bias, panel * kPanelRows, o.rows, o.y, o.ldy, t0, o.epilogue);
 }
 
 template <int MR, typename W, int... NPs>
-void run_tile(int np, const PackedMatrix<W>& w, const float* bias, const float* tile_x, int64_t panel,
-              int64_t k_begin, int64_t k_end, float* acc, float* y, int64_t ldy, int64_t t0, Epilogue epilogue,
-              std::integer_sequence<int, NPs...>) {
-  ((np == NPs + 1 ? run_tile_np<MR, NPs + 1>(w, bias, tile_x, panel, k_begin, k_end, acc, y, ldy, t0, epilogue)
-                  : void()),
-   ...);
+void run_tile(int np, const Panels<W>& w, const float* tile_x, int64_t k_begin, int64_t k_end, float* acc,
+              const Output& o, int64_t panel, int64_t t0, std::integer_sequence<int, NPs...>) {
+  ((np == NPs + 1 ? run_tile_np<MR, NPs + 1>(w, tile_x, k_begin, k_end, acc, o, panel, t0) : void()), ...);
 }
 
 // The kernel for a tile of mr tokens and np <= panels_for(mr) panels.
 template <typename W, int... MRs>
-void dispatch_tile(int mr, int np, const PackedMatrix<W>& w, const float* bias, const float* tile_x, int64_t panel,
-                   int64_t k_begin, int64_t k_end, float* acc, float* y, int64_t ldy, int64_t t0, Epilogue epilogue,
-                   std::integer_sequence<int, MRs...>) {
-  ((mr == MRs + 1 ? run_tile<MRs + 1>(np, w, bias, tile_x, panel, k_begin, k_end, acc, y, ldy, t0, epilogue,
+void dispatch_tile(int mr, int np, const Panels<W>& w, const float* tile_x, int64_t k_begin, int64_t k_end,
+                   float* acc, const Output& o, int64_t panel, int64_t t0, std::integer_sequence<int, MRs...>) {
+  ((mr == MRs + 1 ? run_tile<MRs + 1>(np, w, tile_x, k_begin, k_end, acc, o, panel, t0,
                                       std::make_integer_sequence<int, panels_for(MRs + 1)>{})
                   : void()),
    ...);
+}
+
+// The np panels from p over k in [k0, k1) dequantised (float(q) * d, as the q8 microkernel does in registers) into
+// `slice`: np panels of (k1 - k0, 16) float32.
+void dequantize_slice(const PackedMatrix<q8>& w, int64_t p, int np, int64_t k0, int64_t k1, float* slice) {
+  for (int pp = 0; pp < np; ++pp) {
+    const q8* q = w.panel(p + pp);
+    const float* d = w.panel_scales(p + pp);
+    float* out = slice + pp * (k1 - k0) * kPanelRows;
+    for (int64_t k = k0; k < k1; ++k)
+      for (int h = 0; h < kVecsPerPanel; ++h)
+        vstore(out + (k - k0) * kPanelRows + h * kLanes,
+               vmul(vload(q + k * kPanelRows + h * kLanes), vload(d + k / kQ8Block * kPanelRows + h * kLanes)));
+  }
 }
 
 // Tokens in ceil(T / kTileTokens) tiles of nearly equal size (the first T % tiles one token larger): 64 tokens make
@@ -214,31 +195,48 @@ void pack_tile(const float* x, int64_t ldx, int64_t t0, int mr, int64_t K, float
 constexpr int64_t kL2Floats = int64_t{1} << 18;  // 1 MiB of packed X per token block
 constexpr int64_t kL1Bytes = 24 * 1024;          // panel slice per K block
 
-// Panels [p_begin, p_end) for tokens [0, num_tokens).
+// Panels [p_begin, p_end) for tokens [0, num_tokens). q8 with several tiles: each panel slice is dequantised once
+// into L1 and the tiles run the float32 kernel over it (the same weights, so the same chains).
 template <typename W>
 void run_panels(const PackedMatrix<W>& w, const float* bias, const float* xp, int64_t num_tokens, float* y,
                 int64_t ldy, int64_t p_begin, int64_t p_end, Epilogue epilogue) {
+  constexpr bool kQ8 = std::is_same_v<W, q8>;
   const int64_t K = w.cols;
+  const Output out{bias, w.rows, K, y, ldy, epilogue};
   const Tiling tiling(num_tokens);
   const int group = panels_for(tiling.max_size());  // every tile's kernel takes at least this many panels at once
   const int64_t block_tiles = std::max<int64_t>(1, kL2Floats / K / tiling.max_size());
+  const bool shared = tiling.num_tiles > 1;  // several tiles share each panel slice
   int64_t kc = K;
-  if (tiling.num_tiles > 1) {  // several tiles share each panel slice
-    kc = std::max<int64_t>(8, kL1Bytes / (group * kPanelRows * static_cast<int64_t>(sizeof(W))) / 8 * 8);
-    kc = std::min(kc, K);
+  if (shared) {
+    const int64_t bytes = kQ8 ? sizeof(float) : sizeof(W), step = kQ8 ? kQ8Block : 8;
+    kc = std::min(K, std::max<int64_t>(step, kL1Bytes / (group * kPanelRows * bytes) / step * step));
   }
-  thread_local std::vector<float> sums;
+  thread_local std::vector<float> sums, slice;
   sums.resize(static_cast<size_t>(block_tiles * kAccFloats));
+  if (kQ8 && shared) slice.resize(static_cast<size_t>(group * kc * kPanelRows));
   for (int64_t first = 0; first < tiling.num_tiles; first += block_tiles) {
     const int64_t last = std::min(tiling.num_tiles, first + block_tiles);
     for (int64_t p = p_begin; p < p_end; p += group) {
       const int np = static_cast<int>(std::min<int64_t>(group, p_end - p));
       for (int64_t k0 = 0; k0 < K; k0 += kc) {
         const int64_t k1 = std::min(K, k0 + kc);
-        for (int64_t i = first; i < last; ++i)
-          dispatch_tile(tiling.size(i), np, w, bias, xp + tiling.start(i) * K, p, k0, k1,
-                        sums.data() + (i - first) * kAccFloats, y, ldy, tiling.start(i), epilogue,
-                        std::make_integer_sequence<int, kTileTokens>{});
+        auto run = [&](const auto& panels) {
+          for (int64_t i = first; i < last; ++i)
+            dispatch_tile(tiling.size(i), np, panels, xp + tiling.start(i) * K, k0, k1,
+                          sums.data() + (i - first) * kAccFloats, out, p, tiling.start(i),
+                          std::make_integer_sequence<int, kTileTokens>{});
+        };
+        if constexpr (kQ8) {
+          if (shared) {
+            dequantize_slice(w, p, np, k0, k1, slice.data());
+            run(Panels<float>{slice.data(), (k1 - k0) * kPanelRows, k0});
+          } else {
+            run(Panels<q8>{w.panel(p), K * kPanelRows, 0, w.panel_scales(p), K / kQ8Block * kPanelRows});
+          }
+        } else {
+          run(Panels<W>{w.panel(p), K * kPanelRows, 0});
+        }
       }
     }
   }
@@ -252,22 +250,56 @@ void* aligned_bytes(size_t bytes) {
 
 }  // namespace
 
+float quantize_q8_block(const float* w, int8_t* q) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < kQ8Block; ++i) amax = std::max(amax, std::fabs(w[i]));
+  const float d = amax / 127.0f;
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  for (int64_t i = 0; i < kQ8Block; ++i) q[i] = static_cast<int8_t>(std::roundf(w[i] * id));
+  return d;
+}
+
+void dequantize_q8(const float* w, int64_t rows, int64_t cols, float* out) {
+  if (cols % kQ8Block != 0)
+    throw std::invalid_argument("int8 weights need in_features to be a multiple of 32, got " + std::to_string(cols));
+  int8_t q[kQ8Block];
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k0 = 0; k0 < cols; k0 += kQ8Block) {
+      const float d = quantize_q8_block(w + r * cols + k0, q);
+      for (int64_t i = 0; i < kQ8Block; ++i) out[r * cols + k0 + i] = static_cast<float>(q[i]) * d;
+    }
+}
+
 template <typename W>
 PackedMatrix<W> pack_matrix(const float* w, int64_t rows, int64_t cols) {
+  constexpr bool kQ8 = std::is_same_v<W, q8>;
+  if (kQ8 && cols % kQ8Block != 0)
+    throw std::invalid_argument("int8 weights need in_features to be a multiple of 32, got " + std::to_string(cols));
   PackedMatrix<W> m;
   m.rows = rows, m.cols = cols;
   const int64_t n = m.num_panels() * cols * kPanelRows;
   m.data = std::shared_ptr<W>(static_cast<W*>(aligned_bytes(n * sizeof(W))), std::free);
+  if (kQ8) m.scales = std::shared_ptr<float>(static_cast<float*>(aligned_bytes(n / kQ8Block * sizeof(float))), std::free);
   W* out = m.data.get();
   for (int64_t p = 0; p < m.num_panels(); ++p) {
     W* panel = out + p * cols * kPanelRows;
     for (int64_t j = 0; j < kPanelRows; ++j) {
       const int64_t r = p * kPanelRows + j;
+      if constexpr (kQ8) {  // the padding rows quantise to zeros with scale 0
+        float* scales = m.scales.get() + p * (cols / kQ8Block) * kPanelRows;
+        const float zeros[kQ8Block] = {};
+        int8_t q[kQ8Block];
+        for (int64_t k0 = 0; k0 < cols; k0 += kQ8Block) {
+          scales[k0 / kQ8Block * kPanelRows + j] = quantize_q8_block(r < rows ? w + r * cols + k0 : zeros, q);
+          for (int64_t i = 0; i < kQ8Block; ++i) panel[(k0 + i) * kPanelRows + j] = q8{q[i]};
+        }
+        continue;
+      }
       for (int64_t k = 0; k < cols; ++k) {
         const float v = r < rows ? w[r * cols + k] : 0.0f;
         if constexpr (sizeof(W) == 4)
           panel[k * kPanelRows + j] = v;
-        else
+        else if constexpr (sizeof(W) == 2)
           panel[k * kPanelRows + j] = to_bf16(v);
       }
     }
@@ -357,5 +389,10 @@ template void packed_linear_serial<float>(const PackedMatrix<float>&, const floa
                                           int64_t, int64_t, Epilogue);
 template void packed_linear_serial<bf16>(const PackedMatrix<bf16>&, const float*, const float*, int64_t, float*,
                                          int64_t, int64_t, Epilogue);
+template PackedMatrix<q8> pack_matrix<q8>(const float*, int64_t, int64_t);
+template void packed_linear<q8>(ThreadPool&, const PackedMatrix<q8>&, const float*, const float*, int64_t, float*,
+                                int64_t, int64_t, Epilogue);
+template void packed_linear_serial<q8>(const PackedMatrix<q8>&, const float*, const float*, int64_t, float*, int64_t,
+                                       int64_t, Epilogue);
 
 }  // namespace fastgpt2

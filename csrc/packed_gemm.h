@@ -1,5 +1,6 @@
 // The CPU step's one linear-layer kernel, for every token count: Y = X W^T + b with W pre-packed at load time into
-// panels of 16 output rows stored k-major ((K, 16) each, zero-padded past the last row), float32 or bf16.
+// panels of 16 output rows stored k-major ((K, 16) each, zero-padded past the last row), float32, bf16 or int8 (q8:
+// one float32 scale per row and block of 32 consecutive k, dequantised in registers next to the FMA).
 //
 // Batch invariance is its contract: every output element is
 //     y[t, r] = epilogue(bias[r] + c),   c = fma(x[t, K-1], w[r, K-1], ... fma(x[t, 1], w[r, 1], x[t, 0] * w[r, 0]))
@@ -9,7 +10,12 @@
 // run the same chains, so their linear outputs agree bitwise too; only the GELU epilogue's vector width differs).
 //
 // Small token counts stream the panels at close to the memory bandwidth (up to 8 panels' chains in flight per token);
-// larger ones run 12-token x 2-panel (AVX-512) or 6 x 1 (AVX2) register tiles over X packed per tile.
+// larger ones run 8-token x 3-panel (AVX-512) or 6 x 1 (AVX2) register tiles over X packed per tile.
+//
+// int8 (q8) weights: w[r, k] = float(q[r, k]) * d[r, k / 32], one float32 multiply, then the same FMA chain: the
+// outputs are bitwise those of the float32 kernel run on the dequantised weights (dequantize_q8), with the same
+// batch invariance. Alone in its tile (up to 8 tokens, 6 with AVX2) a token's kernel dequantises each weight in
+// registers; several tiles share each panel slice dequantised once into L1 (the same values).
 #pragma once
 
 #include <cstdint>
@@ -24,17 +30,34 @@ class ThreadPool;
 
 constexpr int64_t kPanelRows = 16;
 
+// An int8 weight, storage only: PackedMatrix<q8> holds q8_0-like blocks (32 consecutive k of one row share a float32
+// scale; llama.cpp's q8_0 stores the same values with a float16 scale).
+struct q8 {
+  int8_t v;
+};
+constexpr int64_t kQ8Block = 32;
+
 template <typename W>
 struct PackedMatrix {
-  int64_t rows = 0, cols = 0;  // N outputs, K inputs (a multiple of 8)
-  std::shared_ptr<W> data;     // num_panels() panels of cols * 16 values, 64-byte aligned
+  int64_t rows = 0, cols = 0;    // N outputs, K inputs (a multiple of 8; of 32 for q8)
+  std::shared_ptr<W> data;       // num_panels() panels of cols * 16 values, 64-byte aligned
+  std::shared_ptr<float> scales;  // q8 only: num_panels() panels of (cols / 32, 16) float32 scales, k-block-major
   int64_t num_panels() const { return (rows + kPanelRows - 1) / kPanelRows; }
   const W* panel(int64_t p) const { return data.get() + p * cols * kPanelRows; }
+  const float* panel_scales(int64_t p) const { return scales.get() + p * (cols / kQ8Block) * kPanelRows; }
 };
 
-// W (rows, cols) float32 in nn.Linear layout, packed (bf16: rounded to nearest even, as torch).
+// W (rows, cols) float32 in nn.Linear layout, packed (bf16: rounded to nearest even, as torch; q8: quantize_q8_block
+// per row and block of 32 k, std::invalid_argument unless cols % 32 == 0).
 template <typename W>
 PackedMatrix<W> pack_matrix(const float* w, int64_t rows, int64_t cols);
+
+// llama.cpp's q8_0 quantiser (quantize_row_q8_0_ref) on 32 weights with a float32 scale: d = absmax / 127,
+// q[i] = roundf(w[i] * (1 / d)) (ties away from zero), all zero when d == 0. Returns d; w[i] ~ float(q[i]) * d.
+float quantize_q8_block(const float* w, int8_t* q);
+
+// out (rows, cols) = the weights a PackedMatrix<q8> computes with: float(q) * d per block (cols % 32 == 0).
+void dequantize_q8(const float* w, int64_t rows, int64_t cols, float* out);
 
 // y (T, rows) with row stride ldy from x (T, cols) with row stride ldx, over the pool's threads. bias may be null.
 template <typename W>

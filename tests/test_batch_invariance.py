@@ -30,6 +30,7 @@ STEP_SIZES = [1, 2, 3, 4, 5, 11, 12, 13, 16, 17, 33, 64]
 
 # -- 1. attention ----------------------------------------------------------------------------------------------------
 
+@pytest.mark.isa_variants
 @pytest.mark.parametrize("num_heads,head_dim,block_size", [(2, 64, 16), (3, 16, 7), (2, 12, 8)])
 def test_multi_query_attention_is_bitwise_the_one_query_path(num_heads, head_dim, block_size):
     """Packed queries of several sequences (chunks longer than a 16-query tile, a chunk after a cached prefix, lone
@@ -123,6 +124,7 @@ def _filler(pool, rows, num_tokens):
     return parts
 
 
+@pytest.mark.isa_variants
 @pytest.mark.parametrize("name", list(STEP_CONFIGS))
 def test_step_logits_and_kv_do_not_depend_on_the_rest_of_the_step(name):
     torch.manual_seed(0)
@@ -274,9 +276,12 @@ def _alone(llm):
     return [_result(llm.generate(TARGET, p, use_tqdm=False)[0]) for p in SEEDED]
 
 
-def test_seeded_requests_alone_in_batches_and_chunked(flat_dir):
-    llm = LLM(str(flat_dir), device="cpu", enable_prefix_caching=False)
+@pytest.mark.isa_variants
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_seeded_requests_alone_in_batches_and_chunked(flat_dir, quantization):
+    llm = LLM(str(flat_dir), device="cpu", enable_prefix_caching=False, quantization=quantization)
     assert llm.engine.runner.cpu_step is not None
+    assert llm.engine.runner.cpu_step.weight_dtype == (quantization or "float32")
     want = _alone(llm)
     # Tail draws happen: some sampled token is outside its step's top-5.
     tokens, logprobs, _ = want[0]
@@ -289,16 +294,19 @@ def test_seeded_requests_alone_in_batches_and_chunked(flat_dir):
         assert [_result(outs[at]), _result(outs[at + 1])] == want, f"batch of {size}"
     # Chunked prefill: the target's prompt split at several chunk sizes, next to other requests.
     for budget in (5, 16, 33):
-        chunked = LLM(str(flat_dir), device="cpu", max_num_batched_tokens=budget, enable_prefix_caching=False)
+        chunked = LLM(str(flat_dir), device="cpu", max_num_batched_tokens=budget, enable_prefix_caching=False,
+                      quantization=quantization)
         prompts, params = _others(6, seed=budget)
         outs = chunked.generate(prompts[:3] + [TARGET, TARGET] + prompts[3:], params[:3] + SEEDED + params[3:],
                                 use_tqdm=False)
         assert [_result(outs[3]), _result(outs[4])] == want, f"max_num_batched_tokens={budget}"
 
 
-def test_seeded_requests_after_prefix_hits_and_preemption(flat_dir):
-    want = _alone(LLM(str(flat_dir), device="cpu", enable_prefix_caching=False))
-    llm = LLM(str(flat_dir), device="cpu")
+@pytest.mark.isa_variants
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_seeded_requests_after_prefix_hits_and_preemption(flat_dir, quantization):
+    want = _alone(LLM(str(flat_dir), device="cpu", enable_prefix_caching=False, quantization=quantization))
+    llm = LLM(str(flat_dir), device="cpu", quantization=quantization)
     assert _alone(llm) == want
     hits = llm.engine.block_manager.num_cache_hits
     assert _alone(llm) == want  # the prompt's full blocks come from the prefix cache
@@ -306,7 +314,7 @@ def test_seeded_requests_after_prefix_hits_and_preemption(flat_dir):
     # 10 blocks of 16 tokens for requests of up to ~90 tokens: constant preemption and recomputation, the targets
     # included.
     block_bytes = 2 * ENGINE_CONFIG.n_layer * 16 * ENGINE_CONFIG.n_embd * 4
-    small = LLM(str(flat_dir), device="cpu", kv_cache_memory=10 * block_bytes, seed=3)
+    small = LLM(str(flat_dir), device="cpu", kv_cache_memory=10 * block_bytes, seed=3, quantization=quantization)
     prompts, params = _others(12, seed=99, max_tokens=(30, 60))
     outs = small.generate(prompts[:4] + [TARGET, TARGET] + prompts[4:], params[:4] + SEEDED + params[4:],
                           use_tqdm=False)

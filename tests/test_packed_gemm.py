@@ -1,6 +1,7 @@
 """The CPU step's packed GEMM (csrc/packed_gemm.cpp): y = epilogue(x W^T + b) against float64, and its contract that
 every output element is one FMA chain over k in order, so a token's outputs are bitwise the same whatever the token
-count, tiling, thread count or weight storage layout around it."""
+count, tiling, thread count or weight storage layout around it. int8 storage computes bitwise what float32 storage of
+the dequantised weights (_C.quantize_q8) computes."""
 import numpy as np
 import pytest
 import torch
@@ -67,9 +68,11 @@ def test_each_output_is_one_chain_over_k_in_order(tokens):
 
 @pytest.mark.isa_variants
 @pytest.mark.parametrize("rows,cols", SHAPES)
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 def test_bitwise_batch_invariant(rows, cols, dtype):
     """Row t of any batch equals row t computed alone or in any other batch, with 0 (caller only), 1 or 2 threads."""
+    if dtype == "int8" and cols % 32:
+        pytest.skip("int8 needs in_features % 32 == 0")
     rng = np.random.default_rng(rows + cols)
     w = rng.standard_normal((rows, cols), dtype=np.float32)
     b = rng.standard_normal(rows, dtype=np.float32)
@@ -97,12 +100,62 @@ def test_bfloat16_storage_equals_rounded_float32_weights():
     assert np.array_equal(y_bf16, y_f32)
 
 
+def _q8_reference(w):
+    """llama.cpp's quantize_row_q8_0_ref with a float32 scale, in numpy: per row and block of 32 inputs d = absmax /
+    127, q = roundf(w * (1 / d)) (ties away from zero), 0 when d == 0; returns float(q) * d."""
+    blocks = w.reshape(w.shape[0], -1, 32)
+    d = np.abs(blocks).max(-1, keepdims=True) / np.float32(127)
+    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, np.float32(1)), np.float32(0)).astype(np.float32)
+    v = blocks * inv
+    q = np.trunc(v) + np.where(np.abs(v - np.trunc(v)) >= 0.5, np.sign(v), 0).astype(np.float32)
+    assert np.abs(q).max() <= 127
+    return (q.astype(np.float32) * d).reshape(w.shape)
+
+
+def test_quantize_q8_is_q8_0_with_float32_scales():
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((50, 96), dtype=np.float32) * np.float32(0.02)
+    w[3, 32:64] = 0  # a zero block: scale 0, q 0
+    w[4, :32] = 0
+    w[4, :6] = [127, 2.5, -3.5, 0.5, -0.5, 1.5]  # scale 1: exact halves, rounded away from zero (not to even)
+    dq = native._C.quantize_q8(w)
+    assert dq.dtype == np.float32 and dq.shape == w.shape
+    assert np.array_equal(dq, _q8_reference(w))
+    assert not dq[3, 32:64].any()
+    assert dq[4, :6].tolist() == [127, 3, -4, 1, -1, 2]
+    blocks = np.abs(w).reshape(50, -1, 32).max(-1, keepdims=True)
+    assert np.all(np.abs(dq - w).reshape(50, -1, 32) <= blocks / 254 * 1.0001)  # half a step of absmax / 127
+
+
+@pytest.mark.parametrize("rows,cols", [(37, 32), (100, 64), (2304, 768), (768, 3072)])
+def test_int8_storage_equals_float32_on_dequantised_weights(rows, cols):
+    """The int8 kernel's weights are float(q) * d, then the float32 kernel's chains: bitwise the float32 kernel on
+    quantize_q8's weights, alone in a tile (in-register dequantisation) and in several tiles (shared L1 slices)."""
+    rng = np.random.default_rng(rows * 7 + cols)
+    w = rng.standard_normal((rows, cols), dtype=np.float32)
+    b = rng.standard_normal(rows, dtype=np.float32)
+    q8, f32 = native._C.PackedLinear(w, "int8"), native._C.PackedLinear(native._C.quantize_q8(w))
+    assert q8.weight_dtype == "int8"
+    for t in [1, 3, 8, 9, 13, 64]:
+        x = rng.standard_normal((t, cols), dtype=np.float32)
+        for epilogue in ["store", "gelu", "accumulate"]:
+            y0 = rng.standard_normal((t, rows), dtype=np.float32)
+            y_q8, y_f32 = y0.copy(), y0.copy()
+            q8.forward(x, y_q8, b, epilogue, t % 3)
+            f32.forward(x, y_f32, b, epilogue, 1)
+            assert np.array_equal(y_q8, y_f32), (t, epilogue)
+
+
 def test_bad_input_is_a_clear_error():
     w = np.ones((4, 16), np.float32)
     with pytest.raises(ValueError, match="multiple of 8"):
         native._C.PackedLinear(np.ones((4, 12), np.float32))
     with pytest.raises(ValueError, match="weight_dtype"):
         native._C.PackedLinear(w, "int4")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        native._C.PackedLinear(np.ones((4, 48), np.float32), "int8")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        native._C.quantize_q8(np.ones((4, 48), np.float32))
     gemm = native._C.PackedLinear(w)
     with pytest.raises(ValueError, match="x must have shape"):
         gemm.forward(np.ones((2, 8), np.float32), np.empty((2, 4), np.float32))

@@ -14,6 +14,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, float16 on CUDA")
+    p.add_argument("--quantization", default=None, choices=["int8"],
+                   help="int8: weight-only int8 on the CPU (q8_0-like blocks of 32 with float32 scales)")
     p.add_argument("--seed", type=_seed, default=None,
                    help="random seed, an integer in [0, 2**64 - 1] (default: a fresh one each run)")
 
@@ -50,4 +52,4 @@ def build_llm(args, **engine_kwargs):
         import torch
 
         torch.manual_seed(seed)  # random weights are reproducible with --seed
-    return LLM(model, device=args.device, dtype=args.dtype, seed=seed, **engine_kwargs)
+    return LLM(model, device=args.device, dtype=args.dtype, seed=seed, quantization=args.quantization, **engine_kwargs)

@@ -42,7 +42,7 @@ class CpuStep:
                               b.mlp.c_fc.weight, b.mlp.c_fc.bias, b.mlp.c_proj.weight, b.mlp.c_proj.bias)]
             for b in model.h
         ]
-        weight_dtype = "bfloat16" if model.decode_weight_dtype == torch.bfloat16 else "float32"
+        weight_dtype = {torch.bfloat16: "bfloat16", "int8": "int8"}.get(model.decode_weight_dtype, "float32")
         self._step = native.new_cpu_step(arr(model.wte.weight), arr(model.wpe.weight), layers, arr(model.ln_f.weight),
                                          arr(model.ln_f.bias), c.n_head, c.layer_norm_epsilon, weight_dtype)
         self._kv_cache = kv_cache.numpy()
@@ -50,7 +50,7 @@ class CpuStep:
 
     @property
     def weight_dtype(self) -> str:
-        """'float32' or 'bfloat16': the weight matrices the C++ step reads."""
+        """'float32', 'bfloat16' or 'int8': the weight matrices the C++ step reads."""
         return self._step.weight_dtype
 
     @staticmethod

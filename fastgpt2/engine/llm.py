@@ -59,20 +59,29 @@ class LLM:
     enforce_eager : on CUDA, run decode steps eagerly instead of replaying CUDA graphs (captured at start-up for
         batch sizes 1, 2, 4, ... max_num_seqs; as vLLM's flag).
     max_logprobs : the largest `logprobs` a request may ask for (20, as in vLLM).
+    quantization : None, or 'int8' (CPU): weight-only int8 as llama.cpp's q8_0 (blocks of 32 inputs per scale, float32
+        scales) for every weight matrix and the tied LM head, dequantised next to the FMA by the C++ step; the
+        model's own parameters are replaced by the dequantised values so that every path computes the same function.
     """
 
     def __init__(self, model="gpt2", *, device=None, dtype=None, seed: int = 0, kv_cache_memory: int | None = None,
                  block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                  enable_prefix_caching: bool = True, tokenizer: Tokenizer | str | None = None,
-                 enforce_eager: bool = False, max_logprobs: int = MAX_LOGPROBS):
+                 enforce_eager: bool = False, max_logprobs: int = MAX_LOGPROBS, quantization: str | None = None):
+        _check_quantization(quantization, device, dtype)
         if isinstance(model, GPT2):
             _check_instance_matches(model, device, dtype)
+            if quantization == "int8" and model.decode_weight_dtype != "int8":
+                raise ValueError("quantization='int8' with a GPT2 module: call model.quantize_weights_int8() first "
+                                 "(it replaces the module's weights by their int8 values in place)")
             self.model = model.eval()
         else:
             load_dtype, bf16_weights = _effective_dtype(device, dtype)
             self.model = GPT2.from_pretrained(model, device=device, dtype=load_dtype)
             if bf16_weights:
                 self.model.round_weights_to_bfloat16()
+            if quantization == "int8":
+                self.model.quantize_weights_int8()
         if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
             source = tokenizer or getattr(self.model, "checkpoint_dir", None)
             tokenizer = Tokenizer.from_pretrained(source)
@@ -220,6 +229,18 @@ class LLM:
 
         params = BeamSearchParams(beam_width, max_tokens, length_penalty, early_stopping, ignore_eos, n)
         return beam_search(self.engine, self._normalise_prompts(prompts), params)
+
+
+def _check_quantization(quantization, device, dtype) -> None:
+    """quantization=None or 'int8'; int8 is a CPU format over float32 arithmetic."""
+    if quantization is None:
+        return
+    if quantization != "int8":
+        raise ValueError(f"quantization must be None or 'int8', got {quantization!r}")
+    if device is not None and not str(device).startswith("cpu") or device is None and torch.cuda.is_available():
+        raise ValueError("quantization='int8' runs on the CPU only; pass device='cpu'")
+    if dtype not in (None, "float32", torch.float32):
+        raise ValueError(f"quantization='int8' computes in float32; leave dtype unset or 'float32', got {dtype!r}")
 
 
 def _check_instance_matches(model: GPT2, device, dtype) -> None:

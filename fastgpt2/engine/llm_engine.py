@@ -183,6 +183,8 @@ class LLMEngine:
             param.copy_(state_dict[name])
         if self.model.decode_weight_dtype == torch.bfloat16:
             self.model.round_weights_to_bfloat16()  # bf16 weights with float32 arithmetic: round the new ones too
+        elif self.model.decode_weight_dtype == "int8":
+            self.model.quantize_weights_int8()  # int8 weights: quantise the new ones too
         self.runner.refresh_weights()
         self.block_manager.reset_prefix_cache()
 

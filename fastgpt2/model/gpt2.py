@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastgpt2.model import checkpoint, inference
+from fastgpt2.model import checkpoint, inference, quantize
 from fastgpt2.model.attention import AttentionMetadata, dense_cached_attention, dense_causal_attention
 from fastgpt2.model.config import GPT2Config
 
@@ -120,8 +120,9 @@ class GPT2(nn.Module):
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.drop = nn.Dropout(config.embd_pdrop)
-        # Set by round_weights_to_bfloat16: the C++ CPU step then stores the weight matrices in this dtype.
-        self.decode_weight_dtype: torch.dtype | None = None
+        # How the C++ CPU step stores the weight matrices: None (float32), torch.bfloat16 (set by
+        # round_weights_to_bfloat16) or "int8" (set by quantize_weights_int8: q8 blocks, float32 scales).
+        self.decode_weight_dtype: torch.dtype | str | None = None
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
@@ -145,6 +146,12 @@ class GPT2(nn.Module):
         the nearest bfloat16 in place, so that the torch path and the C++ step (which keeps bf16 copies of the
         weight matrices, half the bytes per token) compute the same function."""
         return inference.round_weights_to_bfloat16(self)
+
+    def quantize_weights_int8(self) -> "GPT2":
+        """Weight-only int8 (llama.cpp's q8_0 blocks of 32 inputs, float32 scales): every linear weight matrix and the
+        tied wte replaced in place by its dequantised values, decode_weight_dtype = "int8", so that the torch path and
+        the C++ int8 kernels compute the same function. See fastgpt2.model.quantize."""
+        return quantize.quantize_weights_int8(self)
 
     @classmethod
     def from_pretrained(cls, name_or_path, device=None, dtype=None) -> "GPT2":

@@ -1,0 +1,99 @@
+// The packed GEMM's vector layer (included by packed_gemm.cpp only): one set of inline operations per ISA, AVX-512
+// (16 lanes), AVX2 (8 lanes) or portable (one float). vload widens a panel row's weights to float32 exactly (bf16 by a
+// 16-bit shift, int8 by sign extension and conversion); vmul, vfma and vadd are one IEEE float32 operation per lane,
+// so the three ISAs compute the same linear chains (only the GELU epilogue differs with the vector width).
+#pragma once
+
+#include <cmath>
+
+#include "packed_gemm.h"
+#include "simd.h"
+
+namespace fastgpt2 {
+namespace {
+
+#if defined(__AVX512F__)
+using Vec = __m512;
+constexpr int kLanes = 16;
+constexpr int kTileTokens = 8;
+constexpr int kMaxAccumulators = 24;  // of 32 zmm registers
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vset1(float v) { return _mm512_set1_ps(v); }
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec vload(const bf16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+// 16 int8 weights as float32 (exact).
+inline Vec vload(const q8* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+
+// exp256 / gelu256 of simd.h on 16 lanes, the same operations in the same order.
+inline Vec vexp(Vec x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const Vec n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  Vec r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  Vec p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+inline Vec vgelu(Vec v) {
+  const Vec v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+  const Vec u2 = _mm512_mul_ps(_mm512_set1_ps(2.0f * 0.7978845608028654f),
+                               _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), v3, v));
+  const Vec d = _mm512_add_ps(_mm512_set1_ps(1.0f), vexp(u2));
+  return _mm512_sub_ps(v, _mm512_div_ps(v, d));
+}
+constexpr const char* kIsa = "avx512";
+#elif defined(FASTGPT2_AVX2)
+using Vec = __m256;
+constexpr int kLanes = 8;
+constexpr int kTileTokens = 6;
+constexpr int kMaxAccumulators = 12;  // of 16 ymm registers
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vset1(float v) { return _mm256_set1_ps(v); }
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec vload(const bf16* p) { return load8(p); }
+inline Vec vload(const q8* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec vgelu(Vec v) { return gelu256(v); }
+constexpr const char* kIsa = "avx2";
+#else
+// Portable: one float per "vector", std::fma, the same chains.
+using Vec = float;
+constexpr int kLanes = 1;
+constexpr int kTileTokens = 4;
+constexpr int kMaxAccumulators = 64;
+inline Vec vzero() { return 0.0f; }
+inline Vec vset1(float v) { return v; }
+inline Vec vload(const float* p) { return *p; }
+inline Vec vload(const bf16* p) { return to_float(*p); }
+inline Vec vload(const q8* p) { return static_cast<float>(p->v); }
+inline Vec vmul(Vec a, Vec b) { return a * b; }
+inline Vec vfma(Vec a, Vec b, Vec c) { return std::fma(a, b, c); }
+inline Vec vadd(Vec a, Vec b) { return a + b; }
+inline void vstore(float* p, Vec v) { *p = v; }
+inline Vec vgelu(Vec v) { return gelu_scalar(v); }
+constexpr const char* kIsa = "portable";
+#endif
+
+}  // namespace
+}  // namespace fastgpt2

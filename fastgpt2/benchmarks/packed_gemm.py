@@ -1,0 +1,102 @@
+"""The packed GEMM's weight storages on one thread (python -m fastgpt2.benchmarks.packed_gemm [repeats]):
+
+1. T=1 (batch-1 decode's GEMV) on each GPT-2 124M weight shape, float32 vs bfloat16 vs int8, with the GB/s of packed
+   weights (+ int8 scales) each call reads; the weights stay in cache between calls.
+2. One decode token's 49 GEMVs of the 124M model (12 blocks' c_attn, c_proj, c_fc, mlp c_proj and the LM head) per
+   storage, against the bandwidth floor: the same number of bytes read by numpy's sum over a buffer of that size.
+   The model's weights exceed the cache, so they stream from memory as in decode.
+3. T=64 GFLOP/s, int8 vs float32.
+
+Timings are thread_time medians, the storages alternating within each repeat (A B C A B C ...).
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+from fastgpt2.kernels import native
+
+SHAPES = [(2304, 768), (768, 768), (3072, 768), (768, 3072), (50257, 768)]
+DTYPES = ["float32", "bfloat16", "int8"]
+BYTES_PER_WEIGHT = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0 + 4.0 / 32}  # int8: a float32 scale per 32
+
+
+def packed_bytes(rows: int, cols: int, dtype: str) -> float:
+    return (rows + 15) // 16 * 16 * cols * BYTES_PER_WEIGHT[dtype]  # panels of 16 rows, zero-padded
+
+
+def _timed(fn) -> float:
+    start = time.thread_time()
+    fn()
+    return time.thread_time() - start
+
+
+def alternate(fns: dict, repeats: int) -> dict:
+    """Median seconds of each callable, run in turn within each repeat after one warm-up round."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(_timed(fn))
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def gemv_shapes(repeats: int, rng) -> None:
+    print("1. T=1 per shape (weights cache-resident between calls)")
+    for rows, cols in SHAPES:
+        w = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(0.02)
+        x = rng.standard_normal((1, cols), dtype=np.float32)
+        y = np.empty((1, rows), np.float32)
+        fns = {d: (lambda g=native._C.PackedLinear(w, d): g.forward(x, y, None, "store", 0)) for d in DTYPES}
+        for d, t in alternate(fns, repeats).items():
+            print(f"  {rows:5d} x {cols:<4d} {d:9s} {t * 1e6:8.1f} us  {packed_bytes(rows, cols, d) / t / 1e9:5.1f} GB/s")
+
+
+def decode_token(repeats: int, rng, n_layer: int = 12) -> None:
+    print("2. one decode token's GEMVs (124M, weights from memory) against the bandwidth floor")
+    shapes = [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * n_layer + [(50257, 768)]
+    weights = [rng.standard_normal(s, dtype=np.float32) * np.float32(0.02) for s in shapes]
+    xs = {cols: rng.standard_normal((1, cols), dtype=np.float32) for cols in (768, 3072)}
+    ys = {rows: np.empty((1, rows), np.float32) for rows, _ in shapes}
+    fns, floors, total = {}, {}, {}
+    for d in DTYPES:
+        gemms = [native._C.PackedLinear(w, d) for w in weights]
+        total[d] = sum(packed_bytes(r, c, d) for r, c in shapes)
+        buffer = np.ones(int(total[d]) // 8, np.int64)
+        fns[d] = lambda gemms=gemms, shapes=shapes: [g.forward(xs[c], ys[r], None, "store", 0)
+                                                     for g, (r, c) in zip(gemms, shapes)]
+        fns[d + " floor"] = buffer.sum
+    del weights
+    times = alternate(fns, repeats)
+    for d in DTYPES:
+        t, floor = times[d], times[d + " floor"]
+        print(f"  {d:9s} {t * 1e3:7.2f} ms  {total[d] / t / 1e9:5.1f} GB/s   floor ({total[d] / 1e6:.0f} MB at "
+              f"{total[d] / floor / 1e9:.1f} GB/s) {floor * 1e3:7.2f} ms   ratio {t / floor:.2f}")
+
+
+def gemm_64(repeats: int, rng) -> None:
+    print("3. T=64 GFLOP/s")
+    for rows, cols in SHAPES[:4]:
+        w = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(0.02)
+        x = rng.standard_normal((64, cols), dtype=np.float32)
+        y = np.empty((64, rows), np.float32)
+        fns = {d: (lambda g=native._C.PackedLinear(w, d): g.forward(x, y, None, "store", 0)) for d in ["float32", "int8"]}
+        line = "  ".join(f"{d} {2 * 64 * rows * cols / t / 1e9:6.1f}" for d, t in alternate(fns, repeats).items())
+        print(f"  {rows:5d} x {cols:<4d} {line}")
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    repeats = int(argv[0]) if argv else 15
+    print(f"packed GEMM ({native._C.GEMM_ISA}), one thread, thread_time medians of {repeats}")
+    rng = np.random.default_rng(0)
+    gemv_shapes(repeats, rng)
+    decode_token(max(3, repeats // 2), rng)
+    gemm_64(max(3, repeats // 3), rng)
+
+
+if __name__ == "__main__":
+    main()

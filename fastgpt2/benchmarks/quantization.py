@@ -1,0 +1,21 @@
+"""The int8 weights' error against float32 on random GPT-2 124M weights (python -m fastgpt2.benchmarks.quantization
+[n_layer] [num_tokens]): fastgpt2.model.quantize.quantization_error on the model as initialised (seed 0), for int8
+(float32 scales) and llama.cpp's q8_0 (float16 scales) on the same blocks, printed as JSON."""
+from __future__ import annotations
+
+import json
+import sys
+
+from fastgpt2.model import quantize
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    n_layer = int(argv[0]) if argv else 12
+    num_tokens = int(argv[1]) if len(argv) > 1 else 200
+    report = quantize.quantization_error(quantize.random_model(n_layer), num_tokens=num_tokens)
+    print(json.dumps({"n_layer": n_layer, **report}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

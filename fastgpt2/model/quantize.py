@@ -1,0 +1,130 @@
+"""Weight-only int8 quantisation (q8_0-like) for CPU inference, and its error against float32.
+
+The format is llama.cpp's q8_0 with a float32 scale instead of a float16 one: each row of a weight matrix (out, in)
+is cut into blocks of 32 consecutive inputs, each with its own scale d = absmax(block) / 127, and every weight is
+stored as q = roundf(w * (1 / d)) in [-127, 127] (ties away from zero, q = 0 when d == 0); the weight used is
+float(q) * d, one float32 multiply. The C++ packed GEMM (csrc/packed_gemm.h, PackedMatrix<q8>) stores exactly these
+q and d and dequantises them in registers; `quantize_weights_int8` writes the same dequantised values into the
+torch model, so that the torch path and the C++ int8 kernels compute the same function (to float32 rounding: the
+C++ chains run over k in order, torch's matmuls in their own order).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+Q8_BLOCK = 32  # inputs per scale
+
+
+def quantize_q8(weight: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dequantised int8 weights of `weight` (out, in) float32, in % 32 == 0: per row and block of 32 inputs
+    d = absmax / 127, q = roundf(w * (1 / d)), returned as float(q) * d (float32, same shape; bitwise what the C++
+    quantiser computes, _C.quantize_q8). scale_dtype=torch.float16 emulates llama.cpp's q8_0, which computes q with
+    the float32 d but stores d as float16 (rounded to nearest even) and dequantises with that."""
+    if weight.dim() != 2 or weight.dtype != torch.float32:
+        raise ValueError(f"quantize_q8 needs a 2-D float32 weight, got {weight.dtype} of shape {tuple(weight.shape)}")
+    rows, cols = weight.shape
+    if cols % Q8_BLOCK:
+        raise ValueError(f"int8 weights need in_features to be a multiple of {Q8_BLOCK}, got {cols}")
+    blocks = weight.detach().reshape(rows, cols // Q8_BLOCK, Q8_BLOCK)
+    d = blocks.abs().amax(-1, keepdim=True) / 127.0  # (rows, blocks, 1), a float32 division
+    inverse = torch.where(d != 0, torch.ones_like(d) / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
+    v = blocks * inverse
+    t = v.trunc()
+    q = t + torch.where((v - t).abs() >= 0.5, v.sign(), torch.zeros_like(v))  # roundf: v - t is exact
+    return (q * d.to(scale_dtype).to(torch.float32)).reshape(rows, cols)
+
+
+def linear_weights(model) -> list[torch.Tensor]:
+    """Every weight matrix the decode step multiplies by: c_attn, attn c_proj, c_fc and mlp c_proj of each block, and
+    wte (the tied LM head, and the token embedding, quantised as llama.cpp quantises token_embd)."""
+    weights = [model.wte.weight]
+    for block in model.h:
+        weights += [block.attn.c_attn.weight, block.attn.c_proj.weight, block.mlp.c_fc.weight, block.mlp.c_proj.weight]
+    return weights
+
+
+@torch.no_grad()
+def _quantize_in_place(model, scale_dtype: torch.dtype):
+    if model.wte.weight.dtype != torch.float32:
+        raise ValueError(f"int8 quantisation needs a float32 model, got {model.wte.weight.dtype}")
+    for w in linear_weights(model):
+        w.copy_(quantize_q8(w, scale_dtype))
+    model._wte_t_cache = None  # the CPU LM head's transposed copy of wte (model/inference.py)
+    return model
+
+
+def quantize_weights_int8(model):
+    """Weight-only int8: every linear weight matrix (linear_weights) replaced in place by its dequantised q8 values,
+    and model.decode_weight_dtype = "int8", so that the C++ decode step can keep int8 copies of the matrices (one
+    byte per weight plus a float32 scale per 32) and compute the same function as the torch path. Biases, layer norms
+    and wpe stay float32. Returns the model."""
+    _quantize_in_place(model, torch.float32)
+    model.decode_weight_dtype = "int8"
+    return model
+
+
+def emulate_q8_0(model):
+    """llama.cpp's q8_0 on the same weights and blocks (float16 scales), in place, for comparisons: the weights only;
+    decode_weight_dtype is left as it is. Returns the model."""
+    return _quantize_in_place(model, torch.float16)
+
+
+# -- the quantisation error against float32 -------------------------------------------------------------------------
+@torch.no_grad()
+def _greedy(model, prompt: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """num_tokens greedy tokens after prompt (T,) on the dense KV-cached forward. Returns (num_tokens,) int64."""
+    logits, cache = model.forward_cached(model.wte(prompt[None]))
+    out = []
+    for _ in range(num_tokens):
+        token = logits[0, -1].argmax()
+        out.append(int(token))
+        logits, cache = model.forward_cached(model.wte(token.view(1, 1)), cache)
+    return torch.tensor(out)
+
+
+@torch.no_grad()
+def quantization_error(model, prompt_len: int = 32, num_tokens: int = 200, seed: int = 0) -> dict:
+    """The int8 weights' (quantize_weights_int8) and llama.cpp q8_0's (emulate_q8_0) logit error against the float32
+    `model` (left unchanged), on a random prompt of prompt_len tokens followed by float32's greedy continuation of
+    num_tokens.
+
+    Per quantised model: max_rel_error and mean_rel_error, |logits - float32 logits| / std(float32 logits) (the std
+    over the vocabulary at each position) over every position and vocabulary entry; top1_agreement, the fraction of
+    the num_tokens continuation positions where its argmax is float32's greedy token (the same context, teacher
+    forced); greedy_match, the fraction of positions where its own greedy continuation of the prompt equals float32's,
+    and greedy_prefix, how many tokens they share before the first difference."""
+    model = model.eval()
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, model.config.vocab_size, (prompt_len,), generator=g)
+    reference_tokens = _greedy(model, prompt, num_tokens)
+    ids = torch.cat([prompt, reference_tokens])[None]  # (1, prompt_len + num_tokens)
+    reference = model(ids).logits[0]  # (T, V)
+    scale = reference.std(-1, keepdim=True)
+    report = {"prompt_len": prompt_len, "num_tokens": num_tokens, "logit_std": float(scale.mean())}
+    for name, quantize in [("int8", quantize_weights_int8), ("q8_0", emulate_q8_0)]:
+        quantized = quantize(copy.deepcopy(model))
+        logits = quantized(ids).logits[0]
+        error = (logits - reference).abs() / scale
+        top1 = logits[prompt_len - 1:-1].argmax(-1)  # the predictions of the continuation's tokens
+        tokens = _greedy(quantized, prompt, num_tokens)
+        differ = (tokens != reference_tokens).nonzero()
+        report[name] = {
+            "max_rel_error": float(error.max()),
+            "mean_rel_error": float(error.mean()),
+            "top1_agreement": float((top1 == reference_tokens).float().mean()),
+            "greedy_match": float((tokens == reference_tokens).float().mean()),
+            "greedy_prefix": int(differ[0]) if len(differ) else num_tokens,
+        }
+    return report
+
+
+def random_model(n_layer: int = 12, seed: int = 0):
+    """GPT-2 124M's geometry (n_embd 768, 12 heads, 50257 tokens) with n_layer blocks and GPT-2's random init, seeded,
+    in eval mode."""
+    from fastgpt2.model.config import GPT2Config
+    from fastgpt2.model.gpt2 import GPT2
+
+    torch.manual_seed(seed)
+    return GPT2(GPT2Config.from_name("124M").replace(n_layer=n_layer)).eval()
