@@ -80,7 +80,7 @@ def _fastgpt2_greedy(llm):
 
 def _bf16_label(llm) -> tuple[str, float]:
     """What fastgpt2 ran for dtype='bfloat16': its precision label and the bytes per weight a batch-1 step reads."""
-    step = llm.engine.runner.cpu_decode_step
+    step = llm.engine.runner.cpu_step
     compute = str(llm.model.wte.weight.dtype).replace("torch.", "")
     if step is not None and step.weight_dtype == "bfloat16":
         return ("bfloat16" if compute == "bfloat16" else f"bfloat16 weights, {compute} compute"), 2.0

@@ -54,10 +54,14 @@ class CpuStep:
         return self._step.weight_dtype
 
     @staticmethod
+    def enabled() -> bool:
+        """Whether the C++ step is built, loaded for this CPU and not switched off."""
+        return native.HAS_EXTENSION and not native_decode_disabled() and not dispatch.force_reference()
+
+    @staticmethod
     def supports(model, kv_cache: torch.Tensor) -> bool:
         w = model.wte.weight
-        return (native.HAS_EXTENSION and not native_decode_disabled() and not dispatch.force_reference()
-                and w.device.type == "cpu" and w.dtype == torch.float32 and kv_cache.dtype == torch.float32
+        return (CpuStep.enabled() and w.device.type == "cpu" and w.dtype == torch.float32 and kv_cache.dtype == torch.float32
                 and kv_cache.is_contiguous() and model.config.n_embd % 8 == 0)
 
     def __call__(self, token_ids, positions, slots, seq_index, block_tables, logits_indices) -> torch.Tensor:

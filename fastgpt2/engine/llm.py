@@ -8,6 +8,7 @@ from typing import Iterator
 import torch
 
 from fastgpt2.model.config import GPT2Config
+from fastgpt2.engine.cpu_step import CpuStep
 from fastgpt2.engine.llm_engine import MAX_LOGPROBS, LLMEngine, as_token_ids
 from fastgpt2.model.checkpoint import DTYPE_NAMES
 from fastgpt2.model.gpt2 import GPT2
@@ -31,15 +32,22 @@ def cpu_has_native_bf16() -> bool:
 def _effective_dtype(device, dtype):
     """(dtype to load the model in, whether to keep its weights in bfloat16 for the C++ step).
 
-    bfloat16 on a CPU without native bf16 (said once): torch would emulate bf16 matmuls, far slower than float32, so
-    the model computes in float32 with its weights rounded to bfloat16, and the C++ step reads them as
-    bfloat16 (half the bytes per token) and widens them to float32 in registers. The KV cache stays float32.
+    bfloat16 on a CPU (said once) means bfloat16 weights with float32 arithmetic: the model's weights are rounded to
+    bfloat16, the C++ step reads them as bfloat16 (half the bytes per token), widens them in registers and keeps its
+    batch invariance, and the KV cache stays float32. So it is wherever the C++ step serves the model, and on any CPU
+    without AVX512-BF16/AMX, where torch would emulate bf16 matmuls far slower than float32. Only a CPU with native
+    bf16 and without the C++ step (not built, or FASTGPT2_NATIVE_DECODE=0) runs the torch model in bfloat16.
     """
     cpu = device is None and not torch.cuda.is_available() or device is not None and str(device).startswith("cpu")
-    if cpu and dtype in ("bfloat16", "bf16", torch.bfloat16) and not cpu_has_native_bf16():
-        warnings.warn("this CPU has no AVX512-BF16/AMX, so bfloat16 means bfloat16 weights with float32 arithmetic "
-                      "and a float32 KV cache", stacklevel=3)
-        return torch.float32, True
+    if cpu and dtype in ("bfloat16", "bf16", torch.bfloat16):
+        if CpuStep.enabled():
+            warnings.warn("on the CPU, bfloat16 means bfloat16 weights with float32 arithmetic in the C++ step and a "
+                          "float32 KV cache", stacklevel=3)
+            return torch.float32, True
+        if not cpu_has_native_bf16():
+            warnings.warn("this CPU has no AVX512-BF16/AMX, so bfloat16 means bfloat16 weights with float32 "
+                          "arithmetic and a float32 KV cache", stacklevel=3)
+            return torch.float32, True
     return dtype, False
 
 
@@ -50,8 +58,8 @@ class LLM:
     ----------
     model : hub id ('gpt2', 'openai-community/gpt2-xl'), preset name ('124M'; official weights), local Hugging Face
         directory, a GPT2Config (random weights) or a GPT2 module.
-    device, dtype : 'cpu'/'cuda' and 'float32'/'bfloat16'/'float16' (CUDA); chosen automatically when None. On a CPU
-        without AVX512-BF16/AMX, 'bfloat16' keeps the weights in bfloat16 and computes in float32.
+    device, dtype : 'cpu'/'cuda' and 'float32'/'bfloat16'/'float16' (CUDA); chosen automatically when None. On a CPU,
+        'bfloat16' keeps the weights in bfloat16 and computes in float32 (the C++ step; see _effective_dtype).
     seed : seed of the generator used by requests that have no seed of their own.
     kv_cache_memory : bytes of KV cache (default: enough for max_num_seqs full contexts, at most 2 GiB on CPU or
         80% of free GPU memory).
