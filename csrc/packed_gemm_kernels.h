@@ -12,7 +12,7 @@
 namespace fastgpt2 {
 namespace {
 
-#if defined(__AVX512F__)
+#if defined(FASTGPT2_AVX512)
 using Vec = __m512;
 constexpr int kLanes = 16;
 constexpr int kTileTokens = 8;
@@ -33,28 +33,12 @@ inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
 inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
 
-// exp256 / gelu256 of simd.h on 16 lanes, the same operations in the same order.
-inline Vec vexp(Vec x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-  const Vec n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  Vec r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  Vec p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-}
+// gelu256 of simd.h on 16 lanes (exp512: exp256's operations), so the same values lane for lane.
 inline Vec vgelu(Vec v) {
   const Vec v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
   const Vec u2 = _mm512_mul_ps(_mm512_set1_ps(2.0f * 0.7978845608028654f),
                                _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), v3, v));
-  const Vec d = _mm512_add_ps(_mm512_set1_ps(1.0f), vexp(u2));
+  const Vec d = _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(u2));
   return _mm512_sub_ps(v, _mm512_div_ps(v, d));
 }
 constexpr const char* kIsa = "avx512";
