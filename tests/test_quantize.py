@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastgpt2.kernels import native
+from fastgpt2.benchmarks.quantization import random_model
 from fastgpt2.model import quantize
 
 needs_extension = pytest.mark.skipif(not native.HAS_EXTENSION, reason="C++ extension not built")
@@ -51,8 +52,8 @@ def test_bad_shapes_are_clear_errors():
 
 @pytest.fixture(scope="module")
 def models():
-    model = quantize.random_model(n_layer=2)
-    return model, quantize.random_model(n_layer=2).quantize_weights_int8()
+    model = random_model(n_layer=2)
+    return model, random_model(n_layer=2).quantize_weights_int8()
 
 
 def test_quantize_weights_int8_replaces_the_linear_weights(models):

@@ -161,3 +161,9 @@ def write_json(path, obj) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=1, default=str) + "\n")
     return path
+
+
+def model_slug(model: str) -> str:
+    from fastgpt2.model.config import canonical_preset
+
+    return canonical_preset(model) or Path(model).name.replace(" ", "_")

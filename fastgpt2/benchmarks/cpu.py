@@ -6,14 +6,11 @@ bench/results/<machine>-<date>-<tag>.{md,json,png}; the markdown table (ratio co
 from __future__ import annotations
 
 import argparse
-import random
 import sys
-import tempfile
 import time
 
-import torch
 
-from fastgpt2.benchmarks import common
+from fastgpt2.benchmarks import common, cpu_cases
 from fastgpt2.benchmarks.cpu_report import plot, render, targets
 
 CASES = ("decode", "batch", "prefill", "workload", "sampling", "perplexity", "training")
@@ -76,30 +73,6 @@ def _parse_cases(text: str) -> list[str]:
     return [c for c in CASES if c in cases]
 
 
-def build_systems(transformers, model, dtype: str, with_fp32: bool, device: str = "cpu"):
-    """LLM on random (preset name or GPT2Config) or loaded (directory) weights, and transformers loaded from the
-    LLM's own save, both on `device`."""
-    from fastgpt2 import LLM, GPT2Config
-    from fastgpt2.benchmarks.cpu_cases import Systems
-    from fastgpt2.model.config import canonical_preset
-
-    torch.manual_seed(0)
-    if isinstance(model, GPT2Config):
-        source = model
-    else:
-        source = GPT2Config.from_name(model) if canonical_preset(model) is not None else model
-    llm = LLM(source, device=device, dtype=dtype)
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-    with tempfile.TemporaryDirectory() as directory:
-        llm.save_pretrained(directory)
-        load = lambda dt: transformers.GPT2LMHeadModel.from_pretrained(  # noqa: E731
-            directory, **{dtype_kw: dt}).eval()
-        hf = load(getattr(torch, dtype)).to(device)
-        hf_fp32 = load(torch.float32) if with_fp32 and dtype != "float32" else None
-    return Systems(llm, hf, hf_fp32, random.Random(0))
-
-
 def _run_cases(systems, cases: list[str], sizes: dict, results: dict, save) -> None:
     """Run each case into `results`, calling save() after every measurement so an interrupted run keeps its data."""
     from fastgpt2.benchmarks import cpu_cases
@@ -141,14 +114,6 @@ def _run_cases(systems, cases: list[str], sizes: dict, results: dict, save) -> N
         save()
 
 
-def _model_slug(model: str) -> str:
-    from pathlib import Path
-
-    from fastgpt2.model.config import canonical_preset
-
-    return canonical_preset(model) or Path(model).name.replace(" ", "_")
-
-
 def main(args) -> int:
     wall_start = time.perf_counter()
     transformers = _transformers_or_exit()
@@ -165,7 +130,7 @@ def main(args) -> int:
          f"transformers {info['transformers']}; cases: {','.join(cases)}")
     bandwidth = common.copy_bandwidth()
     _log(f"copy bandwidth {bandwidth['gb_per_s']:.1f} GB/s (read+write); building the models ...")
-    systems = build_systems(transformers, args.model, args.dtype, with_fp32="decode" in cases)
+    systems = cpu_cases.build_systems(transformers, args.model, args.dtype, with_fp32="decode" in cases)
     config = systems.llm.config
     model = systems.llm.model  # the engine may run another dtype than asked (bf16 without native bf16)
     runner = systems.llm.engine.runner
@@ -186,7 +151,7 @@ def main(args) -> int:
     report = {"machine": info, "args": {k: v for k, v in vars(args).items() if k != "func"}, "sizes": sizes,
               "cases": cases, "bandwidth": bandwidth, "weights": weights, "results": {}}
     machine = common.machine_slug(info)
-    tag = args.tag or "-".join(["cpu", _model_slug(args.model).lower(), args.dtype] + (["quick"] if args.quick else [])
+    tag = args.tag or "-".join(["cpu", common.model_slug(args.model).lower(), args.dtype] + (["quick"] if args.quick else [])
                                + ([] if len(cases) == len(CASES) else ["+".join(cases)]))
     paths = {ext: common.result_path(args.out, machine, tag, ext, info["date"]) for ext in ("md", "json", "png")}
 

@@ -6,6 +6,7 @@ Every prompt is fresh random token ids, so fastgpt2's prefix cache never hits an
 from __future__ import annotations
 
 import random
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -232,3 +233,26 @@ def sampling(batches: tuple[int, ...], repeats: int) -> dict:
                                                     (a - b for a, b in zip(stats(), stats_before))))
     return {"has_extension": has_extension, "torch_threads": 1, "top_p": 0.9, "batches": results,
             "fast_path_rows": fast_path}
+
+
+def build_systems(transformers, model, dtype: str, with_fp32: bool, device: str = "cpu"):
+    """LLM on random (preset name or GPT2Config) or loaded (directory) weights, and transformers loaded from the
+    LLM's own save, both on `device`."""
+    from fastgpt2 import LLM, GPT2Config
+    from fastgpt2.model.config import canonical_preset
+
+    torch.manual_seed(0)
+    if isinstance(model, GPT2Config):
+        source = model
+    else:
+        source = GPT2Config.from_name(model) if canonical_preset(model) is not None else model
+    llm = LLM(source, device=device, dtype=dtype)
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    with tempfile.TemporaryDirectory() as directory:
+        llm.save_pretrained(directory)
+        load = lambda dt: transformers.GPT2LMHeadModel.from_pretrained(  # noqa: E731
+            directory, **{dtype_kw: dt}).eval()
+        hf = load(getattr(torch, dtype)).to(device)
+        hf_fp32 = load(torch.float32) if with_fp32 and dtype != "float32" else None
+    return Systems(llm, hf, hf_fp32, random.Random(0))

@@ -167,7 +167,8 @@ def kernel_rows(device, dtype, copy_bps) -> list[dict]:
 def end_to_end(device, dtype_name: str, model: str, quick: bool) -> dict:
     """GPT-2 greedy decode, fastgpt2 (CUDA graphs) vs transformers' generate with the same weights, same GPU."""
     from fastgpt2.benchmarks import cpu_cases
-    from fastgpt2.benchmarks.cpu import _transformers_or_exit, build_systems
+    from fastgpt2.benchmarks.cpu import _transformers_or_exit
+    from fastgpt2.benchmarks.cpu_cases import build_systems
 
     transformers = _transformers_or_exit()
     systems = build_systems(transformers, model, dtype_name, with_fp32=False, device=str(device))

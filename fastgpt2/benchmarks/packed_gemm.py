@@ -62,7 +62,7 @@ def decode_token(repeats: int, rng, n_layer: int = 12) -> None:
     weights = [rng.standard_normal(s, dtype=np.float32) * np.float32(0.02) for s in shapes]
     xs = {cols: rng.standard_normal((1, cols), dtype=np.float32) for cols in (768, 3072)}
     ys = {rows: np.empty((1, rows), np.float32) for rows, _ in shapes}
-    fns, floors, total = {}, {}, {}
+    fns, total = {}, {}
     for d in DTYPES:
         gemms = [native._C.PackedLinear(w, d) for w in weights]
         total[d] = sum(packed_bytes(r, c, d) for r, c in shapes)

@@ -189,7 +189,6 @@ def _llama_cases(tools: dict, rows: list[dict], hf_dir: str, work_dir: str, thre
 def run_peers(transformers, model, sizes: dict, threads: int = 2, paths: dict | None = None,
               with_llama: bool = True) -> dict:
     """Every engine on one random-weight (or loaded) checkpoint; returns the report (and writes `paths` as it goes)."""
-    from fastgpt2.benchmarks.cpu import build_systems
 
     wall_start = time.perf_counter()
     torch_threads = torch.get_num_threads()
@@ -199,7 +198,7 @@ def run_peers(transformers, model, sizes: dict, threads: int = 2, paths: dict | 
         info["ctranslate2"] = common._version("ctranslate2")
         bandwidth = common.copy_bandwidth()
         _log(f"{info['cpu_model']}, {threads} threads; copy bandwidth {bandwidth['gb_per_s']:.1f} GB/s")
-        systems = build_systems(transformers, model, "float32", with_fp32=False)
+        systems = cpu_cases.build_systems(transformers, model, "float32", with_fp32=False)
         config = systems.llm.config
         name = model if isinstance(model, str) else f"custom ({config.n_layer} layers x {config.n_embd})"
         report = {"machine": info, "threads": threads, "model": name, "sizes": sizes, "bandwidth": bandwidth,
@@ -232,11 +231,10 @@ def run_peers(transformers, model, sizes: dict, threads: int = 2, paths: dict | 
 
 def main(args, transformers) -> int:
     """`fastgpt2 bench --peers [--quick] [--model M] [--out DIR] [--tag T]`."""
-    from fastgpt2.benchmarks.cpu import _model_slug
 
     sizes = SIZES["quick" if args.quick else "full"]
     info = common.machine_info()
-    tag = args.tag or "-".join(["peers", _model_slug(args.model).lower()] + (["quick"] if args.quick else []))
+    tag = args.tag or "-".join(["peers", common.model_slug(args.model).lower()] + (["quick"] if args.quick else []))
     paths = {ext: common.result_path(args.out, common.machine_slug(info), tag, ext, info["date"])
              for ext in ("md", "json", "png")}
     report = run_peers(transformers, args.model, sizes, threads=args.threads, paths=paths)

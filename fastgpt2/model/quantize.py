@@ -118,13 +118,3 @@ def quantization_error(model, prompt_len: int = 32, num_tokens: int = 200, seed:
             "greedy_prefix": int(differ[0]) if len(differ) else num_tokens,
         }
     return report
-
-
-def random_model(n_layer: int = 12, seed: int = 0):
-    """GPT-2 124M's geometry (n_embd 768, 12 heads, 50257 tokens) with n_layer blocks and GPT-2's random init, seeded,
-    in eval mode."""
-    from fastgpt2.model.config import GPT2Config
-    from fastgpt2.model.gpt2 import GPT2
-
-    torch.manual_seed(seed)
-    return GPT2(GPT2Config.from_name("124M").replace(n_layer=n_layer)).eval()
