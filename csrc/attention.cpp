@@ -28,6 +28,55 @@ inline void axpy(float w, const float* x, float* y, int64_t n) {
   for (; i < n; ++i) y[i] = std::fma(w, x[i], y[i]);
 }
 
+// out += p[t] v_t for t = 0..n-1 (v_t at v + t * stride), the axpy of every t in turn; with GPT-2's head_dim of 64 the
+// output stays in registers across the n keys (the same FMAs, without a load and store of out per key).
+inline void accumulate(const float* p, const float* v, int64_t n, int64_t stride, float* out, int64_t head_dim) {
+#ifdef FASTGPT2_AVX2
+  if (head_dim == 64) {
+    __m256 o[8];
+    for (int i = 0; i < 8; ++i) o[i] = _mm256_loadu_ps(out + 8 * i);
+    for (int64_t t = 0; t < n; ++t) {
+      const __m256 w = _mm256_set1_ps(p[t]);
+      for (int i = 0; i < 8; ++i) o[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + t * stride + 8 * i), o[i]);
+    }
+    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + 8 * i, o[i]);
+    return;
+  }
+#endif
+  for (int64_t t = 0; t < n; ++t) axpy(p[t], v + t * stride, out, head_dim);
+}
+
+// scores[t] = dot(q, k_t) * scale for t = 0..n-1 (k_t at k + t * stride); returns max(max_score, scores). Each score
+// is simd.h's dot (8 FMA lanes over head_dim, then hsum); with AVX2 four keys' chains run interleaved (independent, so
+// the same values), which lets the FMA latency overlap.
+inline float score_block(const float* q, const float* k, int64_t n, int64_t stride, int64_t head_dim, float scale,
+                         float* scores, float max_score) {
+  int64_t t = 0;
+#ifdef FASTGPT2_AVX2
+  if (head_dim % 8 == 0) {
+    for (; t + 4 <= n; t += 4) {
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      const float* k0 = k + t * stride;
+      for (int64_t i = 0; i < head_dim; i += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + i);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + stride + i), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * stride + i), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * stride + i), a3);
+      }
+      const float s[4] = {hsum(a0) * scale, hsum(a1) * scale, hsum(a2) * scale, hsum(a3) * scale};
+      for (int j = 0; j < 4; ++j) scores[t + j] = s[j], max_score = std::max(max_score, s[j]);
+    }
+  }
+#endif
+  for (; t < n; ++t) {
+    const float s = dot(q, k + t * stride, head_dim) * scale;
+    scores[t] = s;
+    max_score = std::max(max_score, s);
+  }
+  return max_score;
+}
+
 // scores[t] = exp(scores[t] - max) over n scores; returns their sum.
 float exp_and_sum(float* scores, int64_t n, float max_score) {
   int64_t t = 0;
@@ -57,18 +106,14 @@ void attend_one_head(const float* q, const float* k_cache, const float* v_cache,
   for (int64_t start = 0; start < seq_len; start += block_size) {
     const float* k = k_cache + static_cast<int64_t>(table[start / block_size]) * block_size * token_stride + head_offset;
     const int64_t n = std::min(block_size, seq_len - start);
-    for (int64_t o = 0; o < n; ++o) {
-      const float s = dot(q, k + o * token_stride, head_dim) * scale;
-      scores[start + o] = s;
-      max_score = std::max(max_score, s);
-    }
+    max_score = score_block(q, k, n, token_stride, head_dim, scale, scores.data() + start, max_score);
   }
   const float denom = exp_and_sum(scores.data(), seq_len, max_score);
   std::fill(out, out + head_dim, 0.0f);
   for (int64_t start = 0; start < seq_len; start += block_size) {
     const float* v = v_cache + static_cast<int64_t>(table[start / block_size]) * block_size * token_stride + head_offset;
     const int64_t n = std::min(block_size, seq_len - start);
-    for (int64_t o = 0; o < n; ++o) axpy(scores[start + o], v + o * token_stride, out, head_dim);
+    accumulate(scores.data() + start, v, n, token_stride, out, head_dim);
   }
   const float inv = 1.0f / denom;
   for (int64_t d = 0; d < head_dim; ++d) out[d] *= inv;
@@ -93,13 +138,7 @@ void attend_queries(const float* q, int64_t q_stride, const int64_t* seq_lens, i
       const int64_t n = std::min(block_size, seq_lens[j] - start);
       const float* qj = q + j * q_stride;
       float* sj = scores.data() + j * stride;
-      float max_score = maxes[j];
-      for (int64_t o = 0; o < n; ++o) {
-        const float s = dot(qj, k + o * token_stride, head_dim) * scale;
-        sj[start + o] = s;
-        max_score = std::max(max_score, s);
-      }
-      maxes[j] = max_score;
+      if (n > 0) maxes[j] = score_block(qj, k, n, token_stride, head_dim, scale, sj + start, maxes[j]);
     }
   }
   for (int64_t j = 0; j < num_queries; ++j) {
@@ -112,7 +151,7 @@ void attend_queries(const float* q, int64_t q_stride, const int64_t* seq_lens, i
     for (int64_t j = 0; j < num_queries; ++j) {
       const int64_t n = std::min(block_size, seq_lens[j] - start);
       const float* sj = scores.data() + j * stride;
-      for (int64_t o = 0; o < n; ++o) axpy(sj[start + o], v + o * token_stride, out + j * out_stride, head_dim);
+      if (n > 0) accumulate(sj + start, v, n, token_stride, out + j * out_stride, head_dim);
     }
   }
   for (int64_t j = 0; j < num_queries; ++j) {
