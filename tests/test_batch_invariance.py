@@ -350,3 +350,19 @@ def test_torch_path_agrees_to_rounding(tmp_path, monkeypatch):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
             assert x.keys() == y.keys() and all(abs(x[k] - y[k]) < 1e-3 for k in x)
+
+
+@pytest.mark.isa_variants
+def test_seeded_requests_do_not_depend_on_the_thread_count(flat_dir):
+    """The C++ step's task split follows the thread count; no output element's operations do (packed GEMM chains,
+    per-row LayerNorm, per (query, head) attention, full-width GELU vectors)."""
+    llm = LLM(str(flat_dir), device="cpu", enable_prefix_caching=False)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(_alone(llm))
+    finally:
+        torch.set_num_threads(threads)
+    assert results[0] == results[1] == results[2]
