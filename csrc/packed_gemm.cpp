@@ -23,14 +23,13 @@ namespace {
 
 constexpr int kVecsPerPanel = kPanelRows / kLanes;
 
-// Panels per register tile for a tile of mr tokens: as many accumulators as the registers hold, except for one or two
-// tokens (memory-bound: two chains per token still outrun memory).
+// Panels per register tile for a tile of mr tokens: as many accumulators as the registers hold, at most 8 panels.
 constexpr int panels_for(int mr) {
   const int by_registers = kMaxAccumulators / (mr * kVecsPerPanel);
-  // One or two tokens stream their panels from memory: two panels at a time (two streams) read faster than four or
-  // eight (measured on one Intel Xeon core, a 124M decode token's matrix-vector products: 1.17x the bandwidth floor
-  // with 2, 1.19x with 4, 1.32x with 8; one panel 1.18x; software prefetch did not help).
-  const int cap = mr <= 2 ? 2 : 8;
+  // (Two panels at a time for one or two tokens looked faster once, 1.17x the bandwidth floor against 1.32x, but
+  // did not reproduce: a later A/B on one Intel Xeon core gave 1.34-1.39x with two and 1.25-1.27x with eight.
+  // Software prefetch did not help either.)
+  const int cap = 8;
   return std::max(1, std::min(cap, by_registers));
 }
 

@@ -9,7 +9,7 @@
 // outputs are bitwise the same alone, in a batch of 64, or in a prefill chunk of 512 (the AVX2 and AVX-512 kernels
 // run the same chains, so their linear outputs agree bitwise too; only the GELU epilogue's vector width differs).
 //
-// Small token counts stream the panels at close to the memory bandwidth (two panels, two streams, at a time);
+// Small token counts stream the panels at close to the memory bandwidth (up to 8 panels' chains in flight per token);
 // larger ones run 8-token x 3-panel (AVX-512) or 6 x 1 (AVX2) register tiles over X packed per tile.
 //
 // int8 (q8) weights: w[r, k] = float(q[r, k]) * d[r, k / 32], one float32 multiply, then the same FMA chain: the
