@@ -72,7 +72,7 @@ def _note(row: dict) -> str:
         if all(v is None for v in row["batch_tokens_per_s"].values()):
             notes.append("concurrency: llama-batched-bench not found")
     if row["precision"].startswith("bfloat16 weights"):
-        notes.append("bf16 weights read by the C++ decode step only (small batches)")
+        notes.append("bf16 weights read by the C++ step, float32 arithmetic")
     return "; ".join(notes)
 
 
