@@ -20,12 +20,14 @@ class CpuStep:
 
     Batch invariance: each token's K/V, attention output and logits are computed by the same float32 operations
     whatever else is in the step, so a request's logits are bitwise the same alone or in any batch, in a prefill chunk
-    of any size, after a prefix-cache hit or after recomputation (on a given machine, build and thread count).
+    of any size, after a prefix-cache hit or after recomputation (on a given machine and kernel variant, whatever the
+    thread count).
 
-    It reads the model's parameters in place (the C++ side holds numpy views of them); a model whose parameters are
-    replaced needs a new CpuStep. When model.decode_weight_dtype is bfloat16 (GPT2.round_weights_to_bfloat16), the
-    C++ side keeps bfloat16 copies of the weight matrices and reads those: half the bytes per step, same float32
-    arithmetic.
+    The C++ side packs the model's weight matrices once, at construction, for its GEMM (float32, or bfloat16 when
+    model.decode_weight_dtype is bfloat16 (GPT2.round_weights_to_bfloat16): half the bytes per step, or int8 when it is
+    "int8" (GPT2.quantize_weights_int8): about 1.1 bytes per weight; float32 arithmetic in every case) and reads the
+    small vectors in place: a model whose parameters are replaced or modified needs a new CpuStep (ModelRunner.
+    refresh_weights). The packed copy costs memory: 4, 2 or ~1.1 bytes per weight beside the model's own.
     """
 
     # A step of more tokens runs as several calls in packed order (a later call's tokens attend to the K/V an earlier
