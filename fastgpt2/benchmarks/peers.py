@@ -1,6 +1,6 @@
 """`fastgpt2 bench --peers`: the engines a CPU user would pick instead, on the same random-weight checkpoint, in one run.
 
-fastgpt2 (float32, bfloat16 weights, int8 once `LLM(..., quantization="int8")` exists) and transformers float32 (the
+fastgpt2 (float32, bfloat16 weights, int8) and transformers float32 (the
 reference) run in this process with CTranslate2 (float32, int8; peers_ct2.py); llama.cpp (f32, f16, q8_0;
 peers_llama.py) runs as llama-bench / llama-batched-bench subprocesses on GGUF files converted from the same
 directory. A peer that is missing gets a row saying why. Every engine uses the same thread count (2 by default).
@@ -98,13 +98,9 @@ def build_engines(systems, hf_dir: str, work_dir: str, threads: int, with_llama:
     label, nbytes = _bf16_label(bf16)
     rows.append(_row("fastgpt2", label, nbytes, key="fastgpt2 bfloat16"))
     live["fastgpt2 bfloat16"] = Systems(bf16, None, None, systems.rng)
-    if "quantization" in inspect.signature(LLM).parameters:
-        live["fastgpt2 int8"] = Systems(LLM(hf_dir, device="cpu", dtype="float32", quantization="int8"), None, None,
-                                        systems.rng)
-        rows.append(_row("fastgpt2", "int8", 1.0, key="fastgpt2 int8"))
-    else:
-        rows.append(_row("fastgpt2", "int8", 1.0, key="fastgpt2 int8",
-                         skipped="LLM(..., quantization='int8') does not exist yet"))
+    live["fastgpt2 int8"] = Systems(LLM(hf_dir, device="cpu", dtype="float32", quantization="int8"), None, None,
+                                    systems.rng)
+    rows.append(_row("fastgpt2", "int8", 1.0, key="fastgpt2 int8"))
     ct2, reason = peers_ct2.available()
     for precision in peers_ct2.PRECISIONS:
         row = _row("CTranslate2", precision, peers_ct2.BYTES_PER_WEIGHT[precision], skipped=reason)
