@@ -1,6 +1,6 @@
 // Checked entry point of the packed GEMM (packed_gemm.h) for tests and benchmarks: PackedLinear packs a float32
 // nn.Linear weight once (float32, bfloat16 or int8 storage); forward() runs y = epilogue(x W^T + b) on the pool
-// without the GIL. quantize_q8 returns the weights an int8 PackedLinear computes with.
+// without the GIL. quantize_q8 returns an int8 PackedLinear's weights dequantised (float(q) * d).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -94,12 +94,14 @@ py::array_t<float> quantize_q8(const py::array& weight) {
 
 void bind_packed_gemm(py::module_& m) {
   m.attr("GEMM_ISA") = py::str(packed_gemm_isa());
+  m.attr("GEMM_Q8_ISA") = py::str(packed_gemm_q8_isa());
   m.def("_fma_peak_gflops", &fma_peak_gflops, "Measured float32 FMA peak of one core for this build (GFLOP/s).",
         py::arg("seconds") = 0.2, py::call_guard<py::gil_scoped_release>());
   py::class_<PackedLinear>(m, "PackedLinear",
-                           "A float32 nn.Linear weight (out, in) packed for the CPU step's GEMM (float32, bfloat16 or "
-                           "int8 storage, float32 arithmetic; int8: one float32 scale per row and 32 inputs, "
-                           "in_features a multiple of 32).")
+                           "A float32 nn.Linear weight (out, in) packed for the CPU step's GEMM: float32 or bfloat16 "
+                           "storage with float32 arithmetic, or int8 (W8A8: weights and each token's activations "
+                           "quantised per 32 inputs with float32 scales, integer dot products per block; in_features "
+                           "a multiple of 32).")
       .def(py::init<const py::array&, const std::string&>(), py::arg("weight"), py::arg("weight_dtype") = "float32")
       .def_property_readonly("weight_dtype", &PackedLinear::weight_dtype)
       .def("forward", &PackedLinear::forward,
@@ -108,7 +110,7 @@ void bind_packed_gemm(py::module_& m) {
            py::arg("x"), py::arg("out"), py::arg("bias") = py::none(), py::arg("epilogue") = "store",
            py::arg("num_threads") = 1);
   m.def("quantize_q8", &quantize_q8,
-        "The weights an int8 PackedLinear computes with: weight (out, in) float32, in % 32 == 0, quantised per row "
+        "An int8 PackedLinear's weights, dequantised: weight (out, in) float32, in % 32 == 0, quantised per row "
         "and block of 32 inputs as llama.cpp's q8_0 (d = absmax / 127, q = roundf(w * (1 / d))) with a float32 scale, "
         "returned dequantised (float(q) * d) as a new float32 array.",
         py::arg("weight"));

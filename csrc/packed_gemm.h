@@ -1,6 +1,6 @@
 // The CPU step's one linear-layer kernel, for every token count: Y = X W^T + b with W pre-packed at load time into
-// panels of 16 output rows stored k-major ((K, 16) each, zero-padded past the last row), float32, bf16 or int8 (q8:
-// one float32 scale per row and block of 32 consecutive k, dequantised in registers next to the FMA).
+// panels of 16 output rows stored k-major ((K, 16) each, zero-padded past the last row), float32 or bf16 (float32
+// arithmetic), or int8 (below).
 //
 // Batch invariance is its contract: every output element is
 //     y[t, r] = epilogue(bias[r] + c),   c = fma(x[t, K-1], w[r, K-1], ... fma(x[t, 1], w[r, 1], x[t, 0] * w[r, 0]))
@@ -12,10 +12,13 @@
 // Small token counts stream the panels at close to the memory bandwidth (up to 8 panels' chains in flight per token);
 // larger ones run 8-token x 3-panel (AVX-512) or 6 x 1 (AVX2) register tiles over X packed per tile.
 //
-// int8 (q8) weights: w[r, k] = float(q[r, k]) * d[r, k / 32], one float32 multiply, then the same FMA chain: the
-// outputs are bitwise those of the float32 kernel run on the dequantised weights (dequantize_q8), with the same
-// batch invariance. Alone in its tile (up to 8 tokens, 6 with AVX2) a token's kernel dequantises each weight in
-// registers; several tiles share each panel slice dequantised once into L1 (the same values).
+// int8 (q8) weights, packed_gemm_q8.cpp: W8A8 as llama.cpp's q8_0 matrix-vector products compute it. Each weight
+// row and each token's activations are quantised in blocks of 32 consecutive k (quantize_q8_block: float32 scales,
+// q in [-127, 127]); per block the integer dot product of the two q's is exact (VNNI's vpdpbusd, or
+// float32 FMAs on the exact integers without VNNI: the same value), and
+//     y[t, r] = epilogue(bias[r] + c),   c = fma(dw[r, b] * dx[t, b], dot_b, c) over the blocks b in order
+// one float32 chain per output whatever the tiling, batch or thread count, and bitwise the same on every ISA variant.
+// A token's activation scales depend on that token's row alone, so batch invariance holds as for float32.
 #pragma once
 
 #include <cstdint>
@@ -30,10 +33,12 @@ class ThreadPool;
 
 constexpr int64_t kPanelRows = 16;
 
-// An int8 weight, storage only: PackedMatrix<q8> holds q8_0-like blocks (32 consecutive k of one row share a float32
-// scale; llama.cpp's q8_0 stores the same values with a float16 scale).
+// An int8 weight as PackedMatrix<q8> stores it: q + 128 in an unsigned byte (q in [-127, 127]), each panel in groups
+// of 4 consecutive k ((K / 4, 16, 4) bytes: one 64-byte vector per group, a row's 4 weights together, as vpdpbusd
+// reads them); 32 consecutive k of one row share a float32 scale (llama.cpp's q8_0 stores the same q with a float16
+// scale).
 struct q8 {
-  int8_t v;
+  uint8_t v;
 };
 constexpr int64_t kQ8Block = 32;
 
@@ -51,6 +56,8 @@ struct PackedMatrix {
 // per row and block of 32 k, std::invalid_argument unless cols % 32 == 0).
 template <typename W>
 PackedMatrix<W> pack_matrix(const float* w, int64_t rows, int64_t cols);
+template <>
+PackedMatrix<q8> pack_matrix<q8>(const float* w, int64_t rows, int64_t cols);
 
 // llama.cpp's q8_0 quantiser (quantize_row_q8_0_ref) on 32 weights with a float32 scale: d = absmax / 127,
 // q[i] = roundf(w[i] * (1 / d)) (ties away from zero), all zero when d == 0. Returns d; w[i] ~ float(q[i]) * d.
@@ -69,7 +76,17 @@ template <typename W>
 void packed_linear_serial(const PackedMatrix<W>& w, const float* bias, const float* x, int64_t ldx, float* y,
                           int64_t ldy, int64_t num_tokens, Epilogue epilogue);
 
-// The ISA the kernels were compiled for: "avx512", "avx2" or "portable".
+// The int8 kernels (packed_gemm_q8.cpp).
+template <>
+void packed_linear<q8>(ThreadPool& pool, const PackedMatrix<q8>& w, const float* bias, const float* x, int64_t ldx,
+                       float* y, int64_t ldy, int64_t num_tokens, Epilogue epilogue);
+template <>
+void packed_linear_serial<q8>(const PackedMatrix<q8>& w, const float* bias, const float* x, int64_t ldx, float* y,
+                              int64_t ldy, int64_t num_tokens, Epilogue epilogue);
+
+// The ISA the kernels were compiled for: "avx512", "avx2" or "portable"; and the int8 kernels' ("avx512_vnni" with
+// VNNI dot products, else as packed_gemm_isa()).
+const char* packed_gemm_q8_isa();
 const char* packed_gemm_isa();
 
 // Measured float32 FMA peak of one core for this build's vector width (GFLOP/s): independent FMA chains in registers

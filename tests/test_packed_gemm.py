@@ -1,7 +1,7 @@
 """The CPU step's packed GEMM (csrc/packed_gemm.cpp): y = epilogue(x W^T + b) against float64, and its contract that
 every output element is one FMA chain over k in order, so a token's outputs are bitwise the same whatever the token
-count, tiling, thread count or weight storage layout around it. int8 storage computes bitwise what float32 storage of
-the dequantised weights (_C.quantize_q8) computes."""
+count, tiling, thread count or weight storage layout around it. int8 (W8A8, csrc/packed_gemm_q8.cpp) computes bitwise
+the chain over blocks of 32 that a numpy emulation of q8_0 weights and activations computes."""
 import numpy as np
 import pytest
 import torch
@@ -98,16 +98,37 @@ def test_bfloat16_storage_equals_rounded_float32_weights():
     assert np.array_equal(y_bf16, y_f32)
 
 
-def _q8_reference(w):
-    """llama.cpp's quantize_row_q8_0_ref with a float32 scale, in numpy: per row and block of 32 inputs d = absmax /
-    127, q = roundf(w * (1 / d)) (ties away from zero), 0 when d == 0; returns float(q) * d."""
-    blocks = w.reshape(w.shape[0], -1, 32)
+def _q8_blocks(v):
+    """llama.cpp's quantize_row_q8_0_ref with a float32 scale, in numpy, on each row of v (n, K): per block of 32
+    d = absmax / 127, q = roundf(v * (1 / d)) (ties away from zero), 0 when d == 0. Returns q (n, K / 32, 32) float32
+    integers and d (n, K / 32, 1) float32."""
+    blocks = v.reshape(v.shape[0], -1, 32)
     d = np.abs(blocks).max(-1, keepdims=True) / np.float32(127)
     inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, np.float32(1)), np.float32(0)).astype(np.float32)
-    v = blocks * inv
-    q = np.trunc(v) + np.where(np.abs(v - np.trunc(v)) >= 0.5, np.sign(v), 0).astype(np.float32)
+    y = blocks * inv
+    q = np.trunc(y) + np.where(np.abs(y - np.trunc(y)) >= 0.5, np.sign(y), 0).astype(np.float32)
     assert np.abs(q).max() <= 127
-    return (q.astype(np.float32) * d).reshape(w.shape)
+    return q.astype(np.float32), d
+
+
+def _q8_reference(w):
+    """The dequantised weights: float(q) * d."""
+    q, d = _q8_blocks(w)
+    return (q * d).reshape(w.shape)
+
+
+def _w8a8_chain(w, x):
+    """The int8 kernel's contract in numpy: per block b of 32 inputs the exact integer dot product of x's and w's q,
+    then c = fl32(fl32(dw * dx) * dot + c) over the blocks in order (the product is exact in float64, so the emulation
+    differs from a float32 FMA only by double rounding, rarely)."""
+    qw, dw = _q8_blocks(w)
+    qx, dx = _q8_blocks(x)
+    dots = np.einsum("tbk,rbk->trb", qx.astype(np.int64), qw.astype(np.int64))  # exact
+    c = np.zeros((x.shape[0], w.shape[0]), np.float32)
+    for b in range(qw.shape[1]):
+        s = (dx[:, b] * dw[:, b].T).astype(np.float32)  # (T, rows): one float32 multiply
+        c = (s.astype(np.float64) * dots[:, :, b] + c).astype(np.float32)
+    return c
 
 
 def test_quantize_q8_is_q8_0_with_float32_scales():
@@ -125,23 +146,35 @@ def test_quantize_q8_is_q8_0_with_float32_scales():
     assert np.all(np.abs(dq - w).reshape(50, -1, 32) <= blocks / 254 * 1.0001)  # half a step of absmax / 127
 
 
+@pytest.mark.isa_variants
 @pytest.mark.parametrize("rows,cols", [(37, 32), (100, 64), (2304, 768), (768, 3072)])
-def test_int8_storage_equals_float32_on_dequantised_weights(rows, cols):
-    """The int8 kernel's weights are float(q) * d, then the float32 kernel's chains: bitwise the float32 kernel on
-    quantize_q8's weights, alone in a tile (in-register dequantisation) and in several tiles (shared L1 slices)."""
+def test_int8_is_the_w8a8_chain_over_blocks(rows, cols):
+    """int8 quantises each token's activations as q8_0 does the weights, takes exact integer dot products per block
+    of 32 and chains them over the blocks in order: bitwise the numpy emulation, alone in a tile and in several tiles
+    (K blocks), with VNNI or without; the bias and epilogue then as for float32."""
     rng = np.random.default_rng(rows * 7 + cols)
     w = rng.standard_normal((rows, cols), dtype=np.float32)
     b = rng.standard_normal(rows, dtype=np.float32)
-    q8, f32 = native._C.PackedLinear(w, "int8"), native._C.PackedLinear(native._C.quantize_q8(w))
+    q8 = native._C.PackedLinear(w, "int8")
     assert q8.weight_dtype == "int8"
-    for t in [1, 3, 8, 9, 13, 64]:
+    for t in [1, 3, 7, 13, 64]:
         x = rng.standard_normal((t, cols), dtype=np.float32)
-        for epilogue in ["store", "gelu", "accumulate"]:
-            y0 = rng.standard_normal((t, rows), dtype=np.float32)
-            y_q8, y_f32 = y0.copy(), y0.copy()
-            q8.forward(x, y_q8, b, epilogue, t % 3)
-            f32.forward(x, y_f32, b, epilogue, 1)
-            assert np.array_equal(y_q8, y_f32), (t, epilogue)
+        x[0, :32] = 0  # a zero activation block: scale 0
+        want = _w8a8_chain(w, x)
+        y = np.empty((t, rows), np.float32)
+        q8.forward(x, y, None, "store", t % 3)
+        assert np.array_equal(y, want), t
+        y0 = rng.standard_normal((t, rows), dtype=np.float32)
+        y = y0.copy()
+        q8.forward(x, y, b, "accumulate", 2)
+        np.testing.assert_allclose(y, y0 + (want + b), rtol=1e-6, atol=1e-6 * np.abs(want).max())
+    # The activations are quantised: the result is not the dequantised weights' float32 product (the check can fail).
+    x = rng.standard_normal((5, cols), dtype=np.float32)
+    y = np.empty((5, rows), np.float32)
+    q8.forward(x, y, None, "store", 1)
+    ref = x.astype(np.float64) @ _q8_reference(w).astype(np.float64).T
+    assert not np.allclose(y, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    np.testing.assert_allclose(y, ref, rtol=0, atol=0.02 * np.abs(ref).max())  # q8_0 activations: ~0.4% per block
 
 
 def test_bad_input_is_a_clear_error():

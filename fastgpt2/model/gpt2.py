@@ -148,9 +148,10 @@ class GPT2(nn.Module):
         return inference.round_weights_to_bfloat16(self)
 
     def quantize_weights_int8(self) -> "GPT2":
-        """Weight-only int8 (llama.cpp's q8_0 blocks of 32 inputs, float32 scales): every linear weight matrix and the
-        tied wte replaced in place by its dequantised values, decode_weight_dtype = "int8", so that the torch path and
-        the C++ int8 kernels compute the same function. See fastgpt2.model.quantize."""
+        """int8 (llama.cpp's q8_0 blocks of 32 inputs, float32 scales): every linear weight matrix and the tied wte
+        replaced in place by its dequantised values, the inputs of those matrices quantised the same way on every
+        forward, decode_weight_dtype = "int8", so that the torch path and the C++ int8 kernels compute the same
+        function. See fastgpt2.model.quantize."""
         return quantize.quantize_weights_int8(self)
 
     @classmethod
@@ -188,7 +189,7 @@ class GPT2(nn.Module):
         x = self.drop(inputs_embeds + self.wpe(positions))  # (B, T, C)
         for block in self.h:
             x = block(x)
-        logits = F.linear(self.ln_f(x), self.wte.weight)  # (B, T, V)
+        logits = F.linear(quantize.head_input(self, self.ln_f(x)), self.wte.weight)  # (B, T, V)
         loss = None if labels is None else causal_lm_loss(logits, self._check_labels(labels, B, T))
         return GPT2Output(logits=logits, loss=loss)
 
@@ -217,7 +218,7 @@ class GPT2(nn.Module):
         for i, block in enumerate(self.h):
             x, kv = block.forward_cached(x, None if kv_cache is None else kv_cache[i])
             new_cache.append(kv)
-        return F.linear(self.ln_f(x), self.wte.weight), new_cache  # (B, T, V)
+        return F.linear(quantize.head_input(self, self.ln_f(x)), self.wte.weight), new_cache  # (B, T, V)
 
     def forward_paged(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_caches,
                       logits_indices: torch.Tensor | None = None) -> torch.Tensor:

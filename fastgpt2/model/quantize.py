@@ -1,12 +1,14 @@
-"""Weight-only int8 quantisation (q8_0-like) for CPU inference, and its error against float32.
+"""int8 (W8A8, q8_0-like) CPU inference, and its error against float32.
 
-The format is llama.cpp's q8_0 with a float32 scale instead of a float16 one: each row of a weight matrix (out, in)
-is cut into blocks of 32 consecutive inputs, each with its own scale d = absmax(block) / 127, and every weight is
-stored as q = roundf(w * (1 / d)) in [-127, 127] (ties away from zero, q = 0 when d == 0); the weight used is
-float(q) * d, one float32 multiply. The C++ packed GEMM (csrc/packed_gemm.h, PackedMatrix<q8>) stores exactly these
-q and d and dequantises them in registers; `quantize_weights_int8` writes the same dequantised values into the
-torch model, so that the torch path and the C++ int8 kernels compute the same function (to float32 rounding: the
-C++ chains run over k in order, torch's matmuls in their own order).
+The format is llama.cpp's q8_0 with float32 scales instead of float16 ones. Each row of a weight matrix (out, in) is
+cut into blocks of 32 consecutive inputs, each with its own scale d = absmax(block) / 127, and every weight is stored
+as q = roundf(w * (1 / d)) in [-127, 127] (ties away from zero, q = 0 when d == 0). Each token's activations entering
+a quantised matrix are quantised the same way, per block of 32, as llama.cpp quantises them for its q8_0 products;
+the C++ kernels (csrc/packed_gemm_q8.cpp) take exact integer dot products per block and sum d_w * d_x * dot over the
+blocks in float32. `quantize_weights_int8` writes the dequantised weights float(q) * d into the torch model and makes
+its quantised layers (and the tied LM head) quantise their inputs the same way, so that the torch path computes the
+same function as the C++ int8 step (to float32 rounding: torch sums in its own order, and a rounding difference can
+move an activation's q by one step).
 """
 from __future__ import annotations
 
@@ -15,6 +17,17 @@ import copy
 import torch
 
 Q8_BLOCK = 32  # inputs per scale
+
+
+def _q8(blocks: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    """blocks (..., 32) float32 quantised and dequantised: d = absmax / 127, q = roundf(v * (1 / d)), float(q) * d
+    with d stored as scale_dtype (q is computed with the float32 d, as llama.cpp does)."""
+    d = blocks.abs().amax(-1, keepdim=True) / 127.0  # a float32 division
+    inverse = torch.where(d != 0, torch.ones_like(d) / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
+    v = blocks * inverse
+    t = v.trunc()
+    q = t + torch.where((v - t).abs() >= 0.5, v.sign(), torch.zeros_like(v))  # roundf: v - t is exact
+    return q * d.to(scale_dtype).to(torch.float32)
 
 
 def quantize_q8(weight: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -27,13 +40,31 @@ def quantize_q8(weight: torch.Tensor, scale_dtype: torch.dtype = torch.float32) 
     rows, cols = weight.shape
     if cols % Q8_BLOCK:
         raise ValueError(f"int8 weights need in_features to be a multiple of {Q8_BLOCK}, got {cols}")
-    blocks = weight.detach().reshape(rows, cols // Q8_BLOCK, Q8_BLOCK)
-    d = blocks.abs().amax(-1, keepdim=True) / 127.0  # (rows, blocks, 1), a float32 division
-    inverse = torch.where(d != 0, torch.ones_like(d) / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
-    v = blocks * inverse
-    t = v.trunc()
-    q = t + torch.where((v - t).abs() >= 0.5, v.sign(), torch.zeros_like(v))  # roundf: v - t is exact
-    return (q * d.to(scale_dtype).to(torch.float32)).reshape(rows, cols)
+    return _q8(weight.detach().reshape(rows, cols // Q8_BLOCK, Q8_BLOCK), scale_dtype).reshape(rows, cols)
+
+
+def quantize_activations_q8(x: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x (..., K) float32, K % 32 == 0, quantised per token and block of 32 as the weights are (quantize_q8), returned
+    dequantised: what an int8 matrix multiplies by."""
+    return _q8(x.reshape(*x.shape[:-1], x.shape[-1] // Q8_BLOCK, Q8_BLOCK), scale_dtype).reshape(x.shape)
+
+
+def _quantize_input(layer, args):
+    """Forward pre-hook of a quantised nn.Linear: its input quantised per block of 32."""
+    return (quantize_activations_q8(args[0], layer.q8_input_scales),) + tuple(args[1:])
+
+
+def linear_input(layer, x: torch.Tensor) -> torch.Tensor:
+    """What a linear layer multiplies by: x, or x quantised when the layer's weights are int8 (for code that reads
+    layer.weight directly instead of calling the layer)."""
+    scales = getattr(layer, "q8_input_scales", None)
+    return x if scales is None else quantize_activations_q8(x, scales)
+
+
+def head_input(model, x: torch.Tensor) -> torch.Tensor:
+    """What the tied LM head multiplies by: x, or x quantised when wte is int8."""
+    scales = getattr(model, "q8_input_scales", None)
+    return x if scales is None else quantize_activations_q8(x, scales)
 
 
 def linear_weights(model) -> list[torch.Tensor]:
@@ -51,23 +82,31 @@ def _quantize_in_place(model, scale_dtype: torch.dtype):
         raise ValueError(f"int8 quantisation needs a float32 model, got {model.wte.weight.dtype}")
     for w in linear_weights(model):
         w.copy_(quantize_q8(w, scale_dtype))
+    for block in model.h:  # their inputs quantised too (the LM head's through head_input)
+        for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+            if getattr(layer, "q8_input_scales", None) is None:
+                layer.register_forward_pre_hook(_quantize_input)
+            layer.q8_input_scales = scale_dtype
+    model.q8_input_scales = scale_dtype
     model._wte_t_cache = None  # the CPU LM head's transposed copy of wte (model/inference.py)
     return model
 
 
 def quantize_weights_int8(model):
-    """Weight-only int8: every linear weight matrix (linear_weights) replaced in place by its dequantised q8 values,
-    and model.decode_weight_dtype = "int8", so that the C++ decode step can keep int8 copies of the matrices (one
-    byte per weight plus a float32 scale per 32) and compute the same function as the torch path. Biases, layer norms
-    and wpe stay float32. Returns the model."""
+    """int8: every linear weight matrix (linear_weights) replaced in place by its dequantised q8 values, the inputs
+    of those layers and of the LM head quantised per block of 32 on every forward, and model.decode_weight_dtype =
+    "int8", so that the C++ decode step can keep int8 copies of the matrices (one byte per weight plus a float32
+    scale per 32) and compute the same function as the torch path. Biases, layer norms and wpe stay float32 (and
+    so does the embedding lookup, of the dequantised wte). Returns the model."""
     _quantize_in_place(model, torch.float32)
     model.decode_weight_dtype = "int8"
     return model
 
 
 def emulate_q8_0(model):
-    """llama.cpp's q8_0 on the same weights and blocks (float16 scales), in place, for comparisons: the weights only;
-    decode_weight_dtype is left as it is. Returns the model."""
+    """llama.cpp's q8_0 on the same weights and blocks (float16 scales), in place, for comparisons: weights and
+    activations quantised as its q8_0 matrix products quantise them; decode_weight_dtype is left as it is. Returns
+    the model."""
     return _quantize_in_place(model, torch.float16)
 
 

@@ -1,0 +1,303 @@
+// See packed_gemm.h: the int8 (W8A8) kernels. Per call, every token's activations are quantised in blocks of 32
+// (its row alone decides its q and scales), then register tiles of MR tokens x NP panels run per block of 32 k: an
+// integer dot product per (token, output) started at -128 * sum(q_x) (the weights are stored as q_w + 128, so the
+// sum of (q_w + 128) * q_x minus that is the signed dot product, exactly), then c = fma(dw * dx, float(dot), c).
+// With AVX512-VNNI the block's dot products are 8 vpdpbusd per (token, panel); without it, float32 FMAs over the
+// exact integers (every partial sum is an integer below 2^24, so exact as well): the same values on every variant.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "packed_gemm.h"
+#include "packed_gemm_tiles.h"
+
+namespace fastgpt2 {
+namespace {
+
+#if defined(FASTGPT2_AVX512) && defined(__AVX512VNNI__)
+#define FASTGPT2_Q8_VNNI 1
+#endif
+
+// Tokens per tile and (integer, float) accumulator pairs per tile: each (token, vector of 16 or 8 rows) keeps the
+// block's dot product and the output's chain in registers.
+#if defined(FASTGPT2_AVX512)
+constexpr int kQ8Tile = 6;
+constexpr int kQ8Pairs = 12;
+#elif defined(FASTGPT2_AVX2)
+constexpr int kQ8Tile = 3;
+constexpr int kQ8Pairs = 6;
+#else
+constexpr int kQ8Tile = 4;
+constexpr int kQ8Pairs = 64;
+#endif
+constexpr int64_t kGroupsPerBlock = kQ8Block / 4;  // 4-k groups per scale block
+constexpr int64_t kQ8AccFloats = kQ8Tile * 8 * kPanelRows;
+
+constexpr int q8_panels_for(int mr) { return std::max(1, std::min(8, kQ8Pairs / (mr * kVecsPerPanel))); }
+
+// 32 activations (or weights) -> q (32 int8) and the returned scale d, bitwise quantize_q8_block.
+inline float quantize_block(const float* v, int8_t* q) {
+#if defined(FASTGPT2_AVX512)
+  const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+  const float d = amax / 127.0f;
+  const __m512 id = _mm512_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
+  for (int h = 0; h < 2; ++h) {
+    const __m512 y = _mm512_mul_ps(h ? b : a, id);
+    const __m512 t = _mm512_roundscale_ps(y, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    // roundf: away from zero at .5 (y - t is exact).
+    const __mmask16 up = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(y, t)), _mm512_set1_ps(0.5f), _CMP_GE_OQ);
+    const __m512 one = _mm512_or_ps(_mm512_set1_ps(1.0f), _mm512_and_ps(y, _mm512_set1_ps(-0.0f)));
+    const __m512i r = _mm512_cvttps_epi32(_mm512_mask_add_ps(t, up, t, one));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16 * h), _mm512_cvtepi32_epi8(r));
+  }
+  return d;
+#else
+  return quantize_q8_block(v, q);
+#endif
+}
+
+// Every token's quantised activations, tile by tile (tile i of mr tokens from t0 at offset t0 * per-token size):
+// per (block, token) the scale d and comp = -128 * sum(q); the q as (K / 4, mr) 4-byte words (VNNI) or as (K, mr)
+// floats (the exact integers, for the FMA kernels).
+struct Q8Activations {
+  std::vector<int32_t> words;
+  std::vector<float> values, d;
+  std::vector<int32_t> comp;
+};
+
+// A tile's view of them.
+struct Q8Tile {
+  const int32_t* words;
+  const float* values;
+  const float* d;
+  const int32_t* comp;
+};
+
+void quantize_tile(const float* x, int64_t ldx, int64_t t0, int mr, int64_t K, Q8Activations& a) {
+  const int64_t blocks = K / kQ8Block;
+  float* d = a.d.data() + t0 * blocks;
+  int32_t* comp = a.comp.data() + t0 * blocks;
+  for (int i = 0; i < mr; ++i)
+    for (int64_t b = 0; b < blocks; ++b) {
+      alignas(64) int8_t q[kQ8Block];
+      d[b * mr + i] = quantize_block(x + (t0 + i) * ldx + b * kQ8Block, q);
+      int32_t sum = 0;
+      for (int64_t k = 0; k < kQ8Block; ++k) sum += q[k];
+      comp[b * mr + i] = -128 * sum;
+#if defined(FASTGPT2_Q8_VNNI)
+      int32_t* words = a.words.data() + t0 * (K / 4);
+      for (int64_t g = 0; g < kGroupsPerBlock; ++g) std::memcpy(&words[(b * kGroupsPerBlock + g) * mr + i], q + 4 * g, 4);
+#else
+      float* values = a.values.data() + t0 * K;
+      for (int64_t k = 0; k < kQ8Block; ++k) values[(b * kQ8Block + k) * mr + i] = q[k];
+#endif
+    }
+}
+
+Q8Tile tile_view(const Q8Activations& a, int64_t t0, int64_t K) {
+#if defined(FASTGPT2_Q8_VNNI)
+  const int32_t* words = a.words.data() + t0 * (K / 4);
+  const float* values = nullptr;
+#else
+  const int32_t* words = nullptr;
+  const float* values = a.values.data() + t0 * K;
+#endif
+  return {words, values, a.d.data() + t0 * (K / kQ8Block), a.comp.data() + t0 * (K / kQ8Block)};
+}
+
+// The NP panels from `panel` (panel stride pstride bytes; scales per panel (K / 32, 16), stride sstride).
+struct Q8Panels {
+  const uint8_t* b;
+  int64_t pstride;
+  const float* s;
+  int64_t sstride;
+};
+
+// acc (MR x NP*16) continued over the blocks of k in [k_begin, k_end) (multiples of 32; from zero when k_begin == 0,
+// else from acc's stored values).
+template <int MR, int NP>
+inline void q8_microkernel(const Q8Panels& w, const Q8Tile& x, int64_t k_begin, int64_t k_end, float* acc) {
+  constexpr int NV = NP * kVecsPerPanel;
+  Vec c[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NV; ++j) c[i][j] = k_begin == 0 ? vzero() : vload(acc + i * NP * kPanelRows + j * kLanes);
+  auto weights = [&](int j, int64_t g) {
+    return w.b + (j / kVecsPerPanel) * w.pstride + g * kPanelRows * 4 + (j % kVecsPerPanel) * kLanes * 4;
+  };
+  for (int64_t b = k_begin / kQ8Block; b < k_end / kQ8Block; ++b) {
+#if defined(FASTGPT2_Q8_VNNI)
+    __m512i s[MR][NV];
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NV; ++j) s[i][j] = _mm512_set1_epi32(x.comp[b * MR + i]);
+    for (int64_t g = b * kGroupsPerBlock; g < (b + 1) * kGroupsPerBlock; ++g) {
+      __m512i wv[NV];
+      for (int j = 0; j < NV; ++j) wv[j] = _mm512_load_si512(weights(j, g));
+      for (int i = 0; i < MR; ++i) {
+        const __m512i xv = _mm512_set1_epi32(x.words[g * MR + i]);
+        for (int j = 0; j < NV; ++j) s[i][j] = _mm512_dpbusd_epi32(s[i][j], wv[j], xv);
+      }
+    }
+    auto dot = [&](int i, int j) { return _mm512_cvtepi32_ps(s[i][j]); };
+#else
+    Vec s[MR][NV];
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NV; ++j) s[i][j] = vset1(static_cast<float>(x.comp[b * MR + i]));
+    for (int64_t g = b * kGroupsPerBlock; g < (b + 1) * kGroupsPerBlock; ++g)
+      for (int h = 0; h < 4; ++h) {
+        Vec wv[NV];
+        for (int j = 0; j < NV; ++j) wv[j] = vbyte(weights(j, g), h);
+        const float* xk = x.values + (4 * g + h) * MR;
+        for (int i = 0; i < MR; ++i) {
+          const Vec xv = vset1(xk[i]);
+          for (int j = 0; j < NV; ++j) s[i][j] = vfma(xv, wv[j], s[i][j]);
+        }
+      }
+    auto dot = [&](int i, int j) { return s[i][j]; };
+#endif
+    Vec dw[NV];
+    for (int j = 0; j < NV; ++j)
+      dw[j] = vload(w.s + (j / kVecsPerPanel) * w.sstride + b * kPanelRows + (j % kVecsPerPanel) * kLanes);
+    for (int i = 0; i < MR; ++i) {
+      const Vec dx = vset1(x.d[b * MR + i]);
+      for (int j = 0; j < NV; ++j) c[i][j] = vfma(vmul(dw[j], dx), dot(i, j), c[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NV; ++j) vstore(acc + i * NP * kPanelRows + j * kLanes, c[i][j]);
+}
+
+// Panels [p_begin, p_end) for tokens [0, num_tokens) (see run_panels in packed_gemm.cpp: the same blocking).
+void run_panels_q8(const PackedMatrix<q8>& w, const float* bias, const Q8Activations& a, int64_t num_tokens, float* y,
+                   int64_t ldy, int64_t p_begin, int64_t p_end, Epilogue epilogue) {
+  const int64_t K = w.cols;
+  const Output out{bias, w.rows, K, y, ldy, epilogue};
+  const Tiling tiling(num_tokens, kQ8Tile);
+  const int group = q8_panels_for(tiling.max_size());
+  const int64_t block_tiles = std::max<int64_t>(1, kL2Floats / K / tiling.max_size());
+  const int64_t kc = tiling.num_tiles == 1
+                         ? K
+                         : std::min(K, std::max(kQ8Block, kL1Bytes / (group * kPanelRows) / kQ8Block * kQ8Block));
+  thread_local std::vector<float> sums;
+  sums.resize(static_cast<size_t>(block_tiles * kQ8AccFloats));
+  for (int64_t first = 0; first < tiling.num_tiles; first += block_tiles) {
+    const int64_t last = std::min(tiling.num_tiles, first + block_tiles);
+    for (int64_t p = p_begin; p < p_end; p += group) {
+      const int np = static_cast<int>(std::min<int64_t>(group, p_end - p));
+      const Q8Panels panels{&w.panel(p)->v, K * kPanelRows, w.panel_scales(p), K / kQ8Block * kPanelRows};
+      for (int64_t k0 = 0; k0 < K; k0 += kc)
+        for (int64_t i = first; i < last; ++i) {
+          const int64_t t0 = tiling.start(i), k1 = std::min(K, k0 + kc);
+          const Q8Tile x = tile_view(a, t0, K);
+          float* acc = sums.data() + (i - first) * kQ8AccFloats;
+          dispatch_tile<kQ8Tile, q8_panels_for>(tiling.size(i), np, [&](auto mr, auto nr) {
+            q8_microkernel<decltype(mr)::value, decltype(nr)::value>(panels, x, k0, k1, acc);
+            if (k1 == K) store_tile(acc, decltype(mr)::value, decltype(nr)::value, out, p, t0);
+          });
+        }
+    }
+  }
+}
+
+// The calling thread's quantised activations for x (num_tokens, K), on the pool when it is large.
+const Q8Activations& quantize_all(ThreadPool* pool, const float* x, int64_t ldx, int64_t num_tokens, int64_t K) {
+  thread_local Q8Activations buffers;
+  Q8Activations& a = buffers;  // (a lambda naming the thread_local would see the executing thread's own copy)
+  if (K % kQ8Block != 0)
+    throw std::invalid_argument("int8 weights need in_features to be a multiple of 32, got " + std::to_string(K));
+  const size_t n = static_cast<size_t>(num_tokens * K);
+#if defined(FASTGPT2_Q8_VNNI)
+  a.words.resize(n / 4);
+#else
+  a.values.resize(n);
+#endif
+  a.d.resize(n / kQ8Block), a.comp.resize(n / kQ8Block);
+  const Tiling tiling(num_tokens, kQ8Tile);
+  auto tile = [&](int64_t i) { quantize_tile(x, ldx, tiling.start(i), tiling.size(i), K, a); };
+  if (pool && num_tokens * K >= (int64_t{1} << 16))
+    pool->parallel_for(tiling.num_tiles, tile);
+  else
+    for (int64_t i = 0; i < tiling.num_tiles; ++i) tile(i);
+  return a;
+}
+
+}  // namespace
+
+float quantize_q8_block(const float* w, int8_t* q) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < kQ8Block; ++i) amax = std::max(amax, std::fabs(w[i]));
+  const float d = amax / 127.0f;
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  for (int64_t i = 0; i < kQ8Block; ++i) q[i] = static_cast<int8_t>(std::roundf(w[i] * id));
+  return d;
+}
+
+void dequantize_q8(const float* w, int64_t rows, int64_t cols, float* out) {
+  if (cols % kQ8Block != 0)
+    throw std::invalid_argument("int8 weights need in_features to be a multiple of 32, got " + std::to_string(cols));
+  int8_t q[kQ8Block];
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k0 = 0; k0 < cols; k0 += kQ8Block) {
+      const float d = quantize_q8_block(w + r * cols + k0, q);
+      for (int64_t i = 0; i < kQ8Block; ++i) out[r * cols + k0 + i] = static_cast<float>(q[i]) * d;
+    }
+}
+
+template <>
+PackedMatrix<q8> pack_matrix<q8>(const float* w, int64_t rows, int64_t cols) {
+  if (cols % kQ8Block != 0)
+    throw std::invalid_argument("int8 weights need in_features to be a multiple of 32, got " + std::to_string(cols));
+  PackedMatrix<q8> m;
+  m.rows = rows, m.cols = cols;
+  const int64_t n = m.num_panels() * cols * kPanelRows;
+  m.data = std::shared_ptr<q8>(static_cast<q8*>(aligned_bytes(n)), std::free);
+  m.scales = std::shared_ptr<float>(static_cast<float*>(aligned_bytes(n / kQ8Block * sizeof(float))), std::free);
+  const float zeros[kQ8Block] = {};
+  for (int64_t p = 0; p < m.num_panels(); ++p) {
+    q8* panel = m.data.get() + p * cols * kPanelRows;
+    float* scales = m.scales.get() + p * (cols / kQ8Block) * kPanelRows;
+    for (int64_t j = 0; j < kPanelRows; ++j) {
+      const int64_t r = p * kPanelRows + j;
+      int8_t q[kQ8Block];
+      for (int64_t k0 = 0; k0 < cols; k0 += kQ8Block) {  // the padding rows quantise to zeros with scale 0
+        scales[k0 / kQ8Block * kPanelRows + j] = quantize_q8_block(r < rows ? w + r * cols + k0 : zeros, q);
+        for (int64_t i = 0; i < kQ8Block; ++i) {
+          const int64_t k = k0 + i;
+          panel[(k / 4 * kPanelRows + j) * 4 + k % 4] = q8{static_cast<uint8_t>(q[i] + 128)};
+        }
+      }
+    }
+  }
+  return m;
+}
+
+template <>
+void packed_linear<q8>(ThreadPool& pool, const PackedMatrix<q8>& w, const float* bias, const float* x, int64_t ldx,
+                       float* y, int64_t ldy, int64_t num_tokens, Epilogue epilogue) {
+  if (num_tokens <= 0) return;
+  const Q8Activations& a = quantize_all(&pool, x, ldx, num_tokens, w.cols);
+  for_panel_tasks(pool, w.num_panels(), q8_panels_for(Tiling(num_tokens, kQ8Tile).max_size()),
+                  [&](int64_t p0, int64_t p1) { run_panels_q8(w, bias, a, num_tokens, y, ldy, p0, p1, epilogue); });
+}
+
+template <>
+void packed_linear_serial<q8>(const PackedMatrix<q8>& w, const float* bias, const float* x, int64_t ldx, float* y,
+                              int64_t ldy, int64_t num_tokens, Epilogue epilogue) {
+  if (num_tokens <= 0) return;
+  const Q8Activations& a = quantize_all(nullptr, x, ldx, num_tokens, w.cols);
+  run_panels_q8(w, bias, a, num_tokens, y, ldy, 0, w.num_panels(), epilogue);
+}
+
+const char* packed_gemm_q8_isa() {
+#if defined(FASTGPT2_Q8_VNNI)
+  return "avx512_vnni";
+#else
+  return kIsa;
+#endif
+}
+
+}  // namespace fastgpt2

@@ -1,0 +1,126 @@
+// What the packed GEMM's float (packed_gemm.cpp) and int8 (packed_gemm_q8.cpp) kernels share: the token tiling, the
+// epilogue that stores a finished tile, and the split of the panels into tasks over the pool. Included by those two
+// files only (an anonymous namespace: each keeps its own copy, compiled with its variant's flags).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <type_traits>
+#include <utility>
+
+#include "packed_gemm_kernels.h"
+#include "thread_pool.h"
+
+namespace fastgpt2 {
+namespace {
+
+constexpr int kVecsPerPanel = kPanelRows / kLanes;
+
+// Blocking (GotoBLAS): tokens in blocks whose packed X stays in L2; per block, each group of panels is swept in K
+// blocks whose panel slice stays in L1 while every tile of the token block runs over it.
+constexpr int64_t kL2Floats = int64_t{1} << 18;  // 1 MiB of packed X per token block
+constexpr int64_t kL1Bytes = 24 * 1024;          // panel slice per K block
+
+// Where the tiles' outputs go (when the K block ending at `cols` completes their chains).
+struct Output {
+  const float* bias;
+  int64_t rows, cols;
+  float* y;
+  int64_t ldy;
+  Epilogue epilogue;
+};
+
+// y[t0 + i, row + j] = epilogue(acc + bias) for a finished tile of mr tokens x np panels (acc: (mr, np * 16)) from
+// panel `panel`; columns past `rows` (the zero padding of the last panel) are computed like the others and not stored.
+inline void store_tile(const float* acc, int mr, int np, const Output& o, int64_t panel, int64_t t0) {
+  const float* bias = o.bias;
+  const int64_t row = panel * kPanelRows, rows = o.rows, ldy = o.ldy;
+  float* y = o.y;
+  const Epilogue epilogue = o.epilogue;
+  alignas(64) float v[kPanelRows];
+  for (int i = 0; i < mr; ++i) {
+    float* out = y + (t0 + i) * ldy;
+    for (int p = 0; p < np; ++p) {
+      const int64_t r0 = row + p * kPanelRows;
+      const int64_t cols = std::min<int64_t>(kPanelRows, rows - r0);
+      if (cols <= 0) break;
+      const float* a = acc + i * np * kPanelRows + p * kPanelRows;
+      if (cols == kPanelRows) {  // the common case: straight from registers
+        for (int h = 0; h < kVecsPerPanel; ++h) {
+          Vec s = vload(a + h * kLanes);
+          if (bias) s = vadd(s, vload(bias + r0 + h * kLanes));
+          if (epilogue == Epilogue::kGelu) s = vgelu(s);
+          if (epilogue == Epilogue::kAccumulate) s = vadd(vload(out + r0 + h * kLanes), s);
+          vstore(out + r0 + h * kLanes, s);
+        }
+        continue;
+      }
+      // The last, partial panel: the same operations on a padded copy, only the real columns stored.
+      alignas(64) float bb[kPanelRows] = {}, yy[kPanelRows] = {};
+      for (int64_t j = 0; j < cols; ++j) bb[j] = bias ? bias[r0 + j] : 0.0f, yy[j] = out[r0 + j];
+      for (int h = 0; h < kVecsPerPanel; ++h) {
+        Vec s = vload(a + h * kLanes);
+        if (bias) s = vadd(s, vload(bb + h * kLanes));
+        if (epilogue == Epilogue::kGelu) s = vgelu(s);
+        if (epilogue == Epilogue::kAccumulate) s = vadd(vload(yy + h * kLanes), s);
+        vstore(v + h * kLanes, s);
+      }
+      std::memcpy(out + r0, v, cols * sizeof(float));
+    }
+  }
+}
+
+// Tokens in ceil(T / tile) tiles of at most `tile` tokens, of nearly equal size (the first T % tiles one token larger): 64 tokens make
+// tiles of 11 and 10 rather than five of 12 and a slow one of 4.
+struct Tiling {
+  int64_t num_tiles, base, extra;
+  Tiling(int64_t num_tokens, int tile)
+      : num_tiles((num_tokens + tile - 1) / tile),
+        base(num_tokens / num_tiles),
+        extra(num_tokens % num_tiles) {}
+  int64_t start(int64_t i) const { return i * base + std::min(i, extra); }
+  int size(int64_t i) const { return static_cast<int>(base + (i < extra)); }
+  int max_size() const { return static_cast<int>(base + (extra > 0)); }
+};
+
+void* aligned_bytes(size_t bytes) {
+  void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+  if (!p) throw std::bad_alloc();
+  return p;
+}
+
+
+// fn(std::integral_constant<int, MR>, std::integral_constant<int, NP>) for a tile of mr <= Tile tokens and
+// np <= PanelsFor(mr) panels: one instantiation of the caller's microkernel per register tile.
+template <int MR, typename Fn, int... NPs>
+void dispatch_panels(int np, const Fn& fn, std::integer_sequence<int, NPs...>) {
+  ((np == NPs + 1 ? fn(std::integral_constant<int, MR>{}, std::integral_constant<int, NPs + 1>{}) : void()), ...);
+}
+
+template <int (*PanelsFor)(int), typename Fn, int... MRs>
+void dispatch_tokens(int mr, int np, const Fn& fn, std::integer_sequence<int, MRs...>) {
+  ((mr == MRs + 1 ? dispatch_panels<MRs + 1>(np, fn, std::make_integer_sequence<int, PanelsFor(MRs + 1)>{})
+                  : void()),
+   ...);
+}
+
+template <int Tile, int (*PanelsFor)(int), typename Fn>
+void dispatch_tile(int mr, int np, const Fn& fn) {
+  dispatch_tokens<PanelsFor>(mr, np, fn, std::make_integer_sequence<int, Tile>{});
+}
+
+// fn(p_begin, p_end) over the matrix's panels in tasks of whole groups of `group` panels, about 4 tasks per thread (a
+// late thread takes fewer).
+template <typename Fn>
+void for_panel_tasks(ThreadPool& pool, int64_t panels, int64_t group, const Fn& fn) {
+  int64_t per_task = (panels + 4 * pool.num_threads() - 1) / (4 * pool.num_threads());
+  per_task = std::max(group, (per_task + group - 1) / group * group);
+  pool.parallel_for((panels + per_task - 1) / per_task,
+                    [&](int64_t i) { fn(i * per_task, std::min(panels, (i + 1) * per_task)); });
+}
+
+}  // namespace
+}  // namespace fastgpt2
