@@ -132,7 +132,7 @@ class CpuStep {
 
  private:
   // The step's weights from the model's float32 arrays: the matrices packed as W (bf16: rounded to nearest even, as
-  // torch; q8: llama.cpp's q8_0 quantiser with float32 scales); for bf16 every other parameter rounded too, in float32
+  // torch; q8: llama.cpp's q8_0 quantiser with float32 scales, packed_gemm.h); for bf16 every other parameter rounded too, in float32
   // copies, so that the step computes the model GPT2.round_weights_to_bfloat16 makes; for int8 the embedding rows
   // dequantised (the model GPT2.quantize_weights_int8 makes). float32 reads the vectors and rows in place.
   template <typename W>

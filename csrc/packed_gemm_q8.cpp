@@ -91,7 +91,8 @@ void quantize_tile(const float* x, int64_t ldx, int64_t t0, int mr, int64_t K, Q
       comp[b * mr + i] = -128 * sum;
 #if defined(FASTGPT2_Q8_VNNI)
       int32_t* words = a.words.data() + t0 * (K / 4);
-      for (int64_t g = 0; g < kGroupsPerBlock; ++g) std::memcpy(&words[(b * kGroupsPerBlock + g) * mr + i], q + 4 * g, 4);
+      for (int64_t g = 0; g < kGroupsPerBlock; ++g)
+        std::memcpy(&words[(b * kGroupsPerBlock + g) * mr + i], q + 4 * g, 4);
 #else
       float* values = a.values.data() + t0 * K;
       for (int64_t k = 0; k < kQ8Block; ++k) values[(b * kQ8Block + k) * mr + i] = q[k];

@@ -73,8 +73,8 @@ inline void store_tile(const float* acc, int mr, int np, const Output& o, int64_
   }
 }
 
-// Tokens in ceil(T / tile) tiles of at most `tile` tokens, of nearly equal size (the first T % tiles one token larger): 64 tokens make
-// tiles of 11 and 10 rather than five of 12 and a slow one of 4.
+// Tokens in ceil(T / tile) tiles of at most `tile` tokens, of nearly equal size (the first T % tiles one token
+// larger): with 12-token tiles, 64 tokens make tiles of 11 and 10 rather than five of 12 and a slow one of 4.
 struct Tiling {
   int64_t num_tiles, base, extra;
   Tiling(int64_t num_tokens, int tile)

@@ -1,6 +1,7 @@
-"""The int8 weights' error against float32 on random GPT-2 124M weights (python -m fastgpt2.benchmarks.quantization
-[n_layer] [num_tokens]): fastgpt2.model.quantize.quantization_error on the model as initialised (seed 0), for int8
-(float32 scales) and llama.cpp's q8_0 (float16 scales) on the same blocks, printed as JSON."""
+"""int8's error against float32 on random GPT-2 124M weights (python -m fastgpt2.benchmarks.quantization [n_layer]
+[num_tokens]): fastgpt2.model.quantize.quantization_error on the model as initialised (seed 0), for int8 (weights and
+activations in blocks of 32, float32 scales) and llama.cpp's q8_0 (the same blocks, float16 scales), printed as
+JSON."""
 from __future__ import annotations
 
 import json

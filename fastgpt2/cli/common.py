@@ -15,7 +15,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, float16 on CUDA")
     p.add_argument("--quantization", default=None, choices=["int8"],
-                   help="int8: weight-only int8 on the CPU (q8_0-like blocks of 32 with float32 scales)")
+                   help="int8: int8 weights and activations on the CPU (q8_0-like blocks of 32 with float32 scales)")
     p.add_argument("--seed", type=_seed, default=None,
                    help="random seed, an integer in [0, 2**64 - 1] (default: a fresh one each run)")
 

@@ -67,9 +67,10 @@ class LLM:
     enforce_eager : on CUDA, run decode steps eagerly instead of replaying CUDA graphs (captured at start-up for
         batch sizes 1, 2, 4, ... max_num_seqs; as vLLM's flag).
     max_logprobs : the largest `logprobs` a request may ask for (20, as in vLLM).
-    quantization : None, or 'int8' (CPU): weight-only int8 as llama.cpp's q8_0 (blocks of 32 inputs per scale, float32
-        scales) for every weight matrix and the tied LM head, dequantised next to the FMA by the C++ step; the
-        model's own parameters are replaced by the dequantised values so that every path computes the same function.
+    quantization : None, or 'int8' (CPU): int8 as llama.cpp's q8_0 computes it (blocks of 32 inputs per scale,
+        float32 scales) for every weight matrix and the tied LM head, each token's activations quantised the same
+        way, integer dot products per block in the C++ step; the model's own parameters are replaced by the
+        dequantised values and its layers quantise their inputs, so that every path computes the same function.
     """
 
     def __init__(self, model="gpt2", *, device=None, dtype=None, seed: int = 0, kv_cache_memory: int | None = None,

@@ -121,7 +121,8 @@ class GPT2(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.drop = nn.Dropout(config.embd_pdrop)
         # How the C++ CPU step stores the weight matrices: None (float32), torch.bfloat16 (set by
-        # round_weights_to_bfloat16) or "int8" (set by quantize_weights_int8: q8 blocks, float32 scales).
+        # round_weights_to_bfloat16) or "int8" (set by quantize_weights_int8: q8 blocks with float32 scales, the
+        # activations quantised too).
         self.decode_weight_dtype: torch.dtype | str | None = None
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
