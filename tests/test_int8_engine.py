@@ -1,5 +1,6 @@
 """LLM(quantization="int8") and --quantization int8: the C++ step's int8 kernels serve every step, compute what the
-torch model on the dequantised weights computes (to float32 rounding), and bad combinations are refused clearly.
+torch model on the dequantised weights, with its layers' inputs quantised, computes (to float32 rounding), and bad
+combinations are refused clearly.
 Bitwise batch invariance of int8 is tested with the float32 path's in tests/test_batch_invariance.py."""
 import subprocess
 import sys
@@ -22,7 +23,7 @@ def wide_dir(tmp_path_factory):
 
 
 @pytest.mark.skipif(not native.HAS_EXTENSION, reason="C++ extension not built")
-def test_int8_step_matches_the_torch_model_on_dequantised_weights(wide_dir, monkeypatch):
+def test_int8_step_matches_the_quantised_torch_model(wide_dir, monkeypatch):
     prompts = [[5, 17, 300, 9000], list(range(100, 140)), [50000]]
     params = SamplingParams(temperature=0, max_tokens=16, logprobs=3, ignore_eos=True)
     llm = LLM(str(wide_dir), device="cpu", quantization="int8")
