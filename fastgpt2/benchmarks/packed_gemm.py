@@ -5,7 +5,7 @@
 2. One decode token's 49 GEMVs of the 124M model (12 blocks' c_attn, c_proj, c_fc, mlp c_proj and the LM head) per
    storage, against the bandwidth floor: the same number of bytes read by numpy's sum over a buffer of that size.
    The model's weights exceed the cache, so they stream from memory as in decode.
-3. T=64 GFLOP/s, int8 vs float32.
+3. T=64 and T=512 multiply-adds per second x 2 (GFLOP/s; int8: integer dot products), int8 vs float32.
 4. float32 GFLOP/s beside MKL's sgemm at 16, 64 and 512 tokens, with the measured FMA peak of one core.
 
 Timings are thread_time medians, the storages alternating within each repeat (A B C A B C ...).
@@ -78,15 +78,18 @@ def decode_token(repeats: int, rng, n_layer: int = 12) -> None:
               f"{total[d] / floor / 1e9:.1f} GB/s) {floor * 1e3:7.2f} ms   ratio {t / floor:.2f}")
 
 
-def gemm_64(repeats: int, rng) -> None:
-    print("3. T=64 GFLOP/s")
-    for rows, cols in SHAPES[:4]:
-        w = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(0.02)
-        x = rng.standard_normal((64, cols), dtype=np.float32)
-        y = np.empty((64, rows), np.float32)
-        fns = {d: (lambda g=native._C.PackedLinear(w, d): g.forward(x, y, None, "store", 0)) for d in ["float32", "int8"]}
-        line = "  ".join(f"{d} {2 * 64 * rows * cols / t / 1e9:6.1f}" for d, t in alternate(fns, repeats).items())
-        print(f"  {rows:5d} x {cols:<4d} {line}")
+def int8_gemm(repeats: int, rng) -> None:
+    print(f"3. int8 ({native._C.GEMM_Q8_ISA} kernels) vs float32, GFLOP/s (2 x multiply-adds per second)")
+    for tokens in (64, 512):
+        for rows, cols in SHAPES[:4]:
+            w = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(0.02)
+            x = rng.standard_normal((tokens, cols), dtype=np.float32)
+            y = np.empty((tokens, rows), np.float32)
+            fns = {d: (lambda g=native._C.PackedLinear(w, d): g.forward(x, y, None, "store", 0))
+                   for d in ["float32", "int8"]}
+            times = alternate(fns, repeats)
+            line = "  ".join(f"{d} {2 * tokens * rows * cols / t / 1e9:6.1f}" for d, t in times.items())
+            print(f"  {rows:5d} x {cols:<4d} T={tokens:<4d} {line}  int8/float32 {times['float32'] / times['int8']:.2f}x")
 
 
 def against_mkl(repeats: int, rng) -> None:
@@ -124,7 +127,7 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(0)
     gemv_shapes(repeats, rng)
     decode_token(max(3, repeats // 2), rng)
-    gemm_64(max(3, repeats // 3), rng)
+    int8_gemm(max(3, repeats // 3), rng)
     against_mkl(max(3, repeats // 2), rng)
 
 
