@@ -135,6 +135,8 @@ inline void q8_microkernel(const Q8Panels& w, const Q8Tile& x, int64_t k_begin, 
     __m512i s[MR][NV];
     for (int i = 0; i < MR; ++i)
       for (int j = 0; j < NV; ++j) s[i][j] = _mm512_set1_epi32(x.comp[b * MR + i]);
+    // Unrolled: GCC otherwise copies every accumulator between registers on each iteration (1.1-1.2x).
+#pragma GCC unroll 8
     for (int64_t g = b * kGroupsPerBlock; g < (b + 1) * kGroupsPerBlock; ++g) {
       __m512i wv[NV];
       for (int j = 0; j < NV; ++j) wv[j] = _mm512_load_si512(weights(j, g));
