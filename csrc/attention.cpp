@@ -212,7 +212,7 @@ float exp_and_sum(float* scores, int64_t n) {
   const int64_t full = n - n % 16;
   __m512 m = _mm512_set1_ps(-INFINITY);
   for (; t < full; t += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(scores + t));
-  m = _mm512_mask_max_ps(m, tail, m, _mm512_maskz_loadu_ps(tail, scores + full));
+  if (tail) m = _mm512_mask_max_ps(m, tail, m, _mm512_maskz_loadu_ps(tail, scores + full));
   const __m512 max_v = _mm512_set1_ps(_mm512_reduce_max_ps(m));
   __m512 acc = _mm512_setzero_ps();
   for (t = 0; t < full; t += 16) {
@@ -220,9 +220,11 @@ float exp_and_sum(float* scores, int64_t n) {
     _mm512_storeu_ps(scores + t, e);
     acc = _mm512_add_ps(acc, e);
   }
-  const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, scores + full), max_v));
-  _mm512_mask_storeu_ps(scores + full, tail, e);
-  acc = _mm512_mask_add_ps(acc, tail, acc, e);
+  if (tail) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, scores + full), max_v));
+    _mm512_mask_storeu_ps(scores + full, tail, e);
+    acc = _mm512_mask_add_ps(acc, tail, acc, e);
+  }
   return hsum(_mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1)));
 #else
   float max_score = -INFINITY, sum = 0.0f;
