@@ -31,19 +31,17 @@ void layer_norms(ThreadPool& pool, const float* x, const int64_t* rows, int64_t 
   });
 }
 
-// Every token's K and V (row i of qkv (N, 3C): columns [C, 2C) and [2C, 3C)) into slot slots[i] of the pool; a
-// prefill's 2 N C floats in parallel.
-void copy_kv(ThreadPool& pool, const float* qkv, const int64_t* slots, int64_t N, int64_t C, float* k_cache,
-             float* v_cache) {
+// fn(i) for every row i < N: on the calling thread for a few rows, else in tasks of 32 rows on the pool.
+template <typename F>
+void for_rows(ThreadPool& pool, int64_t N, const F& fn) {
   constexpr int64_t kRowsPerTask = 32;
-  auto rows = [&](int64_t t) {
-    for (int64_t i = t * kRowsPerTask; i < std::min(N, (t + 1) * kRowsPerTask); ++i) {
-      std::memcpy(k_cache + slots[i] * C, qkv + i * 3 * C + C, C * sizeof(float));
-      std::memcpy(v_cache + slots[i] * C, qkv + i * 3 * C + 2 * C, C * sizeof(float));
-    }
-  };
-  if (N <= kRowsPerTask) return rows(0);
-  pool.parallel_for((N + kRowsPerTask - 1) / kRowsPerTask, rows);
+  if (N <= kRowsPerTask) {
+    for (int64_t i = 0; i < N; ++i) fn(i);
+    return;
+  }
+  pool.parallel_for((N + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t t) {
+    for (int64_t i = t * kRowsPerTask; i < std::min(N, (t + 1) * kRowsPerTask); ++i) fn(i);
+  });
 }
 
 }  // namespace
@@ -60,17 +58,17 @@ void model_step(const ModelWeights<W>& w, const StepBatch& batch, int num_thread
   float* const x = scratch.data();
   float *const h = x + N * C, *const attn = h + N * C, *const qkv = attn + N * C, *const fc = qkv + 3 * N * C;
   std::vector<int64_t> context(N);  // keys each token attends to: its position + 1
-  // 1. Token + position embeddings.
-  for (int64_t i = 0; i < N; ++i) {
-    context[i] = batch.positions[i] + 1;
-    const auto* te = w.wte_rows + batch.token_ids[i] * C;
-    const float* pe = w.wpe + batch.positions[i] * C;
-    for (int64_t c = 0; c < C; ++c) x[i * C + c] = to_float(te[c]) + pe[c];
-  }
+  for (int64_t i = 0; i < N; ++i) context[i] = batch.positions[i] + 1;
   const int64_t pool_stride = batch.num_blocks * batch.block_size * C;  // floats per (layer, K|V) slice of the pool
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const float eps = w.layer_norm_epsilon;
   ThreadPool::with_pool(num_threads, /*linger=*/true, [&](ThreadPool& pool) {
+    // 1. Token + position embeddings (a prompt's rows of the token embedding are cache misses: split over threads).
+    for_rows(pool, N, [&](int64_t i) {
+      const auto* te = w.wte_rows + batch.token_ids[i] * C;
+      const float* pe = w.wpe + batch.positions[i] * C;
+      for (int64_t c = 0; c < C; ++c) x[i * C + c] = to_float(te[c]) + pe[c];
+    });
     for (size_t l = 0; l < w.layers.size(); ++l) {
       const LayerWeights<W>& L = w.layers[l];
       float* k_cache = batch.kv_cache + (2 * l) * pool_stride;
@@ -78,7 +76,10 @@ void model_step(const ModelWeights<W>& w, const StepBatch& batch, int num_thread
       // 2. x + attn(ln_1(x)): QKV, every token's K/V into the pool, attention, output projection added to x.
       layer_norms(pool, x, nullptr, N, L.ln_1_weight, L.ln_1_bias, h, C, eps);
       packed_linear(pool, L.c_attn, L.c_attn_bias, h, C, qkv, 3 * C, N, Epilogue::kStore);
-      copy_kv(pool, qkv, batch.slots, N, C, k_cache, v_cache);
+      for_rows(pool, N, [&](int64_t i) {
+        std::memcpy(k_cache + batch.slots[i] * C, qkv + i * 3 * C + C, C * sizeof(float));
+        std::memcpy(v_cache + batch.slots[i] * C, qkv + i * 3 * C + 2 * C, C * sizeof(float));
+      });
       paged_packed_attention(pool, qkv, 3 * C, k_cache, v_cache, batch.block_tables, batch.max_blocks,
                              batch.seq_index, context.data(), N, H, D, batch.block_size, scale, attn, C);
       packed_linear(pool, L.attn_proj, L.attn_proj_bias, attn, C, x, C, N, Epilogue::kAccumulate);
