@@ -2,9 +2,16 @@
 // the weighted sum of V rows. Memory traffic: a lone query reads seq_len * D * 2 floats per head; a group of queries
 // of one sequence (a prefill chunk) reads each K/V block once for the whole group while it is in L1.
 //
-// Every query's operations, wherever it is computed (attend_one_head or attend_queries): score t = dot(q, k_t) * scale
-// (simd.h's dot: 8 FMA lanes then the same horizontal sum) for t = 0, 1, ..., then max over the scores in t order,
-// exp_and_sum over the scores, out = 0, out += p_t * v_t (axpy, one FMA per element) for t = 0, 1, ..., out *= 1 / sum.
+// Every query's operations, wherever it is computed (attend_one_head or attend_queries):
+//  - score t = dot(q, k_t) * scale for t = 0, 1, ...; dot is, with AVX-512 and head_dim a multiple of 16, 16 lanes of
+//    FMA chains over d = lane, lane + 16, ... then reduce16's fixed halving tree; else with AVX2 and head_dim a
+//    multiple of 8 simd.h's dot (8 FMA lanes then hsum); else its portable loop;
+//  - max = the largest score (exact in any order); exp_and_sum: p_t = exp(score t - max) and their sum in 16 (AVX-512)
+//    or 8 (AVX2) lanes over t, then a fixed horizontal sum;
+//  - out = 0, out += p_t * v_t (one FMA per element) for t = 0, 1, ..., out *= 1 / sum.
+// The kernels share work across keys or queries without changing any of this: reduce16 finishes 16 dot products at
+// once, but lane t of its result depends only on vector t's lanes; score_pair8 loads each K row once for two queries
+// and accumulate_tile each V row once for up to 4, but every score and output element keeps its own chain.
 #include "attention.h"
 
 #include <algorithm>
@@ -15,6 +22,123 @@
 
 namespace fastgpt2 {
 namespace {
+
+#ifdef FASTGPT2_AVX512
+// One halving step of two vectors at once: in every 2W-lane segment, the lower W lanes get x[i] + x[i + W] and the
+// upper W lanes y[i] + y[i - W] (= y[i - W] + y[i]: float addition is commutative), so each segment of x and of y is
+// folded the same way and the two results share one vector.
+template <int W>
+inline __m512 fold(__m512 x, __m512 y) {
+  constexpr __mmask16 kUpper = W == 8 ? 0xff00 : W == 4 ? 0xf0f0 : W == 2 ? 0xcccc : 0xaaaa;
+  __m512i from;  // lower lanes: x's lane i + W; upper lanes: y's lane i - W (indices 16.. name y's lanes)
+  if constexpr (W == 8) from = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23);
+  else if constexpr (W == 4) from = _mm512_setr_epi32(4, 5, 6, 7, 16, 17, 18, 19, 12, 13, 14, 15, 24, 25, 26, 27);
+  else if constexpr (W == 2) from = _mm512_setr_epi32(2, 3, 16, 17, 6, 7, 20, 21, 10, 11, 24, 25, 14, 15, 28, 29);
+  else from = _mm512_setr_epi32(1, 16, 3, 18, 5, 20, 7, 22, 9, 24, 11, 26, 13, 28, 15, 30);
+  return _mm512_add_ps(_mm512_mask_blend_ps(kUpper, x, y), _mm512_permutex2var_ps(x, from, y));
+}
+
+// Lane t: the sum of a[t]'s 16 lanes as s8[i] = a[i] + a[i + 8], s4[i] = s8[i] + s8[i + 4], s2[i] = s4[i] + s4[i + 2],
+// s2[0] + s2[1] (pairing vectors m and m + 8, then m and m + 4, ... leaves key t in lane t). Clobbers a.
+inline __m512 reduce16(__m512* a) {
+#pragma GCC unroll 8
+  for (int m = 0; m < 8; ++m) a[m] = fold<8>(a[m], a[m + 8]);
+  for (int m = 0; m < 4; ++m) a[m] = fold<4>(a[m], a[m + 4]);
+  for (int m = 0; m < 2; ++m) a[m] = fold<2>(a[m], a[m + 2]);
+  return fold<1>(a[0], a[1]);
+}
+
+// a[t] = the 16 lanes of FMA chains of q * k_t over d = lane, lane + 16, ... (head_dim = 16 C, q in registers when
+// C > 0; C = 0: any multiple of 16, q read per use); keys t >= n repeat key n - 1, a row the sequence owns (kFull:
+// n is 16).
+template <int C, bool kFull>
+inline void score_keys(const float* q, const float* k, int64_t n, int64_t stride, int64_t head_dim, __m512* a) {
+  __m512 qv[C > 0 ? C : 1];
+  for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
+#pragma GCC unroll 16
+  for (int t = 0; t < 16; ++t) {
+    const float* kt = k + (kFull ? t : std::min<int64_t>(t, n - 1)) * stride;
+    a[t] = _mm512_setzero_ps();
+    if constexpr (C > 0) {
+      for (int c = 0; c < C; ++c) a[t] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kt + 16 * c), a[t]);
+    } else {
+      for (int64_t d = 0; d < head_dim; d += 16)
+        a[t] = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(kt + d), a[t]);
+    }
+  }
+}
+
+// scores[t] = dot(q, k_t) * scale for t < n <= 16 (head_dim a multiple of 16); lanes t >= n are not stored. Not
+// inlined: inlined in a loop over queries, gcc hoists the 16 row addresses and spills them (measured 7% slower).
+__attribute__((noinline)) void score16(const float* q, const float* k, int64_t n, int64_t stride, int64_t head_dim, float scale,
+                    float* scores) {
+  __m512 a[16];  // kept in registers: every loop over it is unrolled
+  if (head_dim == 64 && n == 16)  // GPT-2's heads, a whole block: no clamping of the key index
+    score_keys<4, true>(q, k, n, stride, head_dim, a);
+  else if (head_dim == 64)
+    score_keys<4, false>(q, k, n, stride, head_dim, a);
+  else
+    score_keys<0, false>(q, k, n, stride, head_dim, a);
+  const __m512 s = _mm512_mul_ps(reduce16(a), _mm512_set1_ps(scale));
+  _mm512_mask_storeu_ps(scores, static_cast<__mmask16>((1u << n) - 1), s);
+}
+
+// Two queries' scores of keys t < 8 (head_dim 64): key t's rows are loaded once for both, and each score is
+// score16's (the same FMA chains, then reduce16 with query 0's keys in lanes 0..7 and query 1's in 8..15); keys
+// t >= n repeat key n - 1, and each query stores its own first n0 or n1 <= n scores.
+template <bool kFull>
+inline void score_pair8(const float* q0, const float* q1, const float* k, int64_t n, int64_t stride, float scale,
+                        int64_t n0, int64_t n1, float* s0, float* s1) {
+  __m512 a[16], qv0[4], qv1[4];
+  for (int c = 0; c < 4; ++c) qv0[c] = _mm512_loadu_ps(q0 + 16 * c), qv1[c] = _mm512_loadu_ps(q1 + 16 * c);
+#pragma GCC unroll 8
+  for (int t = 0; t < 8; ++t) {
+    const float* kt = k + (kFull ? t : std::min<int64_t>(t, n - 1)) * stride;
+    a[t] = a[t + 8] = _mm512_setzero_ps();
+    for (int c = 0; c < 4; ++c) {
+      const __m512 kv = _mm512_loadu_ps(kt + 16 * c);
+      a[t] = _mm512_fmadd_ps(qv0[c], kv, a[t]);
+      a[t + 8] = _mm512_fmadd_ps(qv1[c], kv, a[t + 8]);
+    }
+  }
+  const __m512 s = _mm512_mul_ps(reduce16(a), _mm512_set1_ps(scale));
+  _mm512_mask_storeu_ps(s0, static_cast<__mmask16>((1u << std::max<int64_t>(n0, 0)) - 1), s);
+  _mm256_mask_storeu_ps(s1, static_cast<__mmask8>((1u << std::max<int64_t>(n1, 0)) - 1), _mm512_extractf32x8_ps(s, 1));
+}
+
+// out_j += p[j][t] v_t for t < n[j], j < R (v_t at v + t * stride, head_dim 64): each V row is loaded once for the R
+// queries, and each output element gets the FMAs of t = 0, 1, ... in turn (masked past a query's own count).
+template <int R>
+inline void accumulate_tile(const float* const* p, const int64_t* n, const float* v, int64_t stride,
+                            float* const* out) {
+  __m512 o[R][4];
+  int64_t lo = n[0], hi = n[0];
+  for (int j = 0; j < R; ++j) {
+    lo = std::min(lo, n[j]), hi = std::max(hi, n[j]);
+    for (int i = 0; i < 4; ++i) o[j][i] = _mm512_loadu_ps(out[j] + 16 * i);
+  }
+  int64_t t = 0;
+  for (; t < lo; ++t) {
+    __m512 vt[4];
+    for (int i = 0; i < 4; ++i) vt[i] = _mm512_loadu_ps(v + t * stride + 16 * i);
+    for (int j = 0; j < R; ++j) {
+      const __m512 w = _mm512_set1_ps(p[j][t]);
+      for (int i = 0; i < 4; ++i) o[j][i] = _mm512_fmadd_ps(w, vt[i], o[j][i]);
+    }
+  }
+  for (; t < hi; ++t) {  // the queries whose context ends in this block
+    __m512 vt[4];
+    for (int i = 0; i < 4; ++i) vt[i] = _mm512_loadu_ps(v + t * stride + 16 * i);
+    for (int j = 0; j < R; ++j) {
+      const __m512 w = _mm512_set1_ps(p[j][t]);
+      const __mmask16 live = t < n[j] ? 0xffff : 0;
+      for (int i = 0; i < 4; ++i) o[j][i] = _mm512_mask3_fmadd_ps(w, vt[i], o[j][i], live);
+    }
+  }
+  for (int j = 0; j < R; ++j)
+    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(out[j] + 16 * i, o[j][i]);
+}
+#endif
 
 // y += w x, one fused multiply-add per element (spelled out so that no compiler choice about contraction can make
 // two copies of it round differently).
@@ -31,6 +155,9 @@ inline void axpy(float w, const float* x, float* y, int64_t n) {
 // out += p[t] v_t for t = 0..n-1 (v_t at v + t * stride), the axpy of every t in turn; with GPT-2's head_dim of 64 the
 // output stays in registers across the n keys (the same FMAs, without a load and store of out per key).
 inline void accumulate(const float* p, const float* v, int64_t n, int64_t stride, float* out, int64_t head_dim) {
+#ifdef FASTGPT2_AVX512
+  if (head_dim == 64) return accumulate_tile<1>(&p, &n, v, stride, &out);
+#endif
 #ifdef FASTGPT2_AVX2
   if (head_dim == 64) {
     __m256 o[8];
@@ -46,12 +173,17 @@ inline void accumulate(const float* p, const float* v, int64_t n, int64_t stride
   for (int64_t t = 0; t < n; ++t) axpy(p[t], v + t * stride, out, head_dim);
 }
 
-// scores[t] = dot(q, k_t) * scale for t = 0..n-1 (k_t at k + t * stride); returns max(max_score, scores). Each score
-// is simd.h's dot (8 FMA lanes over head_dim, then hsum); with AVX2 four keys' chains run interleaved (independent, so
-// the same values), which lets the FMA latency overlap.
-inline float score_block(const float* q, const float* k, int64_t n, int64_t stride, int64_t head_dim, float scale,
-                         float* scores, float max_score) {
+// scores[t] = dot(q, k_t) * scale for t = 0..n-1 (k_t at k + t * stride), each score the dot product of the header.
+// With AVX2 (no AVX-512 path) four keys' chains run interleaved (independent, so the same values) for FMA latency.
+inline void score_block(const float* q, const float* k, int64_t n, int64_t stride, int64_t head_dim, float scale,
+                        float* scores) {
   int64_t t = 0;
+#ifdef FASTGPT2_AVX512
+  if (head_dim % 16 == 0) {
+    for (; t < n; t += 16) score16(q, k + t * stride, std::min<int64_t>(16, n - t), stride, head_dim, scale, scores + t);
+    return;
+  }
+#endif
 #ifdef FASTGPT2_AVX2
   if (head_dim % 8 == 0) {
     for (; t + 4 <= n; t += 4) {
@@ -64,23 +196,39 @@ inline float score_block(const float* q, const float* k, int64_t n, int64_t stri
         a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * stride + i), a2);
         a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * stride + i), a3);
       }
-      const float s[4] = {hsum(a0) * scale, hsum(a1) * scale, hsum(a2) * scale, hsum(a3) * scale};
-      for (int j = 0; j < 4; ++j) scores[t + j] = s[j], max_score = std::max(max_score, s[j]);
+      scores[t] = hsum(a0) * scale, scores[t + 1] = hsum(a1) * scale;
+      scores[t + 2] = hsum(a2) * scale, scores[t + 3] = hsum(a3) * scale;
     }
   }
 #endif
-  for (; t < n; ++t) {
-    const float s = dot(q, k + t * stride, head_dim) * scale;
-    scores[t] = s;
-    max_score = std::max(max_score, s);
-  }
-  return max_score;
+  for (; t < n; ++t) scores[t] = dot(q, k + t * stride, head_dim) * scale;
 }
 
-// scores[t] = exp(scores[t] - max) over n scores; returns their sum.
-float exp_and_sum(float* scores, int64_t n, float max_score) {
+// scores[t] = exp(scores[t] - max) over n >= 1 scores, max their largest; returns the sum of the exps.
+float exp_and_sum(float* scores, int64_t n) {
   int64_t t = 0;
-  float sum = 0.0f;
+#ifdef FASTGPT2_AVX512
+  const __mmask16 tail = static_cast<__mmask16>((1u << (n % 16)) - 1);
+  const int64_t full = n - n % 16;
+  __m512 m = _mm512_set1_ps(-INFINITY);
+  for (; t < full; t += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(scores + t));
+  if (tail) m = _mm512_mask_max_ps(m, tail, m, _mm512_maskz_loadu_ps(tail, scores + full));
+  const __m512 max_v = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+  __m512 acc = _mm512_setzero_ps();
+  for (t = 0; t < full; t += 16) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(scores + t), max_v));
+    _mm512_storeu_ps(scores + t, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  if (tail) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, scores + full), max_v));
+    _mm512_mask_storeu_ps(scores + full, tail, e);
+    acc = _mm512_mask_add_ps(acc, tail, acc, e);
+  }
+  return hsum(_mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1)));
+#else
+  float max_score = -INFINITY, sum = 0.0f;
+  for (int64_t i = 0; i < n; ++i) max_score = std::max(max_score, scores[i]);
 #ifdef FASTGPT2_AVX2
   const __m256 max_v = _mm256_set1_ps(max_score);
   __m256 acc = _mm256_setzero_ps();
@@ -93,6 +241,35 @@ float exp_and_sum(float* scores, int64_t n, float max_score) {
 #endif
   for (; t < n; ++t) sum += (scores[t] = std::exp(scores[t] - max_score));
   return sum;
+#endif
+}
+
+// The PV pass of attend_queries for one block: out_j += p_j[t] v_t over the block's keys each query attends to.
+void accumulate_queries(const float* scores, int64_t score_stride, const int64_t* seq_lens, int64_t num_queries,
+                        int64_t start, const float* v, int64_t n_block, int64_t stride, float* out,
+                        int64_t out_stride, int64_t head_dim) {
+  int64_t j = 0;
+#ifdef FASTGPT2_AVX512
+  for (; head_dim == 64 && j < num_queries; j += 4) {
+    const float* p[4];
+    int64_t n[4];
+    float* o[4];
+    const int r = static_cast<int>(std::min<int64_t>(4, num_queries - j));
+    for (int i = 0; i < r; ++i) {
+      p[i] = scores + (j + i) * score_stride + start;
+      n[i] = std::max<int64_t>(0, std::min(n_block, seq_lens[j + i] - start));
+      o[i] = out + (j + i) * out_stride;
+    }
+    if (r == 4) accumulate_tile<4>(p, n, v, stride, o);
+    if (r == 3) accumulate_tile<3>(p, n, v, stride, o);
+    if (r == 2) accumulate_tile<2>(p, n, v, stride, o);
+    if (r == 1) accumulate_tile<1>(p, n, v, stride, o);
+  }
+#endif
+  for (; j < num_queries; ++j) {
+    const int64_t n = std::min(n_block, seq_lens[j] - start);
+    if (n > 0) accumulate(scores + j * score_stride + start, v, n, stride, out + j * out_stride, head_dim);
+  }
 }
 
 }  // namespace
@@ -102,18 +279,15 @@ void attend_one_head(const float* q, const float* k_cache, const float* v_cache,
                      int64_t head_dim, float scale, float* out, std::vector<float>& scores) {
   // Walks the table block by block (no division per token); the softmax's exps are vectorised.
   scores.resize(seq_len);
-  float max_score = -INFINITY;
   for (int64_t start = 0; start < seq_len; start += block_size) {
     const float* k = k_cache + static_cast<int64_t>(table[start / block_size]) * block_size * token_stride + head_offset;
-    const int64_t n = std::min(block_size, seq_len - start);
-    max_score = score_block(q, k, n, token_stride, head_dim, scale, scores.data() + start, max_score);
+    score_block(q, k, std::min(block_size, seq_len - start), token_stride, head_dim, scale, scores.data() + start);
   }
-  const float denom = exp_and_sum(scores.data(), seq_len, max_score);
+  const float denom = exp_and_sum(scores.data(), seq_len);
   std::fill(out, out + head_dim, 0.0f);
   for (int64_t start = 0; start < seq_len; start += block_size) {
     const float* v = v_cache + static_cast<int64_t>(table[start / block_size]) * block_size * token_stride + head_offset;
-    const int64_t n = std::min(block_size, seq_len - start);
-    accumulate(scores.data() + start, v, n, token_stride, out, head_dim);
+    accumulate(scores.data() + start, v, std::min(block_size, seq_len - start), token_stride, out, head_dim);
   }
   const float inv = 1.0f / denom;
   for (int64_t d = 0; d < head_dim; ++d) out[d] *= inv;
@@ -129,33 +303,40 @@ void attend_queries(const float* q, int64_t q_stride, const int64_t* seq_lens, i
   for (int64_t j = 0; j < num_queries; ++j) max_len = std::max(max_len, seq_lens[j]);
   const int64_t stride = (max_len + 15) / 16 * 16;  // floats per query's scores
   scores.resize(num_queries * (stride + 1));
-  float* maxes = scores.data() + num_queries * stride;  // per query: its max score, then its softmax denominator
-  std::fill(maxes, maxes + num_queries, -INFINITY);
+  float* sums = scores.data() + num_queries * stride;  // per query: its softmax denominator
   for (int64_t start = 0; start < max_len; start += block_size) {
     const float* k =
         k_cache + static_cast<int64_t>(table[start / block_size]) * block_size * token_stride + head_offset;
-    for (int64_t j = 0; j < num_queries; ++j) {
+    int64_t j = 0;
+#ifdef FASTGPT2_AVX512
+    for (; head_dim == 64 && j + 2 <= num_queries; j += 2) {  // two queries at a time share the K rows' loads
+      const int64_t n0 = std::min(block_size, seq_lens[j] - start), n1 = std::min(block_size, seq_lens[j + 1] - start);
+      float* s0 = scores.data() + j * stride + start;
+      for (int64_t t = 0; t < std::max(n0, n1); t += 8) {
+        const int64_t n = std::min<int64_t>(8, std::max(n0, n1) - t);
+        (n == 8 ? score_pair8<true> : score_pair8<false>)(q + j * q_stride, q + (j + 1) * q_stride, k + t * token_stride,
+                                                          n, token_stride, scale, std::min<int64_t>(8, n0 - t),
+                                                          std::min<int64_t>(8, n1 - t), s0 + t, s0 + stride + t);
+      }
+    }
+#endif
+    for (; j < num_queries; ++j) {
       const int64_t n = std::min(block_size, seq_lens[j] - start);
-      const float* qj = q + j * q_stride;
-      float* sj = scores.data() + j * stride;
-      if (n > 0) maxes[j] = score_block(qj, k, n, token_stride, head_dim, scale, sj + start, maxes[j]);
+      if (n > 0) score_block(q + j * q_stride, k, n, token_stride, head_dim, scale, scores.data() + j * stride + start);
     }
   }
   for (int64_t j = 0; j < num_queries; ++j) {
-    maxes[j] = exp_and_sum(scores.data() + j * stride, seq_lens[j], maxes[j]);
+    sums[j] = exp_and_sum(scores.data() + j * stride, seq_lens[j]);
     std::fill(out + j * out_stride, out + j * out_stride + head_dim, 0.0f);
   }
   for (int64_t start = 0; start < max_len; start += block_size) {
     const float* v =
         v_cache + static_cast<int64_t>(table[start / block_size]) * block_size * token_stride + head_offset;
-    for (int64_t j = 0; j < num_queries; ++j) {
-      const int64_t n = std::min(block_size, seq_lens[j] - start);
-      const float* sj = scores.data() + j * stride;
-      if (n > 0) accumulate(sj + start, v, n, token_stride, out + j * out_stride, head_dim);
-    }
+    accumulate_queries(scores.data(), stride, seq_lens, num_queries, start, v, std::min(block_size, max_len - start),
+                       token_stride, out, out_stride, head_dim);
   }
   for (int64_t j = 0; j < num_queries; ++j) {
-    const float inv = 1.0f / maxes[j];
+    const float inv = 1.0f / sums[j];
     float* oj = out + j * out_stride;
     for (int64_t d = 0; d < head_dim; ++d) oj[d] *= inv;
   }
@@ -197,7 +378,9 @@ void paged_packed_attention(ThreadPool& pool, const float* q, int64_t q_stride, 
   const int64_t token_stride = num_heads * head_dim;  // floats between consecutive tokens in the pool
   pool.parallel_for(num_groups * num_heads, [&](int64_t p) {
     thread_local std::vector<float> scores;
-    const int64_t g = p / num_heads, h = p % num_heads, first = starts[g], n = starts[g + 1] - first;
+    // Head-major, so that a thread's consecutive tasks reread one head's K/V (a 512-token prompt's: 256 KB) from its
+    // L2 rather than every head's; within a head the longest contexts first, to end the region on short tasks.
+    const int64_t h = p / num_groups, g = num_groups - 1 - p % num_groups, first = starts[g], n = starts[g + 1] - first;
     const int32_t* table = block_tables + static_cast<int64_t>(seq_index[first]) * max_blocks;
     const float* qg = q + first * q_stride + h * head_dim;
     float* og = out + first * out_stride + h * head_dim;

@@ -31,48 +31,67 @@ void layer_norms(ThreadPool& pool, const float* x, const int64_t* rows, int64_t 
   });
 }
 
+// fn(i) for every row i < N: on the calling thread for a few rows, else in tasks of 32 rows on the pool.
+template <typename F>
+void for_rows(ThreadPool& pool, int64_t N, const F& fn) {
+  constexpr int64_t kRowsPerTask = 32;
+  if (N <= kRowsPerTask) {
+    for (int64_t i = 0; i < N; ++i) fn(i);
+    return;
+  }
+  pool.parallel_for((N + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t t) {
+    for (int64_t i = t * kRowsPerTask; i < std::min(N, (t + 1) * kRowsPerTask); ++i) fn(i);
+  });
+}
+
 }  // namespace
 
 template <typename W>
 void model_step(const ModelWeights<W>& w, const StepBatch& batch, int num_threads) {
   const int64_t N = batch.num_tokens, R = batch.num_logits, C = w.n_embd, H = w.n_head, D = C / H;
   if (N == 0) return;
-  std::vector<float> x(N * C), h(N * C), qkv(N * 3 * C), attn(N * C), fc(N * 4 * C);
+  // The step's activations: x, h, attn (N, C), qkv (N, 3C), fc (N, 4C). Kept per calling thread and only grown, so
+  // that a step reuses mapped memory instead of faulting in 10 N C floats again (a 512-token prompt of GPT-2 small:
+  // ~3000 page faults per step); the memory stays until the thread exits (CpuStep bounds N per call).
+  thread_local std::vector<float> scratch;
+  if (scratch.size() < static_cast<size_t>(10 * N * C)) scratch.resize(10 * N * C);
+  float* const x = scratch.data();
+  float *const h = x + N * C, *const attn = h + N * C, *const qkv = attn + N * C, *const fc = qkv + 3 * N * C;
   std::vector<int64_t> context(N);  // keys each token attends to: its position + 1
-  // 1. Token + position embeddings.
-  for (int64_t i = 0; i < N; ++i) {
-    context[i] = batch.positions[i] + 1;
-    const auto* te = w.wte_rows + batch.token_ids[i] * C;
-    const float* pe = w.wpe + batch.positions[i] * C;
-    for (int64_t c = 0; c < C; ++c) x[i * C + c] = to_float(te[c]) + pe[c];
-  }
+  for (int64_t i = 0; i < N; ++i) context[i] = batch.positions[i] + 1;
   const int64_t pool_stride = batch.num_blocks * batch.block_size * C;  // floats per (layer, K|V) slice of the pool
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const float eps = w.layer_norm_epsilon;
   ThreadPool::with_pool(num_threads, /*linger=*/true, [&](ThreadPool& pool) {
+    // 1. Token + position embeddings (a prompt's rows of the token embedding are cache misses: split over threads).
+    for_rows(pool, N, [&](int64_t i) {
+      const auto* te = w.wte_rows + batch.token_ids[i] * C;
+      const float* pe = w.wpe + batch.positions[i] * C;
+      for (int64_t c = 0; c < C; ++c) x[i * C + c] = to_float(te[c]) + pe[c];
+    });
     for (size_t l = 0; l < w.layers.size(); ++l) {
       const LayerWeights<W>& L = w.layers[l];
       float* k_cache = batch.kv_cache + (2 * l) * pool_stride;
       float* v_cache = k_cache + pool_stride;
       // 2. x + attn(ln_1(x)): QKV, every token's K/V into the pool, attention, output projection added to x.
-      layer_norms(pool, x.data(), nullptr, N, L.ln_1_weight, L.ln_1_bias, h.data(), C, eps);
-      packed_linear(pool, L.c_attn, L.c_attn_bias, h.data(), C, qkv.data(), 3 * C, N, Epilogue::kStore);
-      for (int64_t i = 0; i < N; ++i) {
-        std::memcpy(k_cache + batch.slots[i] * C, &qkv[i * 3 * C + C], C * sizeof(float));
-        std::memcpy(v_cache + batch.slots[i] * C, &qkv[i * 3 * C + 2 * C], C * sizeof(float));
-      }
-      paged_packed_attention(pool, qkv.data(), 3 * C, k_cache, v_cache, batch.block_tables, batch.max_blocks,
-                             batch.seq_index, context.data(), N, H, D, batch.block_size, scale, attn.data(), C);
-      packed_linear(pool, L.attn_proj, L.attn_proj_bias, attn.data(), C, x.data(), C, N, Epilogue::kAccumulate);
+      layer_norms(pool, x, nullptr, N, L.ln_1_weight, L.ln_1_bias, h, C, eps);
+      packed_linear(pool, L.c_attn, L.c_attn_bias, h, C, qkv, 3 * C, N, Epilogue::kStore);
+      for_rows(pool, N, [&](int64_t i) {
+        std::memcpy(k_cache + batch.slots[i] * C, qkv + i * 3 * C + C, C * sizeof(float));
+        std::memcpy(v_cache + batch.slots[i] * C, qkv + i * 3 * C + 2 * C, C * sizeof(float));
+      });
+      paged_packed_attention(pool, qkv, 3 * C, k_cache, v_cache, batch.block_tables, batch.max_blocks,
+                             batch.seq_index, context.data(), N, H, D, batch.block_size, scale, attn, C);
+      packed_linear(pool, L.attn_proj, L.attn_proj_bias, attn, C, x, C, N, Epilogue::kAccumulate);
       // 3. x + mlp(ln_2(x)).
-      layer_norms(pool, x.data(), nullptr, N, L.ln_2_weight, L.ln_2_bias, h.data(), C, eps);
-      packed_linear(pool, L.c_fc, L.c_fc_bias, h.data(), C, fc.data(), 4 * C, N, Epilogue::kGelu);
-      packed_linear(pool, L.mlp_proj, L.mlp_proj_bias, fc.data(), 4 * C, x.data(), C, N, Epilogue::kAccumulate);
+      layer_norms(pool, x, nullptr, N, L.ln_2_weight, L.ln_2_bias, h, C, eps);
+      packed_linear(pool, L.c_fc, L.c_fc_bias, h, C, fc, 4 * C, N, Epilogue::kGelu);
+      packed_linear(pool, L.mlp_proj, L.mlp_proj_bias, fc, 4 * C, x, C, N, Epilogue::kAccumulate);
     }
     // 4. ln_f and the tied LM head, on the logits rows only.
     if (R == 0) return;
-    layer_norms(pool, x.data(), batch.logits_indices, R, w.ln_f_weight, w.ln_f_bias, h.data(), C, eps);
-    packed_linear(pool, w.lm_head, nullptr, h.data(), C, batch.logits, w.vocab_size, R, Epilogue::kStore);
+    layer_norms(pool, x, batch.logits_indices, R, w.ln_f_weight, w.ln_f_bias, h, C, eps);
+    packed_linear(pool, w.lm_head, nullptr, h, C, batch.logits, w.vocab_size, R, Epilogue::kStore);
   });
 }
 
