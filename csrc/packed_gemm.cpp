@@ -89,7 +89,7 @@ void run_panels(const PackedMatrix<W>& w, const float* bias, const float* xp, in
                          ? K
                          : std::min(K, std::max<int64_t>(8, kL1Bytes / (group * kPanelRows * sizeof(W)) / 8 * 8));
   thread_local std::vector<float> sums;
-  sums.resize(static_cast<size_t>(block_tiles * kAccFloats));
+  at_least(sums, block_tiles * kAccFloats);
   for (int64_t first = 0; first < tiling.num_tiles; first += block_tiles) {
     const int64_t last = std::min(tiling.num_tiles, first + block_tiles);
     for (int64_t p = p_begin; p < p_end; p += group) {
@@ -156,9 +156,7 @@ template <typename W>
 void packed_linear(ThreadPool& pool, const PackedMatrix<W>& w, const float* bias, const float* x, int64_t ldx,
                    float* y, int64_t ldy, int64_t num_tokens, Epilogue epilogue) {
   if (num_tokens <= 0) return;
-  std::vector<float>& buffer = packed_x_buffer();
-  buffer.resize(static_cast<size_t>(num_tokens * w.cols));
-  float* xp = buffer.data();
+  float* xp = at_least(packed_x_buffer(), num_tokens * w.cols);
   pack_all(&pool, x, ldx, num_tokens, w.cols, xp);
   for_panel_tasks(pool, w.num_panels(), panels_for(Tiling(num_tokens, kTileTokens).max_size()),
                   [&](int64_t p0, int64_t p1) { run_panels(w, bias, xp, num_tokens, y, ldy, p0, p1, epilogue); });
@@ -168,10 +166,9 @@ template <typename W>
 void packed_linear_serial(const PackedMatrix<W>& w, const float* bias, const float* x, int64_t ldx, float* y,
                           int64_t ldy, int64_t num_tokens, Epilogue epilogue) {
   if (num_tokens <= 0) return;
-  std::vector<float>& xp = packed_x_buffer();
-  xp.resize(static_cast<size_t>(num_tokens * w.cols));
-  pack_all(nullptr, x, ldx, num_tokens, w.cols, xp.data());
-  run_panels(w, bias, xp.data(), num_tokens, y, ldy, 0, w.num_panels(), epilogue);
+  float* xp = at_least(packed_x_buffer(), num_tokens * w.cols);
+  pack_all(nullptr, x, ldx, num_tokens, w.cols, xp);
+  run_panels(w, bias, xp, num_tokens, y, ldy, 0, w.num_panels(), epilogue);
 }
 
 const char* packed_gemm_isa() { return kIsa; }

@@ -186,7 +186,7 @@ void run_panels_q8(const PackedMatrix<q8>& w, const float* bias, const Q8Activat
                          ? K
                          : std::min(K, std::max(kQ8Block, kL1Bytes / (group * kPanelRows) / kQ8Block * kQ8Block));
   thread_local std::vector<float> sums;
-  sums.resize(static_cast<size_t>(block_tiles * kQ8AccFloats));
+  at_least(sums, block_tiles * kQ8AccFloats);
   for (int64_t first = 0; first < tiling.num_tiles; first += block_tiles) {
     const int64_t last = std::min(tiling.num_tiles, first + block_tiles);
     for (int64_t p = p_begin; p < p_end; p += group) {
@@ -212,13 +212,13 @@ const Q8Activations& quantize_all(ThreadPool* pool, const float* x, int64_t ldx,
   Q8Activations& a = buffers;  // (a lambda naming the thread_local would see the executing thread's own copy)
   if (K % kQ8Block != 0)
     throw std::invalid_argument("int8 weights need in_features to be a multiple of 32, got " + std::to_string(K));
-  const size_t n = static_cast<size_t>(num_tokens * K);
+  const int64_t n = num_tokens * K;
 #if defined(FASTGPT2_Q8_VNNI)
-  a.words.resize(n / 4);
+  at_least(a.words, n / 4);
 #else
-  a.values.resize(n);
+  at_least(a.values, n);
 #endif
-  a.d.resize(n / kQ8Block), a.comp.resize(n / kQ8Block);
+  at_least(a.d, n / kQ8Block), at_least(a.comp, n / kQ8Block);
   const Tiling tiling(num_tokens, kQ8Tile);
   auto tile = [&](int64_t i) { quantize_tile(x, ldx, tiling.start(i), tiling.size(i), K, a); };
   if (pool && num_tokens * K >= (int64_t{1} << 16))

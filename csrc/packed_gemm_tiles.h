@@ -10,6 +10,7 @@
 #include <new>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "packed_gemm_kernels.h"
 #include "thread_pool.h"
@@ -92,6 +93,14 @@ void* aligned_bytes(size_t bytes) {
   return p;
 }
 
+
+// v's storage for at least n values: grown when too small, never shrunk (a per-thread buffer sized for one layer's
+// input and then for the next would be zero-filled again on every regrowth: ~57 MB per 512-token step).
+template <typename T>
+T* at_least(std::vector<T>& v, int64_t n) {
+  if (v.size() < static_cast<size_t>(n)) v.resize(static_cast<size_t>(n));
+  return v.data();
+}
 
 // fn(std::integral_constant<int, MR>, std::integral_constant<int, NP>) for a tile of mr <= Tile tokens and
 // np <= PanelsFor(mr) panels: one instantiation of the caller's microkernel per register tile.
