@@ -2,8 +2,10 @@
 // (its row alone decides its q and scales), then register tiles of MR tokens x NP panels run per block of 32 k: an
 // integer dot product per (token, output) started at -128 * sum(q_x) (the weights are stored as q_w + 128, so the
 // sum of (q_w + 128) * q_x minus that is the signed dot product, exactly), then c = fma(dw * dx, float(dot), c).
-// With AVX512-VNNI the block's dot products are 8 vpdpbusd per (token, panel); without it, float32 FMAs over the
-// exact integers (every partial sum is an integer below 2^24, so exact as well): the same values on every variant.
+// With AVX512-VNNI the block's dot products are 8 vpdpbusd per (token, panel); with AVX2 or AVX-512 alone, vpmaddwd
+// on the even and the odd bytes of each 4-k group (16-bit products summed in pairs into int32, exact); the portable
+// build uses float32 FMAs over the exact integers (every partial sum is an integer below 2^24, so exact as well). The
+// same values on every variant.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -20,6 +22,28 @@ namespace {
 
 #if defined(FASTGPT2_AVX512) && defined(__AVX512VNNI__)
 #define FASTGPT2_Q8_VNNI 1
+#elif defined(FASTGPT2_AVX2)
+#define FASTGPT2_Q8_MADD 1
+// Integer vectors of kLanes int32 (one per output row) for the vpmaddwd kernel.
+#if defined(FASTGPT2_AVX512)
+using IVec = __m512i;
+inline IVec iload(const uint8_t* p) { return _mm512_loadu_si512(p); }
+inline IVec iset1(int32_t v) { return _mm512_set1_epi32(v); }
+inline IVec ieven_bytes(IVec v) { return _mm512_and_si512(v, _mm512_set1_epi32(0x00FF00FF)); }
+inline IVec iodd_bytes(IVec v) { return _mm512_srli_epi16(v, 8); }
+inline IVec imadd(IVec a, IVec b) { return _mm512_madd_epi16(a, b); }
+inline IVec iadd(IVec a, IVec b) { return _mm512_add_epi32(a, b); }
+inline Vec itof(IVec v) { return _mm512_cvtepi32_ps(v); }
+#else
+using IVec = __m256i;
+inline IVec iload(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline IVec iset1(int32_t v) { return _mm256_set1_epi32(v); }
+inline IVec ieven_bytes(IVec v) { return _mm256_and_si256(v, _mm256_set1_epi32(0x00FF00FF)); }
+inline IVec iodd_bytes(IVec v) { return _mm256_srli_epi16(v, 8); }
+inline IVec imadd(IVec a, IVec b) { return _mm256_madd_epi16(a, b); }
+inline IVec iadd(IVec a, IVec b) { return _mm256_add_epi32(a, b); }
+inline Vec itof(IVec v) { return _mm256_cvtepi32_ps(v); }
+#endif
 #endif
 
 // Tokens per tile and (integer, float) accumulator pairs per tile: each (token, vector of 16 or 8 rows) keeps the
@@ -62,8 +86,9 @@ inline float quantize_block(const float* v, int8_t* q) {
 }
 
 // Every token's quantised activations, tile by tile (tile i of mr tokens from t0 at offset t0 * per-token size):
-// per (block, token) the scale d and comp = -128 * sum(q); the q as (K / 4, mr) 4-byte words (VNNI) or as (K, mr)
-// floats (the exact integers, for the FMA kernels).
+// per (block, token) the scale d and comp = -128 * sum(q); the q of each 4-k group as one 4-byte word ((K / 4, mr):
+// VNNI), as two words of int16 pairs (q0, q2) and (q1, q3) ((K / 4, mr, 2): vpmaddwd), or as (K, mr) floats (the
+// exact integers: portable).
 struct Q8Activations {
   std::vector<int32_t> words;
   std::vector<float> values, d;
@@ -77,6 +102,13 @@ struct Q8Tile {
   const float* d;
   const int32_t* comp;
 };
+
+// Words per token and 4-k group.
+#if defined(FASTGPT2_Q8_MADD)
+constexpr int64_t kWordsPerGroup = 2;
+#else
+constexpr int64_t kWordsPerGroup = 1;
+#endif
 
 void quantize_tile(const float* x, int64_t ldx, int64_t t0, int mr, int64_t K, Q8Activations& a) {
   const int64_t blocks = K / kQ8Block;
@@ -93,6 +125,16 @@ void quantize_tile(const float* x, int64_t ldx, int64_t t0, int mr, int64_t K, Q
       int32_t* words = a.words.data() + t0 * (K / 4);
       for (int64_t g = 0; g < kGroupsPerBlock; ++g)
         std::memcpy(&words[(b * kGroupsPerBlock + g) * mr + i], q + 4 * g, 4);
+#elif defined(FASTGPT2_Q8_MADD)
+      int32_t* words = a.words.data() + t0 * (K / 4) * 2;
+      auto pair = [](int8_t lo, int8_t hi) {
+        return static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint16_t>(lo)) |
+                                    static_cast<uint32_t>(static_cast<uint16_t>(hi)) << 16);
+      };
+      for (int64_t g = 0; g < kGroupsPerBlock; ++g) {
+        int32_t* w = &words[((b * kGroupsPerBlock + g) * mr + i) * 2];
+        w[0] = pair(q[4 * g], q[4 * g + 2]), w[1] = pair(q[4 * g + 1], q[4 * g + 3]);
+      }
 #else
       float* values = a.values.data() + t0 * K;
       for (int64_t k = 0; k < kQ8Block; ++k) values[(b * kQ8Block + k) * mr + i] = q[k];
@@ -101,8 +143,8 @@ void quantize_tile(const float* x, int64_t ldx, int64_t t0, int mr, int64_t K, Q
 }
 
 Q8Tile tile_view(const Q8Activations& a, int64_t t0, int64_t K) {
-#if defined(FASTGPT2_Q8_VNNI)
-  const int32_t* words = a.words.data() + t0 * (K / 4);
+#if defined(FASTGPT2_Q8_VNNI) || defined(FASTGPT2_Q8_MADD)
+  const int32_t* words = a.words.data() + t0 * (K / 4) * kWordsPerGroup;
   const float* values = nullptr;
 #else
   const int32_t* words = nullptr;
@@ -146,6 +188,21 @@ inline void q8_microkernel(const Q8Panels& w, const Q8Tile& x, int64_t k_begin, 
       }
     }
     auto dot = [&](int i, int j) { return _mm512_cvtepi32_ps(s[i][j]); };
+#elif defined(FASTGPT2_Q8_MADD)
+    IVec s[MR][NV];
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NV; ++j) s[i][j] = iset1(x.comp[b * MR + i]);
+#pragma GCC unroll 8
+    for (int64_t g = b * kGroupsPerBlock; g < (b + 1) * kGroupsPerBlock; ++g)
+      for (int j = 0; j < NV; ++j) {
+        const IVec v = iload(weights(j, g));
+        const IVec even = ieven_bytes(v), odd = iodd_bytes(v);  // (u0, u2) and (u1, u3) as int16 pairs
+        for (int i = 0; i < MR; ++i) {
+          const int32_t* xw = x.words + (g * MR + i) * 2;
+          s[i][j] = iadd(s[i][j], iadd(imadd(even, iset1(xw[0])), imadd(odd, iset1(xw[1]))));
+        }
+      }
+    auto dot = [&](int i, int j) { return itof(s[i][j]); };
 #else
     Vec s[MR][NV];
     for (int i = 0; i < MR; ++i)
@@ -213,8 +270,8 @@ const Q8Activations& quantize_all(ThreadPool* pool, const float* x, int64_t ldx,
   if (K % kQ8Block != 0)
     throw std::invalid_argument("int8 weights need in_features to be a multiple of 32, got " + std::to_string(K));
   const int64_t n = num_tokens * K;
-#if defined(FASTGPT2_Q8_VNNI)
-  at_least(a.words, n / 4);
+#if defined(FASTGPT2_Q8_VNNI) || defined(FASTGPT2_Q8_MADD)
+  at_least(a.words, n / 4 * kWordsPerGroup);
 #else
   at_least(a.values, n);
 #endif
