@@ -15,7 +15,7 @@
 // int8 (q8) weights, packed_gemm_q8.cpp: W8A8 as llama.cpp's q8_0 matrix-vector products compute it. Each weight
 // row and each token's activations are quantised in blocks of 32 consecutive k (quantize_q8_block: float32 scales,
 // q in [-127, 127]); per block the integer dot product of the two q's is exact (VNNI's vpdpbusd, or
-// float32 FMAs on the exact integers without VNNI: the same value), and
+// vpmaddwd without VNNI: the same value), and
 //     y[t, r] = epilogue(bias[r] + c),   c = fma(dw[r, b] * dx[t, b], dot_b, c) over the blocks b in order
 // one float32 chain per output whatever the tiling, batch or thread count, and bitwise the same on every ISA variant.
 // A token's activation scales depend on that token's row alone, so batch invariance holds as for float32.
