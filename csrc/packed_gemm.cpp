@@ -73,9 +73,7 @@ void pack_tile(const float* x, int64_t ldx, int64_t t0, int mr, int64_t K, float
     for (int i = 0; i < mr; ++i) p[k * mr + i] = x[(t0 + i) * ldx + k];
 }
 
-// Blocking: per token block (packed X in L2), each panel group swept in K blocks whose slice stays in L1. None of
-// this changes a chain's order.
-// Panels [p_begin, p_end) for tokens [0, num_tokens).
+// Panels [p_begin, p_end) for tokens [0, num_tokens), blocked by sweep_panels.
 template <typename W>
 void run_panels(const PackedMatrix<W>& w, const float* bias, const float* xp, int64_t num_tokens, float* y,
                 int64_t ldy, int64_t p_begin, int64_t p_end, Epilogue epilogue) {
@@ -88,24 +86,15 @@ void run_panels(const PackedMatrix<W>& w, const float* bias, const float* xp, in
   const int64_t kc = tiling.num_tiles == 1
                          ? K
                          : std::min(K, std::max<int64_t>(8, kL1Bytes / (group * kPanelRows * sizeof(W)) / 8 * 8));
-  thread_local std::vector<float> sums;
-  at_least(sums, block_tiles * kAccFloats);
-  for (int64_t first = 0; first < tiling.num_tiles; first += block_tiles) {
-    const int64_t last = std::min(tiling.num_tiles, first + block_tiles);
-    for (int64_t p = p_begin; p < p_end; p += group) {
-      const int np = static_cast<int>(std::min<int64_t>(group, p_end - p));
-      const Panels<W> panels{w.panel(p), K * kPanelRows};
-      for (int64_t k0 = 0; k0 < K; k0 += kc)
-        for (int64_t i = first; i < last; ++i) {
-          const int64_t t0 = tiling.start(i), k1 = std::min(K, k0 + kc);
-          float* acc = sums.data() + (i - first) * kAccFloats;
-          dispatch_tile<kTileTokens, panels_for>(tiling.size(i), np, [&](auto mr, auto nr) {
-            microkernel<decltype(mr)::value, decltype(nr)::value>(panels, xp + t0 * K, k0, k1, acc);
-            if (k1 == K) store_tile(acc, decltype(mr)::value, decltype(nr)::value, out, p, t0);
-          });
-        }
-    }
-  }
+  sweep_panels(tiling, group, K, kc, block_tiles, kAccFloats, p_begin, p_end,
+               [&](int64_t i, int64_t p, int np, int64_t k0, int64_t k1, float* acc) {
+                 const Panels<W> panels{w.panel(p), K * kPanelRows};
+                 const int64_t t0 = tiling.start(i);
+                 dispatch_tile<kTileTokens, panels_for>(tiling.size(i), np, [&](auto mr, auto nr) {
+                   microkernel<decltype(mr)::value, decltype(nr)::value>(panels, xp + t0 * K, k0, k1, acc);
+                   if (k1 == K) store_tile(acc, decltype(mr)::value, decltype(nr)::value, out, p, t0);
+                 });
+               });
 }
 
 }  // namespace

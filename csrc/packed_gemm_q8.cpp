@@ -231,7 +231,7 @@ inline void q8_microkernel(const Q8Panels& w, const Q8Tile& x, int64_t k_begin, 
     for (int j = 0; j < NV; ++j) vstore(acc + i * NP * kPanelRows + j * kLanes, c[i][j]);
 }
 
-// Panels [p_begin, p_end) for tokens [0, num_tokens) (see run_panels in packed_gemm.cpp: the same blocking).
+// Panels [p_begin, p_end) for tokens [0, num_tokens), blocked by sweep_panels.
 void run_panels_q8(const PackedMatrix<q8>& w, const float* bias, const Q8Activations& a, int64_t num_tokens, float* y,
                    int64_t ldy, int64_t p_begin, int64_t p_end, Epilogue epilogue) {
   const int64_t K = w.cols;
@@ -242,25 +242,16 @@ void run_panels_q8(const PackedMatrix<q8>& w, const float* bias, const Q8Activat
   const int64_t kc = tiling.num_tiles == 1
                          ? K
                          : std::min(K, std::max(kQ8Block, kL1Bytes / (group * kPanelRows) / kQ8Block * kQ8Block));
-  thread_local std::vector<float> sums;
-  at_least(sums, block_tiles * kQ8AccFloats);
-  for (int64_t first = 0; first < tiling.num_tiles; first += block_tiles) {
-    const int64_t last = std::min(tiling.num_tiles, first + block_tiles);
-    for (int64_t p = p_begin; p < p_end; p += group) {
-      const int np = static_cast<int>(std::min<int64_t>(group, p_end - p));
-      const Q8Panels panels{&w.panel(p)->v, K * kPanelRows, w.panel_scales(p), K / kQ8Block * kPanelRows};
-      for (int64_t k0 = 0; k0 < K; k0 += kc)
-        for (int64_t i = first; i < last; ++i) {
-          const int64_t t0 = tiling.start(i), k1 = std::min(K, k0 + kc);
-          const Q8Tile x = tile_view(a, t0, K);
-          float* acc = sums.data() + (i - first) * kQ8AccFloats;
-          dispatch_tile<kQ8Tile, q8_panels_for>(tiling.size(i), np, [&](auto mr, auto nr) {
-            q8_microkernel<decltype(mr)::value, decltype(nr)::value>(panels, x, k0, k1, acc);
-            if (k1 == K) store_tile(acc, decltype(mr)::value, decltype(nr)::value, out, p, t0);
-          });
-        }
-    }
-  }
+  sweep_panels(tiling, group, K, kc, block_tiles, kQ8AccFloats, p_begin, p_end,
+               [&](int64_t i, int64_t p, int np, int64_t k0, int64_t k1, float* acc) {
+                 const Q8Panels panels{&w.panel(p)->v, K * kPanelRows, w.panel_scales(p), K / kQ8Block * kPanelRows};
+                 const int64_t t0 = tiling.start(i);
+                 const Q8Tile x = tile_view(a, t0, K);
+                 dispatch_tile<kQ8Tile, q8_panels_for>(tiling.size(i), np, [&](auto mr, auto nr) {
+                   q8_microkernel<decltype(mr)::value, decltype(nr)::value>(panels, x, k0, k1, acc);
+                   if (k1 == K) store_tile(acc, decltype(mr)::value, decltype(nr)::value, out, p, t0);
+                 });
+               });
 }
 
 // The calling thread's quantised activations for x (num_tokens, K), on the pool when it is large.

@@ -121,6 +121,26 @@ void dispatch_tile(int mr, int np, const Fn& fn) {
   dispatch_tokens<PanelsFor>(mr, np, fn, std::make_integer_sequence<int, Tile>{});
 }
 
+// The blocked sweep of both kernels over panels [p_begin, p_end) of a K-input matrix: tokens in blocks of block_tiles
+// tiles (their packed X in L2); per block, each group of panels swept in K blocks of kc inputs (the group's slice in
+// L1) by every tile of the block: kernel(tile, panel, np, k0, k1, acc), acc the tile's acc_floats running sums,
+// which wait there between K blocks. None of this changes an output's chain of operations.
+template <typename Kernel>
+void sweep_panels(const Tiling& tiling, int group, int64_t K, int64_t kc, int64_t block_tiles, int64_t acc_floats,
+                  int64_t p_begin, int64_t p_end, const Kernel& kernel) {
+  thread_local std::vector<float> buffer;
+  float* const sums = at_least(buffer, block_tiles * acc_floats);
+  for (int64_t first = 0; first < tiling.num_tiles; first += block_tiles) {
+    const int64_t last = std::min(tiling.num_tiles, first + block_tiles);
+    for (int64_t p = p_begin; p < p_end; p += group) {
+      const int np = static_cast<int>(std::min<int64_t>(group, p_end - p));
+      for (int64_t k0 = 0; k0 < K; k0 += kc)
+        for (int64_t i = first; i < last; ++i)
+          kernel(i, p, np, k0, std::min(K, k0 + kc), sums + (i - first) * acc_floats);
+    }
+  }
+}
+
 // fn(p_begin, p_end) over the matrix's panels in tasks of whole groups of `group` panels, about 4 tasks per thread (a
 // late thread takes fewer).
 template <typename Fn>
