@@ -60,7 +60,8 @@ template <>
 PackedMatrix<q8> pack_matrix<q8>(const float* w, int64_t rows, int64_t cols);
 
 // llama.cpp's q8_0 quantiser (quantize_row_q8_0_ref) on 32 weights with a float32 scale: d = absmax / 127,
-// q[i] = roundf(w[i] * (1 / d)) (ties away from zero), all zero when d == 0. Returns d; w[i] ~ float(q[i]) * d.
+// q[i] = roundf(w[i] * (1 / d)) (ties away from zero), all zero when d == 0. Returns d; w[i] ~ float(q[i]) * d. A
+// block holding NaN or inf gets d = NaN (q all zero), so that what it multiplies becomes NaN as in float32.
 float quantize_q8_block(const float* w, int8_t* q);
 
 // out (rows, cols) = the weights a PackedMatrix<q8> computes with: float(q) * d per block (cols % 32 == 0).

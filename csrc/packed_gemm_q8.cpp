@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -67,6 +68,9 @@ constexpr int q8_panels_for(int mr) { return std::max(1, std::min(8, kQ8Pairs / 
 inline float quantize_block(const float* v, int8_t* q) {
 #if defined(FASTGPT2_AVX512)
   const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
+  const __m512 big = _mm512_set1_ps(std::numeric_limits<float>::max());
+  if (_mm512_cmp_ps_mask(_mm512_abs_ps(a), big, _CMP_NLE_UQ) | _mm512_cmp_ps_mask(_mm512_abs_ps(b), big, _CMP_NLE_UQ))
+    return quantize_q8_block(v, q);  // NaN or inf
   const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
   const float d = amax / 127.0f;
   const __m512 id = _mm512_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
@@ -280,7 +284,12 @@ const Q8Activations& quantize_all(ThreadPool* pool, const float* x, int64_t ldx,
 
 float quantize_q8_block(const float* w, int8_t* q) {
   float amax = 0.0f;
-  for (int64_t i = 0; i < kQ8Block; ++i) amax = std::max(amax, std::fabs(w[i]));
+  bool finite = true;
+  for (int64_t i = 0; i < kQ8Block; ++i) amax = std::max(amax, std::fabs(w[i])), finite = finite && std::isfinite(w[i]);
+  if (!finite) {  // NaN or inf: the block's products are NaN, as float32's would be
+    std::memset(q, 0, kQ8Block);
+    return std::numeric_limits<float>::quiet_NaN();
+  }
   const float d = amax / 127.0f;
   const float id = d != 0.0f ? 1.0f / d : 0.0f;
   for (int64_t i = 0; i < kQ8Block; ++i) q[i] = static_cast<int8_t>(std::roundf(w[i] * id));

@@ -177,6 +177,24 @@ def test_int8_is_the_w8a8_chain_over_blocks(rows, cols):
     np.testing.assert_allclose(y, ref, rtol=0, atol=0.02 * np.abs(ref).max())  # q8_0 activations: ~0.4% per block
 
 
+@pytest.mark.isa_variants
+def test_int8_carries_nan_and_inf_as_float32_does():
+    """A non-finite activation or weight makes what it multiplies NaN (its block's scale is NaN), rather than
+    quantising to a finite value: corrupt inputs reach the sampler's NaN check instead of becoming plausible text."""
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((40, 96), dtype=np.float32)
+    x = rng.standard_normal((4, 96), dtype=np.float32)
+    x[1, 40], x[2, 70] = np.nan, np.inf
+    y = np.empty((4, 40), np.float32)
+    native._C.PackedLinear(w, "int8").forward(x, y, None, "store", 1)
+    assert np.isnan(y[1:3]).all() and np.isfinite(y[[0, 3]]).all()
+    w[5, 33] = np.nan
+    native._C.PackedLinear(w, "int8").forward(x[[0, 3]].copy(), y[:2], None, "store", 1)
+    assert np.isnan(y[:2, 5]).all() and np.isfinite(np.delete(y[:2], 5, axis=1)).all()
+    dq = native._C.quantize_q8(w)
+    assert np.isnan(dq[5, 32:64]).all() and np.isfinite(np.delete(dq, 5, axis=0)).all()
+
+
 def test_bad_input_is_a_clear_error():
     w = np.ones((4, 16), np.float32)
     with pytest.raises(ValueError, match="multiple of 8"):
