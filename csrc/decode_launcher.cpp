@@ -1,5 +1,5 @@
 // Checked entry point of the CPU step: CpuStep keeps the model's weight arrays alive and packs the weight matrices
-// for the GEMM once (float32, or bfloat16 when asked for); forward() validates one step's ids, positions, slots,
+// for the GEMM once (float32, bfloat16 or int8, as asked for); forward() validates one step's ids, positions, slots,
 // sequence indices, block tables and logits rows, then runs without the GIL.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>

@@ -1,7 +1,6 @@
 // The packed GEMM's vector layer (included through packed_gemm_tiles.h only): one set of inline operations per ISA,
 // AVX-512 (16 lanes), AVX2 (8 lanes) or portable (one float). vload widens a panel row's weights to float32 exactly
-// (bf16 by a 16-bit shift), vbyte one byte of each lane's 4-byte group (the int8 layout); vmul, vfma and vadd are one
-// IEEE float32 operation per lane, so the three ISAs compute the same linear chains (only the GELU epilogue differs
+// (bf16 by a 16-bit shift); vmul, vfma and vadd are one IEEE float32 operation per lane, so the three ISAs compute the same linear chains (only the GELU epilogue differs
 // with the vector width).
 #pragma once
 
@@ -29,11 +28,6 @@ inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
 inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
-// Byte j of each of 16 consecutive 4-byte groups at p, as float32 (exact).
-inline Vec vbyte(const uint8_t* p, int j) {
-  const __m512i v = _mm512_srli_epi32(_mm512_loadu_si512(p), 8 * j);
-  return _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xFF)));
-}
 
 // gelu256 of simd.h on 16 lanes (exp512: exp256's operations), so the same values lane for lane.
 inline Vec vgelu(Vec v) {
@@ -57,10 +51,6 @@ inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
 inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
-inline Vec vbyte(const uint8_t* p, int j) {
-  const __m256i v = _mm256_srli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), 8 * j);
-  return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xFF)));
-}
 inline Vec vgelu(Vec v) { return gelu256(v); }
 constexpr const char* kIsa = "avx2";
 #else
@@ -77,6 +67,8 @@ inline Vec vmul(Vec a, Vec b) { return a * b; }
 inline Vec vfma(Vec a, Vec b, Vec c) { return std::fma(a, b, c); }
 inline Vec vadd(Vec a, Vec b) { return a + b; }
 inline void vstore(float* p, Vec v) { *p = v; }
+// The int8 layout's byte j of a row's 4-byte group, as float32 (the portable int8 kernel; the SIMD ones multiply
+// the bytes as integers).
 inline Vec vbyte(const uint8_t* p, int j) { return static_cast<float>(p[j]); }
 inline Vec vgelu(Vec v) { return gelu_scalar(v); }
 constexpr const char* kIsa = "portable";

@@ -24,8 +24,9 @@ class CpuStep:
     thread count).
 
     The C++ side packs the model's weight matrices once, at construction, for its GEMM (float32, or bfloat16 when
-    model.decode_weight_dtype is bfloat16 (GPT2.round_weights_to_bfloat16): half the bytes per step, or int8 when it is
-    "int8" (GPT2.quantize_weights_int8): about 1.1 bytes per weight; float32 arithmetic in every case) and reads the
+    model.decode_weight_dtype is bfloat16 (GPT2.round_weights_to_bfloat16): half the bytes per step, float32
+    arithmetic; or int8 when it is "int8" (GPT2.quantize_weights_int8): about 1.1 bytes per weight, the activations
+    quantised too and integer dot products per block of 32) and reads the
     small vectors in place: a model whose parameters are replaced or modified needs a new CpuStep (ModelRunner.
     refresh_weights). The packed copy costs memory: 4, 2 or ~1.1 bytes per weight beside the model's own.
     """

@@ -38,7 +38,7 @@ class ModelRunner:
             self.decode_graphs = DecodeGraphs(model, self.kv_caches, block_size, max_num_seqs, self.scale)
 
     def refresh_weights(self) -> None:
-        """After the model's parameters were overwritten in place: rebuild the C++ step (it keeps bf16 copies of the
+        """After the model's parameters were overwritten in place: rebuild the C++ step (it keeps packed copies of the
         weight matrices) and drop the model's transposed-head cache. CUDA graphs read the parameters in place."""
         self.model._wte_t_cache = None
         if self.cpu_step is not None:

@@ -190,7 +190,7 @@ class GPT2(nn.Module):
         x = self.drop(inputs_embeds + self.wpe(positions))  # (B, T, C)
         for block in self.h:
             x = block(x)
-        logits = F.linear(quantize.head_input(self, self.ln_f(x)), self.wte.weight)  # (B, T, V)
+        logits = F.linear(quantize.matmul_input(self, self.ln_f(x)), self.wte.weight)  # (B, T, V)
         loss = None if labels is None else causal_lm_loss(logits, self._check_labels(labels, B, T))
         return GPT2Output(logits=logits, loss=loss)
 
@@ -219,7 +219,7 @@ class GPT2(nn.Module):
         for i, block in enumerate(self.h):
             x, kv = block.forward_cached(x, None if kv_cache is None else kv_cache[i])
             new_cache.append(kv)
-        return F.linear(quantize.head_input(self, self.ln_f(x)), self.wte.weight), new_cache  # (B, T, V)
+        return F.linear(quantize.matmul_input(self, self.ln_f(x)), self.wte.weight), new_cache  # (B, T, V)
 
     def forward_paged(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_caches,
                       logits_indices: torch.Tensor | None = None) -> torch.Tensor:

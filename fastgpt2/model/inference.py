@@ -20,7 +20,7 @@ def linear(layer: nn.Linear, x: torch.Tensor, gelu: bool = False) -> torch.Tenso
     view of the (out, rows) product; the GELU runs on the product itself. x: (N, in) -> (N, out)."""
     if (x.dim() == 2 and 8 < x.shape[0] <= 256 and x.device.type == "cpu" and not torch.is_grad_enabled()
             and not dispatch.use_triton(x.device)):  # the Triton kernels want unit-stride rows
-        y = torch.addmm(layer.bias[:, None], layer.weight, quantize.linear_input(layer, x).t())  # (out, rows)
+        y = torch.addmm(layer.bias[:, None], layer.weight, quantize.matmul_input(layer, x).t())  # (out, rows)
         return (F.gelu(y, approximate="tanh") if gelu else y).t()
     y = layer(x)
     return F.gelu(y, approximate="tanh") if gelu else y
@@ -32,7 +32,7 @@ def lm_head(model, x: torch.Tensor) -> torch.Tensor:
     CPU inference picks the GEMV/GEMM layout MKL reads fastest (measured on the 124M head, one thread: a (C, V) copy
     of wte makes batch-1 decode's head 1.6x faster; W @ x.T is 1.5x faster at 64 rows)."""
     weight = model.wte.weight
-    x = quantize.head_input(model, x)
+    x = quantize.matmul_input(model, x)
     if x.dim() != 2 or weight.device.type != "cpu" or torch.is_grad_enabled():
         return F.linear(x, weight)
     if x.shape[0] <= 8:

@@ -49,22 +49,16 @@ def quantize_activations_q8(x: torch.Tensor, scale_dtype: torch.dtype = torch.fl
     return _q8(x.reshape(*x.shape[:-1], x.shape[-1] // Q8_BLOCK, Q8_BLOCK), scale_dtype).reshape(x.shape)
 
 
+def matmul_input(owner, x: torch.Tensor) -> torch.Tensor:
+    """What a weight matrix multiplies by: x, or x quantised when its weights are int8. owner is the nn.Linear, or
+    the GPT2 model for its tied LM head (code that reads the weight directly instead of calling the layer)."""
+    scales = getattr(owner, "q8_input_scales", None)
+    return x if scales is None else quantize_activations_q8(x, scales)
+
+
 def _quantize_input(layer, args):
     """Forward pre-hook of a quantised nn.Linear: its input quantised per block of 32."""
-    return (quantize_activations_q8(args[0], layer.q8_input_scales),) + tuple(args[1:])
-
-
-def linear_input(layer, x: torch.Tensor) -> torch.Tensor:
-    """What a linear layer multiplies by: x, or x quantised when the layer's weights are int8 (for code that reads
-    layer.weight directly instead of calling the layer)."""
-    scales = getattr(layer, "q8_input_scales", None)
-    return x if scales is None else quantize_activations_q8(x, scales)
-
-
-def head_input(model, x: torch.Tensor) -> torch.Tensor:
-    """What the tied LM head multiplies by: x, or x quantised when wte is int8."""
-    scales = getattr(model, "q8_input_scales", None)
-    return x if scales is None else quantize_activations_q8(x, scales)
+    return (matmul_input(layer, args[0]),) + tuple(args[1:])
 
 
 def linear_weights(model) -> list[torch.Tensor]:
@@ -82,7 +76,7 @@ def _quantize_in_place(model, scale_dtype: torch.dtype):
         raise ValueError(f"int8 quantisation needs a float32 model, got {model.wte.weight.dtype}")
     for w in linear_weights(model):
         w.copy_(quantize_q8(w, scale_dtype))
-    for block in model.h:  # their inputs quantised too (the LM head's through head_input)
+    for block in model.h:  # their inputs quantised too (the LM head's through matmul_input)
         for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
             if getattr(layer, "q8_input_scales", None) is None:
                 layer.register_forward_pre_hook(_quantize_input)
