@@ -90,6 +90,12 @@ int64_t isa_probe(int64_t seed) {
     r += _mm512_reduce_add_epi32(_mm512_dpbusd_epi32(a, a, a));
   }
 #endif
+#ifdef __AVXVNNI__
+  {
+    const __m256i a = _mm256_set1_epi32(static_cast<int>(x));
+    r += _mm256_extract_epi32(_mm256_dpbusd_avx_epi32(a, a, a), 5);
+  }
+#endif
 #ifdef __AVX512BF16__
   {
     const __m512 a = _mm512_set1_ps(static_cast<float>(x));

@@ -2,7 +2,8 @@
 // (its row alone decides its q and scales), then register tiles of MR tokens x NP panels run per block of 32 k: an
 // integer dot product per (token, output) started at -128 * sum(q_x) (the weights are stored as q_w + 128, so the
 // sum of (q_w + 128) * q_x minus that is the signed dot product, exactly), then c = fma(dw * dx, float(dot), c).
-// With AVX512-VNNI the block's dot products are 8 vpdpbusd per (token, panel); with AVX2 or AVX-512 alone, vpmaddwd
+// With AVX512-VNNI the block's dot products are 8 vpdpbusd per (token, panel), with AVX-VNNI (AVX2 + the VEX
+// vpdpbusd) 16 on 8 rows at a time; with AVX2 or AVX-512 alone, vpmaddwd
 // on the even and the odd bytes of each 4-k group (16-bit products summed in pairs into int32, exact); the portable
 // build uses float32 FMAs over the exact integers (every partial sum is an integer below 2^24, so exact as well). The
 // same values on every variant.
@@ -23,6 +24,8 @@ namespace {
 
 #if defined(FASTGPT2_AVX512) && defined(__AVX512VNNI__)
 #define FASTGPT2_Q8_VNNI 1
+#elif defined(FASTGPT2_AVX2) && !defined(FASTGPT2_AVX512) && defined(__AVXVNNI__)
+#define FASTGPT2_Q8_VNNI256 1  // AVX-VNNI (Alder Lake and later clients, Zen 5): the VEX vpdpbusd on 8 rows
 #elif defined(FASTGPT2_AVX2)
 #define FASTGPT2_Q8_MADD 1
 // Integer vectors of kLanes int32 (one per output row) for the vpmaddwd kernel.
@@ -125,7 +128,7 @@ void quantize_tile(const float* x, int64_t ldx, int64_t t0, int mr, int64_t K, Q
       int32_t sum = 0;
       for (int64_t k = 0; k < kQ8Block; ++k) sum += q[k];
       comp[b * mr + i] = -128 * sum;
-#if defined(FASTGPT2_Q8_VNNI)
+#if defined(FASTGPT2_Q8_VNNI) || defined(FASTGPT2_Q8_VNNI256)
       int32_t* words = a.words.data() + t0 * (K / 4);
       for (int64_t g = 0; g < kGroupsPerBlock; ++g)
         std::memcpy(&words[(b * kGroupsPerBlock + g) * mr + i], q + 4 * g, 4);
@@ -147,7 +150,7 @@ void quantize_tile(const float* x, int64_t ldx, int64_t t0, int mr, int64_t K, Q
 }
 
 Q8Tile tile_view(const Q8Activations& a, int64_t t0, int64_t K) {
-#if defined(FASTGPT2_Q8_VNNI) || defined(FASTGPT2_Q8_MADD)
+#if defined(FASTGPT2_Q8_VNNI) || defined(FASTGPT2_Q8_VNNI256) || defined(FASTGPT2_Q8_MADD)
   const int32_t* words = a.words.data() + t0 * (K / 4) * kWordsPerGroup;
   const float* values = nullptr;
 #else
@@ -192,6 +195,20 @@ inline void q8_microkernel(const Q8Panels& w, const Q8Tile& x, int64_t k_begin, 
       }
     }
     auto dot = [&](int i, int j) { return _mm512_cvtepi32_ps(s[i][j]); };
+#elif defined(FASTGPT2_Q8_VNNI256)
+    __m256i s[MR][NV];
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NV; ++j) s[i][j] = _mm256_set1_epi32(x.comp[b * MR + i]);
+#pragma GCC unroll 8
+    for (int64_t g = b * kGroupsPerBlock; g < (b + 1) * kGroupsPerBlock; ++g) {
+      __m256i wv[NV];
+      for (int j = 0; j < NV; ++j) wv[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(weights(j, g)));
+      for (int i = 0; i < MR; ++i) {
+        const __m256i xv = _mm256_set1_epi32(x.words[g * MR + i]);
+        for (int j = 0; j < NV; ++j) s[i][j] = _mm256_dpbusd_avx_epi32(s[i][j], wv[j], xv);
+      }
+    }
+    auto dot = [&](int i, int j) { return _mm256_cvtepi32_ps(s[i][j]); };
 #elif defined(FASTGPT2_Q8_MADD)
     IVec s[MR][NV];
     for (int i = 0; i < MR; ++i)
@@ -265,7 +282,7 @@ const Q8Activations& quantize_all(ThreadPool* pool, const float* x, int64_t ldx,
   if (K % kQ8Block != 0)
     throw std::invalid_argument("int8 weights need in_features to be a multiple of 32, got " + std::to_string(K));
   const int64_t n = num_tokens * K;
-#if defined(FASTGPT2_Q8_VNNI) || defined(FASTGPT2_Q8_MADD)
+#if defined(FASTGPT2_Q8_VNNI) || defined(FASTGPT2_Q8_VNNI256) || defined(FASTGPT2_Q8_MADD)
   at_least(a.words, n / 4 * kWordsPerGroup);
 #else
   at_least(a.values, n);
@@ -355,6 +372,8 @@ void packed_linear_serial<q8>(const PackedMatrix<q8>& w, const float* bias, cons
 const char* packed_gemm_q8_isa() {
 #if defined(FASTGPT2_Q8_VNNI)
   return "avx512_vnni";
+#elif defined(FASTGPT2_Q8_VNNI256)
+  return "avx2_vnni";
 #else
   return kIsa;
 #endif

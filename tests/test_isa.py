@@ -1,4 +1,5 @@
-"""CPU kernel variants (setup.py builds fastgpt2._C_avx2, _C_avx512, _C_avx512_vnni; fastgpt2.kernels.native picks one
+"""CPU kernel variants (setup.py builds fastgpt2._C_avx2, _C_avx2_vnni, _C_avx512, _C_avx512_vnni; fastgpt2.kernels.native
+picks one
 at import): the choice, FASTGPT2_CPU_ISA and its clear errors, and each variant this CPU runs giving correct results.
 
 The variants register the same C++ types with pybind11, so one process holds one variant: every variant runs the
@@ -18,7 +19,7 @@ from fastgpt2.kernels import native
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_FEATURES = frozenset(f for v in native.VARIANTS.values() for f in v)
-X86_VARIANTS = ["avx2", "avx512", "avx512_vnni"]
+X86_VARIANTS = ["avx2", "avx2_vnni", "avx512", "avx512_vnni"]
 x86_only = pytest.mark.skipif(list(native.VARIANTS) != X86_VARIANTS, reason="x86 variants only")
 
 
@@ -33,7 +34,10 @@ def test_choose_variant_takes_the_best_the_cpu_runs():
     built = X86_VARIANTS
     assert native.choose_variant(None, ALL_FEATURES, built) == "avx512_vnni"
     assert native.choose_variant(None, ALL_FEATURES - {"avx512_bf16"}, built) == "avx512"
-    assert native.choose_variant(None, ALL_FEATURES - {"avx512bw"}, built) == "avx2"
+    assert native.choose_variant(None, ALL_FEATURES - {"avx512bw"}, built) == "avx2_vnni"  # Alder Lake, Zen 5 desktop
+    assert native.choose_variant(None, ALL_FEATURES - {"avx512bw", "avx_vnni"}, built) == "avx2"  # Zen 3
+    assert native.choose_variant(None, ALL_FEATURES - {"avx_vnni"}, built) == "avx512_vnni"  # Zen 4
+    assert native.choose_variant(None, ALL_FEATURES - {"avx512bw"}, ["avx2", "avx512"]) == "avx2"  # not built
     assert native.choose_variant(None, ALL_FEATURES, ["avx2", "avx512"]) == "avx512"  # avx512_vnni not built
     assert native.choose_variant(None, ALL_FEATURES - {"fma"}, built) is None  # no AVX2 + FMA: the torch path
     assert native.choose_variant(None, ALL_FEATURES, []) is None
@@ -44,7 +48,7 @@ def test_choose_variant_takes_the_best_the_cpu_runs():
 @x86_only
 def test_forced_variant_errors_are_clear():
     with pytest.raises(ValueError, match=r"FASTGPT2_CPU_ISA='avx9000' is not a CPU kernel variant; expected one of "
-                                         r"avx2, avx512, avx512_vnni, none"):
+                                         r"avx2, avx2_vnni, avx512, avx512_vnni, none"):
         native.choose_variant("avx9000", ALL_FEATURES, X86_VARIANTS)
     with pytest.raises(RuntimeError, match="cannot run the avx512_vnni kernels, it lacks avx512_vnni, avx512_bf16"):
         native.choose_variant("avx512_vnni", ALL_FEATURES - {"avx512_vnni", "avx512_bf16"}, X86_VARIANTS)
@@ -101,12 +105,16 @@ def test_a_second_variant_cannot_join_the_first_in_one_process():
         native.load_variant(other)
 
 
-def test_avx2_module_has_no_avx512_instructions():
-    path = getattr(native.importlib.util.find_spec("fastgpt2._C_avx2"), "origin", None)
+@pytest.mark.parametrize("variant", ["avx2", "avx2_vnni"])
+def test_avx2_modules_have_no_avx512_instructions(variant):
+    path = getattr(native.importlib.util.find_spec(f"fastgpt2._C_{variant}"), "origin", None)
     if path is None or shutil.which("objdump") is None:
-        pytest.skip("needs fastgpt2._C_avx2 and objdump")
+        pytest.skip(f"needs fastgpt2._C_{variant} and objdump")
     disassembly = subprocess.run(["objdump", "-d", path], capture_output=True, text=True, check=True).stdout
     assert "zmm" not in disassembly
+    # AVX-VNNI's int8 dot products are the VEX vpdpbusd (objdump marks it {vex}); the EVEX one would need AVX512-VL.
+    assert disassembly.count("vpdpbusd") == disassembly.count("{vex} vpdpbusd")
+    assert ("vpdpbusd" in disassembly) == (variant == "avx2_vnni")
 
 
 @pytest.mark.isa_variants

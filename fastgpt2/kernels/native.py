@@ -2,10 +2,10 @@
 cpu_sampling.py and the engine's C++ model step (fastgpt2.engine.cpu_step) reach the compiled module through
 `native._C`.
 
-setup.py builds the extension once per x86 ISA variant (`fastgpt2._C_avx2`, `fastgpt2._C_avx512`,
-`fastgpt2._C_avx512_vnni`: same sources, different flags, never -march=native). At import this module reads the CPU's
+setup.py builds the extension once per x86 ISA variant (`fastgpt2._C_avx2`, `fastgpt2._C_avx2_vnni`,
+`fastgpt2._C_avx512`, `fastgpt2._C_avx512_vnni`: same sources, different flags, never -march=native). At import this module reads the CPU's
 features (/proc/cpuinfo on Linux), and imports as `_C` the best variant that was built and that this CPU can run.
-FASTGPT2_CPU_ISA=avx2|avx512|avx512_vnni forces a variant (a clear error when the CPU cannot run it or it was not
+FASTGPT2_CPU_ISA=avx2|avx2_vnni|avx512|avx512_vnni forces a variant (a clear error when the CPU cannot run it or it was not
 built), FASTGPT2_CPU_ISA=none the torch path. Without AVX2 + FMA, or without any built variant, `_C` is None and
 kernels built on it fall back to the torch references (said once)."""
 from __future__ import annotations
@@ -30,6 +30,7 @@ _AVX512 = _AVX2 + ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd")
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 VARIANTS: dict[str, tuple[str, ...]] = {
     "avx2": _AVX2,
+    "avx2_vnni": _AVX2 + ("avx_vnni",),
     "avx512": _AVX512,
     "avx512_vnni": _AVX512 + ("avx512_vnni", "avx512_bf16"),
 } if _X86 else {"generic": ()}  # other architectures: one module on the kernels' portable paths
