@@ -22,7 +22,7 @@ _AVX2 = ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2", "-mlzcnt", "-mpopcnt"] 
 _AVX512 = _AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512cd"]  # Skylake-X / Zen 4
 VARIANTS = {
     "avx2": _AVX2,
-    "avx2_vnni": _AVX2 + ["-mavxvnni"],  # Alder Lake and later Intel clients, Zen 5: int8 dot products on AVX2
+    "avx2_vnni": _AVX2 + ["-mavxvnni"],  # AVX2-only Intel clients since Alder Lake: int8 dot products (vpdpbusd)
     "avx512": _AVX512,
     "avx512_vnni": _AVX512 + ["-mavx512vnni", "-mavx512bf16"],  # Cooper Lake / Sapphire Rapids / Zen 4
 }

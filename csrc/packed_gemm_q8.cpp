@@ -25,7 +25,7 @@ namespace {
 #if defined(FASTGPT2_AVX512) && defined(__AVX512VNNI__)
 #define FASTGPT2_Q8_VNNI 1
 #elif defined(FASTGPT2_AVX2) && !defined(FASTGPT2_AVX512) && defined(__AVXVNNI__)
-#define FASTGPT2_Q8_VNNI256 1  // AVX-VNNI (Alder Lake and later clients, Zen 5): the VEX vpdpbusd on 8 rows
+#define FASTGPT2_Q8_VNNI256 1  // AVX-VNNI (AVX2-only Intel clients since Alder Lake): the VEX vpdpbusd on 8 rows
 #elif defined(FASTGPT2_AVX2)
 #define FASTGPT2_Q8_MADD 1
 // Integer vectors of kLanes int32 (one per output row) for the vpmaddwd kernel.
