@@ -55,6 +55,24 @@ def test_rows_floor_and_skip_reasons():
     assert "skipped: LLM(..., quantization='int8') does not exist yet" in text
     assert "skipped: ctranslate2 is not installed" in text and "skipped: llama-bench not found" in text
     assert "100% (4/4)" in text and "not checked" in text  # llama.cpp has no tokens to compare
+    assert "fastgpt2 CPU kernels -," in text and "forced" not in text
+
+
+def test_report_names_the_kernel_variant_and_forced_instruction_sets(monkeypatch):
+    from fastgpt2.benchmarks import common
+    from fastgpt2.kernels import native
+
+    for name in common.ISA_OVERRIDES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CT2_FORCE_CPU_ISA", "AVX2")
+    info = common.machine_info()
+    assert info["isa_overrides"] == {"CT2_FORCE_CPU_ISA": "AVX2"}
+    assert info["cpu_kernels"] == (native.ISA or "none (torch kernels)")
+    report = synthetic_report()
+    report["machine"].update(cpu_kernels="avx2", isa_overrides={"FASTGPT2_CPU_ISA": "avx2", "CT2_FORCE_CPU_ISA": "AVX2"})
+    peers_report.fill_rows(report)
+    assert ("fastgpt2 CPU kernels avx2 (instruction sets forced: FASTGPT2_CPU_ISA=avx2, CT2_FORCE_CPU_ISA=AVX2)"
+            in peers_report.render(report))
 
 
 def test_agreement_counts_up_to_the_first_difference():

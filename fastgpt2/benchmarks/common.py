@@ -69,8 +69,29 @@ def machine_info() -> dict:
         "transformers": _version("transformers"),
         "fastgpt2": _version("fastgpt2").replace("not installed", "source checkout"),
         "fastgpt2_git_commit": _git_commit(),
+        "cpu_kernels": _cpu_kernels(),
+        # Variables that restrict an engine's instruction set (a run standing in for an older CPU sets them).
+        "isa_overrides": {k: os.environ[k] for k in ISA_OVERRIDES if os.environ.get(k)},
         "date": datetime.date.today().isoformat(),
     }
+
+
+ISA_OVERRIDES = ("FASTGPT2_CPU_ISA", "CT2_FORCE_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+
+
+def _cpu_kernels() -> str:
+    """fastgpt2's C++ kernel variant in use (e.g. avx512_vnni), or why there is none."""
+    try:
+        from fastgpt2.kernels import native
+    except Exception as exc:  # noqa: BLE001 - a forced variant this CPU cannot run, for one
+        return f"none ({exc})"
+    return native.ISA or "none (torch kernels)"
+
+
+def machine_note(m: dict) -> str:
+    """'fastgpt2 kernels avx2 (forced: FASTGPT2_CPU_ISA=avx2, ...)' for a report's machine line."""
+    forced = ", ".join(f"{k}={v}" for k, v in (m.get("isa_overrides") or {}).items())
+    return f"fastgpt2 CPU kernels {m.get('cpu_kernels', '-')}" + (f" (instruction sets forced: {forced})" if forced else "")
 
 
 def machine_slug(info: dict, use_gpu: bool = False) -> str:

@@ -1,6 +1,7 @@
 """The CPU suite's report: the project's targets (PASS/MISS), the markdown text and the tokens/s plot."""
 from __future__ import annotations
 
+from fastgpt2.benchmarks import common
 from fastgpt2.benchmarks.common import fmt, md_table
 
 RATIO = "fastgpt2/transformers (speed; >1 = fastgpt2 faster)"
@@ -196,7 +197,8 @@ def render(report: dict) -> str:
           if w.get("fastgpt2_compute_dtype", w.get("fastgpt2_dtype")) != w.get("fastgpt2_dtype") else []),
         f"Machine: {m['cpu_model']}, {m['usable_cpus']} usable cores, torch {m['torch']} with {m['torch_threads']} "
         f"threads, transformers {m['transformers']}, fastgpt2 {m['fastgpt2']} (git {m['fastgpt2_git_commit']}), "
-        f"Python {m['python']}, {m['date']}; 1-min load average at start {fmt(m['load_average_1min_at_start'])}. "
+        f"Python {m['python']}, {common.machine_note(m)}, {m['date']}; 1-min load average at start "
+        f"{fmt(m['load_average_1min_at_start'])}. "
         f"Wall time {report['wall_s']:.0f} s.",
         "",
         "## Bandwidth floor",

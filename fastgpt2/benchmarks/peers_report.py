@@ -1,6 +1,7 @@
 """The `--peers` report: each row's figures from the raw cases, the markdown table and the ms/token plot."""
 from __future__ import annotations
 
+from fastgpt2.benchmarks import common
 from fastgpt2.benchmarks.common import fmt, md_table
 
 
@@ -101,7 +102,7 @@ def render(report: dict) -> str:
         f"CPU: **{m['cpu_model']}** ({m['usable_cpus']} usable cores). torch {m['torch']}, transformers "
         f"{m['transformers']}, CTranslate2 {m.get('ctranslate2', '-')}, llama.cpp "
         f"{llama.get('build_commit', '-')} (build {llama.get('build_number', '-')}), fastgpt2 {m['fastgpt2']} "
-        f"(git {m['fastgpt2_git_commit']}), {m['date']}; 1-min load average at start "
+        f"(git {m['fastgpt2_git_commit']}), {common.machine_note(m)}, {m['date']}; 1-min load average at start "
         f"{fmt(m['load_average_1min_at_start'])}; wall time {report.get('wall_s', 0):.0f} s.",
         "",
         f"Floor = {report['num_parameters']:,} parameters x bytes per weight of the precision / copy bandwidth "
