@@ -69,7 +69,8 @@ def test_report_names_the_kernel_variant_and_forced_instruction_sets(monkeypatch
     assert info["isa_overrides"] == {"CT2_FORCE_CPU_ISA": "AVX2"}
     assert info["cpu_kernels"] == (native.ISA or "none (torch kernels)")
     report = synthetic_report()
-    report["machine"].update(cpu_kernels="avx2", isa_overrides={"FASTGPT2_CPU_ISA": "avx2", "CT2_FORCE_CPU_ISA": "AVX2"})
+    overrides = {"FASTGPT2_CPU_ISA": "avx2", "CT2_FORCE_CPU_ISA": "AVX2"}
+    report["machine"].update(cpu_kernels="avx2", isa_overrides=overrides)
     peers_report.fill_rows(report)
     assert ("fastgpt2 CPU kernels avx2 (instruction sets forced: FASTGPT2_CPU_ISA=avx2, CT2_FORCE_CPU_ISA=AVX2)"
             in peers_report.render(report))

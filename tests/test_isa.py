@@ -1,6 +1,6 @@
-"""CPU kernel variants (setup.py builds fastgpt2._C_avx2, _C_avx2_vnni, _C_avx512, _C_avx512_vnni; fastgpt2.kernels.native
-picks one
-at import): the choice, FASTGPT2_CPU_ISA and its clear errors, and each variant this CPU runs giving correct results.
+"""CPU kernel variants (setup.py builds fastgpt2._C_avx2, _C_avx2_vnni, _C_avx512, _C_avx512_vnni;
+fastgpt2.kernels.native picks one at import): the choice, FASTGPT2_CPU_ISA and its clear errors, and each variant this
+CPU runs giving correct results.
 
 The variants register the same C++ types with pybind11, so one process holds one variant: every variant runs the
 tests marked `isa_variants` (C++ decode step against the torch model, sampler against the reference, paged attention)

@@ -89,9 +89,11 @@ def _cpu_kernels() -> str:
 
 
 def machine_note(m: dict) -> str:
-    """'fastgpt2 kernels avx2 (forced: FASTGPT2_CPU_ISA=avx2, ...)' for a report's machine line."""
+    """'fastgpt2 CPU kernels avx2 (instruction sets forced: FASTGPT2_CPU_ISA=avx2, ...)' for a report's machine
+    line."""
     forced = ", ".join(f"{k}={v}" for k, v in (m.get("isa_overrides") or {}).items())
-    return f"fastgpt2 CPU kernels {m.get('cpu_kernels', '-')}" + (f" (instruction sets forced: {forced})" if forced else "")
+    note = f"fastgpt2 CPU kernels {m.get('cpu_kernels', '-')}"
+    return note + (f" (instruction sets forced: {forced})" if forced else "")
 
 
 def machine_slug(info: dict, use_gpu: bool = False) -> str:

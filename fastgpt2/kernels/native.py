@@ -3,11 +3,11 @@ cpu_sampling.py and the engine's C++ model step (fastgpt2.engine.cpu_step) reach
 `native._C`.
 
 setup.py builds the extension once per x86 ISA variant (`fastgpt2._C_avx2`, `fastgpt2._C_avx2_vnni`,
-`fastgpt2._C_avx512`, `fastgpt2._C_avx512_vnni`: same sources, different flags, never -march=native). At import this module reads the CPU's
-features (/proc/cpuinfo on Linux), and imports as `_C` the best variant that was built and that this CPU can run.
-FASTGPT2_CPU_ISA=avx2|avx2_vnni|avx512|avx512_vnni forces a variant (a clear error when the CPU cannot run it or it was not
-built), FASTGPT2_CPU_ISA=none the torch path. Without AVX2 + FMA, or without any built variant, `_C` is None and
-kernels built on it fall back to the torch references (said once)."""
+`fastgpt2._C_avx512`, `fastgpt2._C_avx512_vnni`: same sources, different flags, never -march=native). At import this
+module reads the CPU's features (/proc/cpuinfo on Linux), and imports as `_C` the best variant that was built and that
+this CPU can run. FASTGPT2_CPU_ISA=avx2|avx2_vnni|avx512|avx512_vnni forces a variant (a clear error when the CPU
+cannot run it or it was not built), FASTGPT2_CPU_ISA=none the torch path. Without AVX2 + FMA, or without any built
+variant, `_C` is None and kernels built on it fall back to the torch references (said once)."""
 from __future__ import annotations
 
 import functools
