@@ -83,4 +83,9 @@ void topk_topp_minp_select(const float* logits_ptr, int64_t num_rows, int64_t vo
                            const int64_t* top_k_ptr, const double* top_p_ptr, const double* min_p_ptr,
                            std::vector<RowCandidates>& candidates, int32_t* status_ptr, int num_threads);
 
+// Greedy decoding: out_ptr[r] = torch.argmax of row r (the first index of its largest value, or of its first NaN),
+// rows as in topk_topp_minp_sample, split over up to num_threads std::threads (one per 16 rows at most).
+void argmax_rows(const float* logits_ptr, int64_t num_rows, int64_t vocab_size, int64_t stride_row, int64_t* out_ptr,
+                 int num_threads);
+
 }  // namespace fastgpt2

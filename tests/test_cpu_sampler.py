@@ -371,3 +371,37 @@ def test_fast_top_p_path_equals_exact_path(scale):
     rows = slice(0, len(top_p_values))  # one row of each top_p
     assert torch.equal(fast[rows], reference.topk_topp_minp_sample(logits[rows], top_k[rows], top_p[rows],
                                                                    torch.zeros(len(top_p_values)), uniform[rows]))
+
+
+@pytest.mark.isa_variants
+@needs_extension
+@pytest.mark.parametrize("vocab_size", [1, 7, 15, 16, 17, 33, 1000, 50257])
+def test_argmax_is_torch_argmax(vocab_size):
+    """Greedy decoding's C++ argmax gives torch.argmax's indices: the first largest value (ties, -0 == +0, rows of
+    -inf, +inf), the first NaN where a row holds one; over every vector width's tail, any row count and thread count,
+    and strided rows."""
+    g = torch.Generator().manual_seed(vocab_size)
+    logits = torch.randn(40, vocab_size, generator=g) * 3  # (B, V)
+    logits[1] = float("-inf")
+    logits[2] = torch.round(logits[2])  # many ties
+    logits[3, -1] = logits[3].max() + 1  # the last token wins (a vector tail)
+    logits[4, vocab_size // 2] = float("nan")
+    logits[4, -1] = float("nan")
+    logits[5] = 0.0
+    logits[5, -1] = -0.0
+    logits[6, 0] = -0.0  # -0 first, then +0 everywhere: index 0
+    logits[7, vocab_size // 3] = float("inf")
+    logits[7, -1] = float("inf")
+    logits[8, -1] = float("nan")  # the only NaN at the end of the row
+    want = torch.argmax(logits, dim=-1)
+    for rows in (1, 7, 16, 17, 40):
+        for threads in (1, 2, 3):
+            got = cpu_sampler.argmax(logits[:rows], num_threads=threads)
+            assert got.dtype == torch.int64 and torch.equal(got, want[:rows]), (rows, threads)
+    wide = torch.zeros(40, vocab_size + 5)
+    wide[:, :vocab_size] = logits
+    strided = wide[:, :vocab_size]  # row stride vocab_size + 5
+    assert strided.stride(0) == vocab_size + 5 and torch.equal(cpu_sampler.argmax(strided), want)
+    # Layouts the kernel does not take go to torch, with the same result.
+    assert torch.equal(cpu_sampler.argmax(logits.t().contiguous().t()), want)
+    assert torch.equal(cpu_sampler.argmax(logits.double()), want)

@@ -43,7 +43,7 @@ class Sampler:
         logits = self._apply_processors_and_penalties(logits, seqs)
         greedy = [s.params.greedy for s in seqs]
         if all(greedy):
-            next_ids = torch.argmax(logits, dim=-1)
+            next_ids = dispatch.argmax(logits)
         else:
             next_ids = self._draw(logits, seqs, greedy)
         token_ids = next_ids.tolist()
@@ -115,5 +115,5 @@ class Sampler:
         sampled = dispatch.get("topk_topp_minp_sample", device)(scaled, top_k, top_p, min_p, uniform.to(device))
         if any(greedy):
             is_greedy = torch.tensor(greedy, device=device)
-            sampled = torch.where(is_greedy, torch.argmax(logits, dim=-1), sampled)
+            sampled = torch.where(is_greedy, dispatch.argmax(logits), sampled)
         return sampled

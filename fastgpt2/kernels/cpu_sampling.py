@@ -18,7 +18,7 @@ from fastgpt2.kernels.native import _C
 
 HAS_EXTENSION: bool = _C is not None
 
-__all__ = ["HAS_EXTENSION", "topk_topp_minp_sample", "topk_topp_minp_select"]
+__all__ = ["HAS_EXTENSION", "argmax", "topk_topp_minp_sample", "topk_topp_minp_select"]
 
 
 @functools.cache
@@ -104,6 +104,22 @@ def _plain_call(logits, top_k, top_p, min_p, uniform) -> bool:
 
 def _threads(num_threads: int | None) -> int:
     return torch.get_num_threads() if num_threads is None else num_threads
+
+
+def argmax(logits: torch.Tensor, *, num_threads: int | None = None) -> torch.Tensor:
+    """Greedy decoding's torch.argmax(logits, dim=-1), the same indices: per row the first index of its largest value,
+    or of its first NaN. (B, V) float32 CPU logits with a contiguous vocab dimension go to the C++ kernel (vectorised,
+    rows over up to num_threads threads, default torch.get_num_threads()); anything else, or no extension, to torch.
+    Returns a (B,) int64 tensor."""
+    if (_C is None or type(logits) is not _Tensor or logits.dtype is not _FLOAT32 or not logits.is_cpu
+            or logits.dim() != 2 or logits.shape[1] < 1 or logits.stride(1) != 1
+            or (logits.shape[0] > 1 and logits.stride(0) < logits.shape[1])):
+        return torch.argmax(logits, dim=-1)
+    num_rows, vocab_size = logits.shape
+    out = torch.empty(num_rows, dtype=torch.int64)
+    _C._argmax_rows_raw(logits.data_ptr(), num_rows, vocab_size, logits.stride(0), out.data_ptr(),
+                        _threads(num_threads))
+    return out
 
 
 def topk_topp_minp_sample(

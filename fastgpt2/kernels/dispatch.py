@@ -55,6 +55,14 @@ def get(name: str, device: torch.device):
     return getattr(reference, name)
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Greedy decoding's torch.argmax(logits, dim=-1) (first index of each row's largest value, or of its first NaN):
+    the C++ kernel for CPU logits (cpu_sampling.argmax: the same indices), torch elsewhere."""
+    if logits.device.type == "cpu" and not force_reference():
+        return importlib.import_module("fastgpt2.kernels.cpu_sampling").argmax(logits)
+    return torch.argmax(logits, dim=-1)
+
+
 def cpu_kernel_info() -> dict:
     """For `fastgpt2 info`: the CPU's model name, the C++ kernel variant in use (None: the torch kernels, `why_not`
     says why), the variants built and those this CPU runs."""
