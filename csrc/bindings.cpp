@@ -20,6 +20,8 @@ py::array_t<int64_t> topk_topp_minp_sample_checked(const py::array& logits, cons
 void topk_topp_minp_sample_raw(uintptr_t logits_addr, int64_t num_rows, int64_t vocab_size, int64_t stride_row,
                                std::vector<int64_t> top_k, std::vector<double> top_p, std::vector<double> min_p,
                                const std::vector<double>& uniform, uintptr_t out_addr, int num_threads);
+void argmax_rows_raw(uintptr_t logits_addr, int64_t num_rows, int64_t vocab_size, int64_t stride_row,
+                     uintptr_t out_addr, int num_threads);
 py::tuple topk_topp_minp_select_checked(const py::array& logits, const py::array& top_k, const py::array& top_p,
                                         const py::array& min_p, int num_threads);
 // Defined in attention_launcher.cpp.
@@ -126,21 +128,11 @@ PYBIND11_MODULE(FASTGPT2_MODULE_NAME, m) {
         "tensor (rows, vocab, row stride) and an int64 output tensor, with the parameters as lists.",
         py::arg("logits_addr"), py::arg("num_rows"), py::arg("vocab_size"), py::arg("stride_row"), py::arg("top_k"),
         py::arg("top_p"), py::arg("min_p"), py::arg("uniform"), py::arg("out_addr"), py::arg("num_threads"));
-  m.def(
-      "_argmax_rows_raw",
-      [](uintptr_t logits_addr, int64_t num_rows, int64_t vocab_size, int64_t stride_row, uintptr_t out_addr,
-         int num_threads) {
-        if (num_rows < 0 || vocab_size < 1 || (num_rows > 1 && stride_row < vocab_size) || num_threads < 1)
-          throw py::value_error("argmax needs (batch, vocab) logits with vocab >= 1, non-overlapping rows and "
-                                "num_threads >= 1");
-        py::gil_scoped_release release;
-        fastgpt2::argmax_rows(reinterpret_cast<const float*>(logits_addr), num_rows, vocab_size, stride_row,
-                              reinterpret_cast<int64_t*>(out_addr), num_threads);
-      },
-      "Internal (fastgpt2.kernels.cpu_sampling.argmax): torch.argmax(logits, dim=-1) on the addresses of a checked "
-      "float32 logits tensor (rows, vocab, row stride) and an int64 output tensor.",
-      py::arg("logits_addr"), py::arg("num_rows"), py::arg("vocab_size"), py::arg("stride_row"), py::arg("out_addr"),
-      py::arg("num_threads"));
+  m.def("_argmax_rows_raw", &fastgpt2::argmax_rows_raw,
+        "Internal (fastgpt2.kernels.cpu_sampling.argmax): torch.argmax(logits, dim=-1) on the addresses of a checked "
+        "float32 logits tensor (rows, vocab, row stride) and an int64 output tensor.",
+        py::arg("logits_addr"), py::arg("num_rows"), py::arg("vocab_size"), py::arg("stride_row"), py::arg("out_addr"),
+        py::arg("num_threads"));
   m.def(
       "_sampler_fast_path_stats",
       [] {

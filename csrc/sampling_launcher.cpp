@@ -182,6 +182,19 @@ void topk_topp_minp_sample_raw(uintptr_t logits_addr, int64_t num_rows, int64_t 
   sample_rows(in, uniform, reinterpret_cast<int64_t*>(out_addr), num_threads);
 }
 
+// The entry point of fastgpt2.kernels.cpu_sampling.argmax, which has checked the tensors: addresses as for
+// topk_topp_minp_sample_raw.
+void argmax_rows_raw(uintptr_t logits_addr, int64_t num_rows, int64_t vocab_size, int64_t stride_row,
+                     uintptr_t out_addr, int num_threads) {
+  if (num_rows < 0 || vocab_size < 1 || (num_rows > 1 && stride_row < vocab_size) || num_threads < 1) {
+    throw py::value_error("argmax needs (batch, vocab) logits with vocab >= 1, non-overlapping rows and "
+                          "num_threads >= 1");
+  }
+  py::gil_scoped_release release;
+  argmax_rows(reinterpret_cast<const float*>(logits_addr), num_rows, vocab_size, stride_row,
+              reinterpret_cast<int64_t*>(out_addr), num_threads);
+}
+
 // Returns (ids (num_rows, max_count) int64 padded with -1, probs (num_rows, max_count) float32 padded with 0,
 // counts (num_rows,) int64); ids ascend within a row.
 py::tuple topk_topp_minp_select_checked(const py::array& logits, const py::array& top_k, const py::array& top_p,
