@@ -47,9 +47,11 @@ inline void fma_step(Vec (&c)[MR][NV], const Vec (&bv)[NV], const float* xk) {
 }
 
 // acc (MR x NP*16) continued over k in [k_begin, k_end) (from zero when k_begin == 0, else from acc's stored
-// values: the chains carry on exactly) with the X tile (packed (K, MR)) and the NP panels of w.
+// values: the chains carry on exactly) with the X tile (packed (K, MR)) and the NP panels of w. Meanwhile, one cache
+// line per k of each of the next slice's panels: pf[j] + 64 * i for i < pf_lines (pf_np panels).
 template <int MR, int NP, typename W>
-inline void microkernel(const Panels<W>& w, const float* xp, int64_t k_begin, int64_t k_end, float* acc) {
+inline void microkernel(const Panels<W>& w, const float* xp, int64_t k_begin, int64_t k_end, float* acc,
+                        const char* const* pf, int pf_np, int64_t pf_lines) {
   constexpr int NV = NP * kVecsPerPanel;
   Vec c[MR][NV];
   for (int i = 0; i < MR; ++i)
@@ -59,6 +61,8 @@ inline void microkernel(const Panels<W>& w, const float* xp, int64_t k_begin, in
     Vec bv[NV];
     for (int j = 0; j < NV; ++j) bv[j] = vload(weights(j) + k * kPanelRows);
     fma_step<MR, NV>(c, bv, xp + k * MR);
+    if (k - k_begin < pf_lines)
+      for (int j = 0; j < pf_np; ++j) __builtin_prefetch(pf[j] + (k - k_begin) * 64, 0, 3);
   }
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NV; ++j) vstore(acc + i * NP * kPanelRows + j * kLanes, c[i][j]);
@@ -87,11 +91,16 @@ void run_panels(const PackedMatrix<W>& w, const float* bias, const float* xp, in
                          ? K
                          : std::min(K, std::max<int64_t>(8, kL1Bytes / (group * kPanelRows * sizeof(W)) / 8 * 8));
   sweep_panels(tiling, group, K, kc, block_tiles, kAccFloats, p_begin, p_end,
-               [&](int64_t i, int64_t p, int np, int64_t k0, int64_t k1, float* acc) {
+               [&](int64_t i, int64_t p, int np, int64_t k0, int64_t k1, float* acc, const NextSlice& next) {
                  const Panels<W> panels{w.panel(p), K * kPanelRows};
                  const int64_t t0 = tiling.start(i);
+                 constexpr int64_t kBytesPerK = kPanelRows * sizeof(W);
+                 const char* pf[8];
+                 for (int j = 0; j < next.np; ++j) pf[j] = next.start(w.panel(next.panel + j), kBytesPerK);
+                 const int64_t pf_lines = next.np > 0 ? next.share(kBytesPerK) : 0;
                  dispatch_tile<kTileTokens, panels_for>(tiling.size(i), np, [&](auto mr, auto nr) {
-                   microkernel<decltype(mr)::value, decltype(nr)::value>(panels, xp + t0 * K, k0, k1, acc);
+                   microkernel<decltype(mr)::value, decltype(nr)::value>(panels, xp + t0 * K, k0, k1, acc, pf,
+                                                                         next.np, pf_lines);
                    if (k1 == K) store_tile(acc, decltype(mr)::value, decltype(nr)::value, out, p, t0);
                  });
                });

@@ -175,7 +175,8 @@ struct Q8Panels {
 // odd 4-k groups; integer sums, so the split changes no value) and the float chains wait in acc between blocks: 12
 // independent chains in the 16 ymm registers instead of 6 (the float chains' operations are unchanged).
 template <int MR, int NP>
-inline void q8_microkernel(const Q8Panels& w, const Q8Tile& x, int64_t k_begin, int64_t k_end, float* acc) {
+inline void q8_microkernel(const Q8Panels& w, const Q8Tile& x, int64_t k_begin, int64_t k_end, float* acc,
+                           const Ahead& ahead) {
   constexpr int NV = NP * kVecsPerPanel;
   static_assert(kGroupsPerBlock % 2 == 0, "the two accumulator sets take the block's 4-k groups in pairs");
   if (k_begin == 0)
@@ -186,6 +187,7 @@ inline void q8_microkernel(const Q8Panels& w, const Q8Tile& x, int64_t k_begin, 
                                             (j % kVecsPerPanel) * kLanes * 4);
   };
   for (int64_t b = k_begin / kQ8Block; b < k_end / kQ8Block; ++b) {
+    ahead.load(b - k_begin / kQ8Block);
     __m256i s[MR][NV], t[MR][NV];
     for (int i = 0; i < MR; ++i)
       for (int j = 0; j < NV; ++j) s[i][j] = _mm256_set1_epi32(x.comp[b * MR + i]), t[i][j] = _mm256_setzero_si256();
@@ -215,7 +217,8 @@ inline void q8_microkernel(const Q8Panels& w, const Q8Tile& x, int64_t k_begin, 
 }
 #else
 template <int MR, int NP>
-inline void q8_microkernel(const Q8Panels& w, const Q8Tile& x, int64_t k_begin, int64_t k_end, float* acc) {
+inline void q8_microkernel(const Q8Panels& w, const Q8Tile& x, int64_t k_begin, int64_t k_end, float* acc,
+                           const Ahead& ahead) {
   constexpr int NV = NP * kVecsPerPanel;
   Vec c[MR][NV];
   for (int i = 0; i < MR; ++i)
@@ -224,6 +227,7 @@ inline void q8_microkernel(const Q8Panels& w, const Q8Tile& x, int64_t k_begin, 
     return w.b + (j / kVecsPerPanel) * w.pstride + g * kPanelRows * 4 + (j % kVecsPerPanel) * kLanes * 4;
   };
   for (int64_t b = k_begin / kQ8Block; b < k_end / kQ8Block; ++b) {
+    ahead.load(b - k_begin / kQ8Block);
 #if defined(FASTGPT2_Q8_VNNI)
     __m512i s[MR][NV];
     for (int i = 0; i < MR; ++i)
@@ -295,12 +299,18 @@ void run_panels_q8(const PackedMatrix<q8>& w, const float* bias, const Q8Activat
                          ? K
                          : std::min(K, std::max(kQ8Block, kL1Bytes / (group * kPanelRows) / kQ8Block * kQ8Block));
   sweep_panels(tiling, group, K, kc, block_tiles, kQ8AccFloats, p_begin, p_end,
-               [&](int64_t i, int64_t p, int np, int64_t k0, int64_t k1, float* acc) {
+               [&](int64_t i, int64_t p, int np, int64_t k0, int64_t k1, float* acc, const NextSlice& next) {
                  const Q8Panels panels{&w.panel(p)->v, K * kPanelRows, w.panel_scales(p), K / kQ8Block * kPanelRows};
                  const int64_t t0 = tiling.start(i);
                  const Q8Tile x = tile_view(a, t0, K);
+                 // The next slice's weights (kPanelRows bytes per k) and scales (4 bytes per 32 k per row).
+                 Ahead ahead((k1 - k0) / kQ8Block);
+                 for (int j = 0; j < next.np; ++j) {
+                   ahead.add(next, &w.panel(next.panel + j)->v, kPanelRows);
+                   ahead.add(next, w.panel_scales(next.panel + j), kPanelRows * 4 / kQ8Block);
+                 }
                  dispatch_tile<kQ8Tile, q8_panels_for>(tiling.size(i), np, [&](auto mr, auto nr) {
-                   q8_microkernel<decltype(mr)::value, decltype(nr)::value>(panels, x, k0, k1, acc);
+                   q8_microkernel<decltype(mr)::value, decltype(nr)::value>(panels, x, k0, k1, acc, ahead);
                    if (k1 == K) store_tile(acc, decltype(mr)::value, decltype(nr)::value, out, p, t0);
                  });
                });
