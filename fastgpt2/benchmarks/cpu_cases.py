@@ -211,8 +211,15 @@ def sampling(batches: tuple[int, ...], repeats: int) -> dict:
 
             calls = max(1, 16 // batch)  # one timing covers >= 16 rows, so a 100 us call is not lost in timer noise
 
+            # Each timing starts with one untimed call. On a shared (virtualised) host, whatever runs first after tens
+            # of milliseconds of other work pays a one-off delay that grows with that work, whatever it does (measured
+            # on a 2-core Intel Xeon VM: numpy's sum of 4,096 floats takes 5 us warm, a median of 149 us after 10 ms
+            # of a Python busy loop, 283 us after 30 ms and 1,458 us after 100 ms). Here the system timed after
+            # transformers' and the reference's runs (70-90 ms each) would pay it once per timing: about 1 ms on
+            # fastgpt2's 16 calls of ~50 us, a few per cent on the others'.
             def timer(fn):
                 def run() -> float:
+                    fn()
                     start = time.perf_counter()
                     for _ in range(calls):
                         fn()
