@@ -204,6 +204,7 @@ void parallel_rows(int64_t num_rows, int num_threads, const RowFn& row_fn) {
   const int64_t num_workers = std::max<int64_t>(1, std::min<int64_t>(num_threads, num_rows));
   auto run_range = [&](int64_t begin, int64_t end) {
     thread_local Workspace ws;
+    ws.next_scanned = nullptr;  // a scan left by an earlier call (one that threw) is not this call's
     for (int64_t row = begin; row < end; ++row) row_fn(row, row + 1 == end, ws);
   };
   auto range_begin = [&](int64_t w) { return num_rows * w / num_workers; };
@@ -308,7 +309,9 @@ void topk_topp_minp_sample(const float* logits_ptr, int64_t num_rows, int64_t vo
   parallel_rows(num_rows, num_threads, [&](int64_t row, bool last, Workspace& ws) {
     const float* x = logits_ptr + row * stride_row;
     const float* next_row = last ? nullptr : x + stride_row;
-    const RowScan scan = scan_row(x, vocab_size);
+    // The row before may have scanned this one on its way (the fast path's exp pass): the same values.
+    const RowScan scan = ws.next_scanned == x ? ws.next_scan : scan_row(x, vocab_size);
+    ws.next_scanned = nullptr;
     status_ptr[row] = row_status(scan);
     out_ptr[row] = -1;
     if (status_ptr[row] != kOk) return;

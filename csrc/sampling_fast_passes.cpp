@@ -3,6 +3,7 @@
 #include "sampling_fast.h"
 
 #include <algorithm>
+#include <type_traits>
 
 #include "sampling_histogram.h"
 
@@ -11,12 +12,17 @@ namespace sampling_detail {
 
 namespace {
 
+// How far ahead of its scan the exp loop asks for the next row (floats): the scan's loads then find their lines on
+// the way from memory instead of waiting for them.
+constexpr int64_t kScanAhead = 512;
+
 #if defined(FASTGPT2_AVX2) && !defined(FASTGPT2_AVX512)
 // The AVX2 loop of fast_exp_pass over whole groups of 16 tokens (the bucket and count steps as in exp_loop); returns
 // the number of tokens done and adds the sum of e32 to *total.
 template <bool CLAMP>
 int64_t fast_exp_loop(const float* x, int64_t vocab_size, float max, float bucket_scale, const float* next_row,
-                      Workspace& ws, int32_t* odd, double* total) {
+                      MinMaxScan<false>* next_scan, Workspace& ws, int32_t* odd, double* total) {
+  static_assert(MinMaxScan<false>::kStep == 16, "the next row is scanned in this loop's steps");
   float* e32 = ws.e32.data();
   uint16_t* bucket = ws.bucket.data();
   int32_t* count = ws.count.data();
@@ -25,7 +31,10 @@ int64_t fast_exp_loop(const float* x, int64_t vocab_size, float max, float bucke
   __m256d sum0 = _mm256_setzero_pd(), sum1 = _mm256_setzero_pd();
   int64_t j = 0;
   for (; j + 16 <= vocab_size; j += 16) {
-    if (next_row != nullptr) _mm_prefetch(reinterpret_cast<const char*>(next_row + j), _MM_HINT_T1);
+    if (next_row != nullptr) {
+      _mm_prefetch(reinterpret_cast<const char*>(next_row + j + kScanAhead), _MM_HINT_T0);
+      next_scan->step(next_row + j);
+    }
     for (int g = 0; g < 2; ++g) {
       const __m256 t = _mm256_sub_ps(max_f, _mm256_loadu_ps(x + j + 8 * g));  // the gap, >= 0 (+inf for -inf)
       _mm256_storeu_ps(e32 + j + 8 * g, exp32_of_gap8<CLAMP>(t));
@@ -53,7 +62,9 @@ int64_t fast_exp_loop(const float* x, int64_t vocab_size, float max, float bucke
 // loop: ~9 of its ~20 us per row of 50257 when every token is counted).
 template <bool CLAMP, bool LIMIT>
 int64_t fast_exp_loop512(const float* x, int64_t vocab_size, float max, float bucket_scale, const float* next_row,
-                         Workspace& ws, int32_t* odd, uint32_t count_limit, double* total) {
+                         MinMaxScan<false>* next_scan, int64_t* next_scan_end, Workspace& ws, int32_t* odd,
+                         uint32_t count_limit, double* total) {
+  static_assert(MinMaxScan<false>::kStep == 32, "the next row is scanned in this loop's steps");
   float* e32 = ws.e32.data();
   uint16_t* bucket = ws.bucket.data();
   int32_t* count = ws.count.data();
@@ -74,8 +85,9 @@ int64_t fast_exp_loop512(const float* x, int64_t vocab_size, float max, float bu
   int64_t j = 0;
   for (; j + 32 <= vocab_size; j += 32) {
     if (next_row != nullptr) {
-      _mm_prefetch(reinterpret_cast<const char*>(next_row + j), _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(next_row + j + 16), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(next_row + j + kScanAhead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(next_row + j + kScanAhead + 16), _MM_HINT_T0);
+      next_scan->step(next_row + j);
     }
     const __m512 t0 = _mm512_sub_ps(max_f, _mm512_loadu_ps(x + j));  // the gaps, >= 0 (+inf for -inf)
     const __m512 t1 = _mm512_sub_ps(max_f, _mm512_loadu_ps(x + j + 16));
@@ -96,6 +108,7 @@ int64_t fast_exp_loop512(const float* x, int64_t vocab_size, float max, float bu
       count_buckets(bucket + j - COUNT_LAG, 32, count, odd);
     }
   }
+  *next_scan_end = j;
   if (j + 16 <= vocab_size) {
     const __m512 t = _mm512_sub_ps(max_f, _mm512_loadu_ps(x + j));
     const __m512 e = exp32_of_gap16<CLAMP>(t);
@@ -129,7 +142,10 @@ double fast_exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, fl
   int32_t odd[NUM_BUCKETS];
   std::fill(count, count + NUM_BUCKETS, 0);
   std::fill(odd, odd + NUM_BUCKETS, 0);
-  static_cast<void>(next_row);
+  // The next row's scan (scan_row's values), made on the way by the vector loops; ws.next_scanned says it is there.
+  MinMaxScan<false> next_scan;
+  int64_t next_scan_end = 0;
+  ws.next_scanned = nullptr;
   const float max = scan.max;
   double total = 0.0;
   int64_t j = 0;
@@ -148,14 +164,25 @@ double fast_exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, fl
     limited = below_limit < 256 * 2 / 5;
   }
   if (limited) ws.listed.resize(std::max<size_t>(ws.listed.size(), vocab_size + 16));
-  j = clamp ? (limited ? fast_exp_loop512<true, true>(x, vocab_size, max, bucket_scale, next_row, ws, odd, limit, &total)
-                       : fast_exp_loop512<true, false>(x, vocab_size, max, bucket_scale, next_row, ws, odd, limit, &total))
-            : (limited ? fast_exp_loop512<false, true>(x, vocab_size, max, bucket_scale, next_row, ws, odd, limit, &total)
-                       : fast_exp_loop512<false, false>(x, vocab_size, max, bucket_scale, next_row, ws, odd, limit, &total));
+  auto loop = [&](auto clamp_c, auto limited_c) {
+    return fast_exp_loop512<decltype(clamp_c)::value, decltype(limited_c)::value>(
+        x, vocab_size, max, bucket_scale, next_row, &next_scan, &next_scan_end, ws, odd, limit, &total);
+  };
+  using T = std::true_type;
+  using F = std::false_type;
+  j = clamp ? (limited ? loop(T{}, T{}) : loop(T{}, F{})) : (limited ? loop(F{}, T{}) : loop(F{}, F{}));
 #elif defined(FASTGPT2_AVX2)
-  j = clamp ? fast_exp_loop<true>(x, vocab_size, max, bucket_scale, next_row, ws, odd, &total)
-            : fast_exp_loop<false>(x, vocab_size, max, bucket_scale, next_row, ws, odd, &total);
+  j = clamp ? fast_exp_loop<true>(x, vocab_size, max, bucket_scale, next_row, &next_scan, ws, odd, &total)
+            : fast_exp_loop<false>(x, vocab_size, max, bucket_scale, next_row, &next_scan, ws, odd, &total);
+  next_scan_end = j;
 #endif
+#if defined(FASTGPT2_AVX2)
+  if (next_row != nullptr) {
+    ws.next_scan = finish_scan(next_scan, next_row, next_scan_end, vocab_size);
+    ws.next_scanned = next_row;
+  }
+#endif
+  static_cast<void>(next_scan_end);
   static_cast<void>(clamp), static_cast<void>(count_limit);
   for (; j < vocab_size; ++j) {
     e32[j] = exp32_of_gap(max - x[j]);

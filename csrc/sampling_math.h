@@ -239,6 +239,13 @@ inline bool ranks_before(const RankedToken& a, const RankedToken& b) {
 }
 
 // Per-thread scratch, reused across rows and calls (thread_local) so that a row allocates nothing in steady state.
+struct RowScan {
+  float max;
+  float min_finite;
+  bool has_nan;
+  bool has_neg_inf;
+};
+
 struct Workspace {
   std::vector<double> e;  // (padded V,) exp(x - max), 0 in the padding
   std::vector<float> e32;  // (padded V,) the fast path's float32 exp(x - max), 0 in the padding
@@ -250,6 +257,9 @@ struct Workspace {
   std::vector<RankedToken> kept;  // the top-k set, id order
   std::vector<std::vector<RankedToken>> levels;  // radix sub-lists, one per depth
   std::vector<RankedToken> sorted;
+  // The scan of the row at next_scanned, when a pass over the row before it made it on the way (else null).
+  RowScan next_scan{};
+  const float* next_scanned = nullptr;
 
   void reserve(int64_t padded) {
     if (static_cast<int64_t>(e.size()) < padded) {

@@ -17,64 +17,29 @@ namespace {
 // -inf out of the min.
 template <bool FINITE_ONLY>
 bool min_max(const float* x, int64_t vocab_size, float* min_out, float* max_out) {
-  constexpr float INF = std::numeric_limits<float>::infinity();
-  float lo = INF, hi = -INF;
-  bool has_nan = false;
+  MinMaxScan<FINITE_ONLY> acc;
   int64_t i = 0;
-#if defined(FASTGPT2_AVX512)
-  const __m512 inf_v = _mm512_set1_ps(INF), neg_inf_v = _mm512_set1_ps(-INF);
-  __m512 hi_v[2] = {neg_inf_v, neg_inf_v}, lo_v[2] = {inf_v, inf_v};
-  __mmask16 nan_k = 0;
-  for (; i + 32 <= vocab_size; i += 32) {
-    for (int h = 0; h < 2; ++h) {
-      const __m512 v = _mm512_loadu_ps(x + i + 16 * h);
-      const __m512 for_min = FINITE_ONLY ? _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, neg_inf_v, _CMP_EQ_OQ), inf_v) : v;
-      nan_k |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-      hi_v[h] = _mm512_max_ps(v, hi_v[h]);  // the second operand when the first is NaN
-      lo_v[h] = _mm512_min_ps(for_min, lo_v[h]);
-    }
-  }
-  hi = _mm512_reduce_max_ps(_mm512_max_ps(hi_v[0], hi_v[1]));
-  lo = _mm512_reduce_min_ps(_mm512_min_ps(lo_v[0], lo_v[1]));
-  has_nan = nan_k != 0;
-#elif defined(FASTGPT2_AVX2)
-  const __m256 inf_v = _mm256_set1_ps(INF), neg_inf_v = _mm256_set1_ps(-INF);
-  __m256 hi_v[2] = {neg_inf_v, neg_inf_v}, lo_v[2] = {inf_v, inf_v}, nan_v[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-  for (; i + 16 <= vocab_size; i += 16) {
-    for (int h = 0; h < 2; ++h) {
-      const __m256 v = _mm256_loadu_ps(x + i + 8 * h);
-      const __m256 for_min = FINITE_ONLY ? _mm256_blendv_ps(v, inf_v, _mm256_cmp_ps(v, neg_inf_v, _CMP_EQ_OQ)) : v;
-      nan_v[h] = _mm256_or_ps(nan_v[h], _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-      hi_v[h] = _mm256_max_ps(v, hi_v[h]);  // the second operand when the first is NaN
-      lo_v[h] = _mm256_min_ps(for_min, lo_v[h]);
-    }
-  }
-  alignas(32) float lanes[2][8];
-  _mm256_store_ps(lanes[0], _mm256_max_ps(hi_v[0], hi_v[1]));
-  _mm256_store_ps(lanes[1], _mm256_min_ps(lo_v[0], lo_v[1]));
-  has_nan = _mm256_movemask_ps(_mm256_or_ps(nan_v[0], nan_v[1])) != 0;
-  for (int j = 0; j < 8; ++j) hi = std::max(hi, lanes[0][j]), lo = std::min(lo, lanes[1][j]);
-#endif
-  for (; i < vocab_size; ++i) {
-    const float v = x[i];
-    has_nan |= v != v;
-    hi = v > hi ? v : hi;
-    if (!(FINITE_ONLY && v == -INF)) lo = v < lo ? v : lo;
-  }
-  *min_out = lo;
-  *max_out = hi;
-  return has_nan;
+  if (MinMaxScan<FINITE_ONLY>::kStep > 0)
+    for (; i + MinMaxScan<FINITE_ONLY>::kStep <= vocab_size; i += MinMaxScan<FINITE_ONLY>::kStep) acc.step(x + i);
+  return acc.finish(x, i, vocab_size, min_out, max_out);
 }
 
 }  // namespace
 
-RowScan scan_row(const float* x, int64_t vocab_size) {
+RowScan finish_scan(const MinMaxScan<false>& acc, const float* x, int64_t from, int64_t vocab_size) {
   RowScan scan{};
-  scan.has_nan = min_max<false>(x, vocab_size, &scan.min_finite, &scan.max);
+  scan.has_nan = acc.finish(x, from, vocab_size, &scan.min_finite, &scan.max);
   scan.has_neg_inf = scan.min_finite == -std::numeric_limits<float>::infinity();
-  // A row with -inf (banned tokens) takes a second pass for its smallest finite value.
   if (scan.has_neg_inf) min_max<true>(x, vocab_size, &scan.min_finite, &scan.max);
   return scan;
+}
+
+RowScan scan_row(const float* x, int64_t vocab_size) {
+  MinMaxScan<false> acc;
+  int64_t i = 0;
+  if (MinMaxScan<false>::kStep > 0)
+    for (; i + MinMaxScan<false>::kStep <= vocab_size; i += MinMaxScan<false>::kStep) acc.step(x + i);
+  return finish_scan(acc, x, i, vocab_size);
 }
 
 namespace {

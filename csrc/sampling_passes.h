@@ -13,15 +13,78 @@
 namespace fastgpt2 {
 namespace sampling_detail {
 
-struct RowScan {
-  float max;
-  float min_finite;
-  bool has_nan;
-  bool has_neg_inf;
-};
-
 // The max, the smallest finite value and whether a NaN or a -inf is present. read V floats.
 RowScan scan_row(const float* x, int64_t vocab_size);
+
+// min_max's running max and min (NaN compares false and changes neither) and NaN flag, kStep floats at a time, so
+// that a pass over one row can scan the next on the way (sampling_fast_passes.cpp); FINITE_ONLY leaves -inf out of
+// the min. The same lanes and order as a scan by itself, so the same values (the max of +0 and -0 depends on it).
+template <bool FINITE_ONLY>
+struct MinMaxScan {
+  static constexpr float kInf = std::numeric_limits<float>::infinity();
+#if defined(FASTGPT2_AVX512)
+  static constexpr int64_t kStep = 32;
+  __m512 hi_v[2] = {_mm512_set1_ps(-kInf), _mm512_set1_ps(-kInf)}, lo_v[2] = {_mm512_set1_ps(kInf), _mm512_set1_ps(kInf)};
+  __mmask16 nan_k = 0;
+  void step(const float* p) {
+    for (int h = 0; h < 2; ++h) {
+      const __m512 v = _mm512_loadu_ps(p + 16 * h);
+      const __m512 for_min =
+          FINITE_ONLY ? _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, _mm512_set1_ps(-kInf), _CMP_EQ_OQ), _mm512_set1_ps(kInf))
+                      : v;
+      nan_k |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      hi_v[h] = _mm512_max_ps(v, hi_v[h]);  // the second operand when the first is NaN
+      lo_v[h] = _mm512_min_ps(for_min, lo_v[h]);
+    }
+  }
+#elif defined(FASTGPT2_AVX2)
+  static constexpr int64_t kStep = 16;
+  __m256 hi_v[2] = {_mm256_set1_ps(-kInf), _mm256_set1_ps(-kInf)}, lo_v[2] = {_mm256_set1_ps(kInf), _mm256_set1_ps(kInf)};
+  __m256 nan_v[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  void step(const float* p) {
+    for (int h = 0; h < 2; ++h) {
+      const __m256 v = _mm256_loadu_ps(p + 8 * h);
+      const __m256 for_min =
+          FINITE_ONLY ? _mm256_blendv_ps(v, _mm256_set1_ps(kInf), _mm256_cmp_ps(v, _mm256_set1_ps(-kInf), _CMP_EQ_OQ)) : v;
+      nan_v[h] = _mm256_or_ps(nan_v[h], _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      hi_v[h] = _mm256_max_ps(v, hi_v[h]);  // the second operand when the first is NaN
+      lo_v[h] = _mm256_min_ps(for_min, lo_v[h]);
+    }
+  }
+#else
+  static constexpr int64_t kStep = 0;  // no vector steps: finish() scans the whole row
+  void step(const float*) {}
+#endif
+  // The vector lanes reduced, then x[from, n) one by one (from: where the steps ended). Returns whether a NaN occurs.
+  bool finish(const float* x, int64_t from, int64_t n, float* min_out, float* max_out) const {
+    float lo = kInf, hi = -kInf;
+    bool has_nan = false;
+#if defined(FASTGPT2_AVX512)
+    hi = _mm512_reduce_max_ps(_mm512_max_ps(hi_v[0], hi_v[1]));
+    lo = _mm512_reduce_min_ps(_mm512_min_ps(lo_v[0], lo_v[1]));
+    has_nan = nan_k != 0;
+#elif defined(FASTGPT2_AVX2)
+    alignas(32) float lanes[2][8];
+    _mm256_store_ps(lanes[0], _mm256_max_ps(hi_v[0], hi_v[1]));
+    _mm256_store_ps(lanes[1], _mm256_min_ps(lo_v[0], lo_v[1]));
+    has_nan = _mm256_movemask_ps(_mm256_or_ps(nan_v[0], nan_v[1])) != 0;
+    for (int j = 0; j < 8; ++j) hi = std::max(hi, lanes[0][j]), lo = std::min(lo, lanes[1][j]);
+#endif
+    for (int64_t i = from; i < n; ++i) {
+      const float v = x[i];
+      has_nan |= v != v;
+      hi = v > hi ? v : hi;
+      if (!(FINITE_ONLY && v == -kInf)) lo = v < lo ? v : lo;
+    }
+    *min_out = lo;
+    *max_out = hi;
+    return has_nan;
+  }
+};
+
+// The RowScan of a row from its MinMaxScan<false> (steps ended at `from`): a row with -inf (banned tokens) takes a
+// second pass for its smallest finite value.
+RowScan finish_scan(const MinMaxScan<false>& acc, const float* x, int64_t from, int64_t vocab_size);
 
 // The histogram's scale over max - x in [0, range] (range = max - min_finite, at most RANGE_MAX). The bucket index is
 // computed in float32 (bucket_of): its two roundings move a token's e by at most a relative 2 * 2^-24 * (2047 /

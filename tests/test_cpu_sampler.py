@@ -375,6 +375,43 @@ def test_fast_top_p_path_equals_exact_path(scale):
 
 @pytest.mark.isa_variants
 @needs_extension
+@pytest.mark.parametrize("vocab_size", [7, 33, 1000, 50257])
+def test_a_row_scanned_by_the_row_before_is_sampled_as_alone(vocab_size):
+    """The fast path's pass over a row scans the next row of its thread on the way (max, smallest finite value, NaN
+    and -inf), instead of a pass of its own: each row of a batch must give what it gives alone, and a bad value in a
+    later row must still be found."""
+    g = torch.Generator().manual_seed(vocab_size)
+    num_rows = 10
+    logits = torch.randn(num_rows, vocab_size, generator=g) * 3.0  # (B, V) float32
+    logits[2, ::5] = NEG_INF  # banned tokens: the scan's second pass for the smallest finite value
+    logits[3] = -logits[3].abs()
+    logits[3, 0], logits[3, -1] = -0.0, 0.0  # the max is a zero of either sign: the order of the max matters
+    logits[4, 1:] = NEG_INF  # one finite token
+    logits[5] *= 40  # wider than the histogram: the clamped exp
+    logits[6] += 3.0e4  # large logits
+    logits[7] *= 0.2
+    top_k = torch.zeros(num_rows, dtype=torch.int64)
+    top_p = torch.full((num_rows,), 0.9, dtype=torch.float64)
+    min_p = torch.zeros(num_rows, dtype=torch.float64)
+    uniform = torch.rand(num_rows, dtype=torch.float64, generator=g)
+    batch = cpu_sampler.topk_topp_minp_sample(logits, top_k, top_p, min_p, uniform, num_threads=1)
+    alone = torch.cat([cpu_sampler.topk_topp_minp_sample(logits[i:i + 1], top_k[i:i + 1], top_p[i:i + 1],
+                                                         min_p[i:i + 1], uniform[i:i + 1]) for i in range(num_rows)])
+    assert torch.equal(batch, alone)
+    assert torch.equal(batch, reference.topk_topp_minp_sample(logits, top_k, top_p, min_p, uniform))
+    for bad, message in ((float("nan"), "logits row 6 contains NaN"), (float("inf"), "logits row 6 contains \\+inf"),
+                         (NEG_INF, "logits row 6 is -inf everywhere")):
+        corrupt = logits.clone()
+        if bad == NEG_INF:
+            corrupt[6] = NEG_INF
+        else:
+            corrupt[6, vocab_size - 1] = bad  # in the scalar tail after the vector steps, where there is one
+        with pytest.raises(ValueError, match=message):
+            cpu_sampler.topk_topp_minp_sample(corrupt, top_k, top_p, min_p, uniform, num_threads=1)
+
+
+@pytest.mark.isa_variants
+@needs_extension
 @pytest.mark.parametrize("vocab_size", [1, 7, 15, 16, 17, 33, 1000, 50257])
 def test_argmax_is_torch_argmax(vocab_size):
     """Greedy decoding's C++ argmax gives torch.argmax's indices: the first largest value (ties, -0 == +0, rows of
