@@ -23,6 +23,14 @@ def targets(report: dict) -> list[dict]:
     def add(name, ok, detail):
         out.append({"target": name, "status": "not measured" if ok is None else _status(ok), "detail": detail})
 
+    def float32_speedup(name, r, minimum, needs):
+        """fastgpt2 / transformers tokens/s of result r against minimum, when r was measured in float32."""
+        if r and dtype == "float32":
+            x = _ratio(r, "tokens_per_s")
+            add(name, x >= minimum, f"{x:.2f}x")
+        else:
+            add(name, None, needs)
+
     dec = res.get("decode")
     name = "batch-1 float32 decode <= 1.2x the bandwidth floor"
     if dec and dtype == "float32":
@@ -30,12 +38,8 @@ def targets(report: dict) -> list[dict]:
         add(name, ms <= 1.2 * floor_ms, f"{ms:.1f} ms/token = {ms / floor_ms:.2f}x the floor ({floor_ms:.1f} ms)")
     else:
         add(name, None, "needs --dtype float32 and the decode case")
-    name = "batch-1 float32 decode >= 1.8x transformers tokens/s"
-    if dec and dtype == "float32":
-        x = _ratio(dec, "tokens_per_s")
-        add(name, x >= 1.8, f"{x:.2f}x")
-    else:
-        add(name, None, "needs --dtype float32 and the decode case")
+    float32_speedup("batch-1 float32 decode >= 1.8x transformers tokens/s", dec, 1.8,
+                    "needs --dtype float32 and the decode case")
     name = "batch-1 bfloat16 decode >= 3x transformers float32 tokens/s"
     if dec and dtype == "bfloat16" and "transformers-float32" in dec["systems"]:
         x = _ratio(dec, "tokens_per_s", b="transformers-float32")
@@ -47,20 +51,12 @@ def targets(report: dict) -> list[dict]:
     else:
         add(name, None, "needs --dtype bfloat16 and the decode case")
     for batch in (16, 64):
-        name = f"{batch} concurrent float32 >= 2x transformers"
-        r = (res.get("batch") or {}).get(batch)
-        if r and dtype == "float32":
-            x = _ratio(r, "tokens_per_s")
-            add(name, x >= 2.0, f"{x:.2f}x")
-        else:
-            add(name, None, "needs --dtype float32 and the batch case")
-    name = "prefill of 512 tokens, float32, >= 1.3x transformers"
+        float32_speedup(f"{batch} concurrent float32 >= 2x transformers", (res.get("batch") or {}).get(batch), 2.0,
+                        "needs --dtype float32 and the batch case")
     pre = res.get("prefill")
-    if pre and dtype == "float32" and pre["prompt_len"] == 512:
-        x = _ratio(pre, "tokens_per_s")
-        add(name, x >= 1.3, f"{x:.2f}x")
-    else:
-        add(name, None, "needs --dtype float32 and the prefill case with 512-token prompts")
+    float32_speedup("prefill of 512 tokens, float32, >= 1.3x transformers",
+                    pre if pre and pre["prompt_len"] == 512 else None, 1.3,
+                    "needs --dtype float32 and the prefill case with 512-token prompts")
     name = "200-request workload >= 2x transformers total tokens/s"
     work = res.get("workload")
     if work:
