@@ -14,7 +14,8 @@
 // Sums are float64: kept sets and draws equal the reference's except where two compared sums are equal to within
 // float64 rounding.
 //
-// Method (per row, no sort of the vocabulary): one pass for the max; one pass computing e (AVX-512 or AVX2 + FMA when
+// Method (per row, no sort of the vocabulary): one pass for the max (made on the way by the fast path's exp pass over
+// the row before, for every row of a thread's range but the first); one pass computing e (AVX-512 or AVX2 + FMA when
 // built with them, else the same arithmetic in scalar code) together with a count histogram over 2046 linear buckets of
 // x - max (bucket index in float32; the loop counts each token 64 tokens after storing its bucket). Counts are
 // exact, so the top-k boundary's bucket is known and the tokens up to it are collected; for top-p, rigorous
