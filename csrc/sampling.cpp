@@ -236,40 +236,14 @@ void parallel_rows(int64_t num_rows, int num_threads, const RowFn& row_fn) {
   }
 }
 
-// torch.argmax of one row: the first index of its largest value, or of its first NaN when it holds one. Pass 1 takes
-// the largest non-NaN value and whether a NaN occurs (max(v, m) returns m for a NaN v); pass 2 the first index equal
+// torch.argmax of one row: the first index of its largest value, or of its first NaN when it holds one. Pass 1 is the
+// sampler's scan (MinMaxScan: the largest non-NaN value and whether a NaN occurs); pass 2 finds the first index equal
 // to it (the row is in cache by then). -0 and +0 are equal, so the first of them wins, as in torch.
 int64_t argmax_row(const float* x, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
-  bool has_nan = false;
+  MinMaxScan<false> scan;
+  float lo, m;
+  const bool has_nan = scan.finish(x, scan.steps(x, n), n, &lo, &m);
   int64_t i = 0;
-#if defined(FASTGPT2_AVX512)
-  __m512 mv = _mm512_set1_ps(m);
-  __mmask16 unordered = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512 v = _mm512_loadu_ps(x + i);
-    unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    mv = _mm512_max_ps(v, mv);
-  }
-  m = _mm512_reduce_max_ps(mv), has_nan = unordered != 0;
-#elif defined(FASTGPT2_AVX2)
-  __m256 mv = _mm256_set1_ps(m);
-  __m256 unordered = _mm256_setzero_ps();
-  for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_loadu_ps(x + i);
-    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    mv = _mm256_max_ps(v, mv);
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, mv);
-  for (float lane : lanes) m = std::max(m, lane);
-  has_nan = _mm256_movemask_ps(unordered) != 0;
-#endif
-  for (; i < n; ++i) {
-    if (std::isnan(x[i])) has_nan = true;
-    else m = std::max(m, x[i]);
-  }
-  i = 0;
   if (has_nan) {
     while (!std::isnan(x[i])) ++i;
     return i;

@@ -142,10 +142,10 @@ double fast_exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, fl
   int32_t odd[NUM_BUCKETS];
   std::fill(count, count + NUM_BUCKETS, 0);
   std::fill(odd, odd + NUM_BUCKETS, 0);
-  // The next row's scan (scan_row's values), made on the way by the vector loops; ws.next_scanned says it is there.
+  // The next row's scan (scan_row's values), made on the way by the vector loops and handed over in ws (the row loop
+  // clears ws.next_scanned before each row).
   MinMaxScan<false> next_scan;
   int64_t next_scan_end = 0;
-  ws.next_scanned = nullptr;
   const float max = scan.max;
   double total = 0.0;
   int64_t j = 0;

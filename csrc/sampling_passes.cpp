@@ -18,10 +18,8 @@ namespace {
 template <bool FINITE_ONLY>
 bool min_max(const float* x, int64_t vocab_size, float* min_out, float* max_out) {
   MinMaxScan<FINITE_ONLY> acc;
-  int64_t i = 0;
-  if (MinMaxScan<FINITE_ONLY>::kStep > 0)
-    for (; i + MinMaxScan<FINITE_ONLY>::kStep <= vocab_size; i += MinMaxScan<FINITE_ONLY>::kStep) acc.step(x + i);
-  return acc.finish(x, i, vocab_size, min_out, max_out);
+  const int64_t from = acc.steps(x, vocab_size);
+  return acc.finish(x, from, vocab_size, min_out, max_out);
 }
 
 }  // namespace
@@ -36,10 +34,8 @@ RowScan finish_scan(const MinMaxScan<false>& acc, const float* x, int64_t from, 
 
 RowScan scan_row(const float* x, int64_t vocab_size) {
   MinMaxScan<false> acc;
-  int64_t i = 0;
-  if (MinMaxScan<false>::kStep > 0)
-    for (; i + MinMaxScan<false>::kStep <= vocab_size; i += MinMaxScan<false>::kStep) acc.step(x + i);
-  return finish_scan(acc, x, i, vocab_size);
+  const int64_t from = acc.steps(x, vocab_size);
+  return finish_scan(acc, x, from, vocab_size);
 }
 
 namespace {

@@ -24,14 +24,14 @@ struct MinMaxScan {
   static constexpr float kInf = std::numeric_limits<float>::infinity();
 #if defined(FASTGPT2_AVX512)
   static constexpr int64_t kStep = 32;
-  __m512 hi_v[2] = {_mm512_set1_ps(-kInf), _mm512_set1_ps(-kInf)}, lo_v[2] = {_mm512_set1_ps(kInf), _mm512_set1_ps(kInf)};
+  __m512 hi_v[2] = {_mm512_set1_ps(-kInf), _mm512_set1_ps(-kInf)};
+  __m512 lo_v[2] = {_mm512_set1_ps(kInf), _mm512_set1_ps(kInf)};
   __mmask16 nan_k = 0;
   void step(const float* p) {
     for (int h = 0; h < 2; ++h) {
       const __m512 v = _mm512_loadu_ps(p + 16 * h);
-      const __m512 for_min =
-          FINITE_ONLY ? _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, _mm512_set1_ps(-kInf), _CMP_EQ_OQ), _mm512_set1_ps(kInf))
-                      : v;
+      const __mmask16 neg_inf = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-kInf), _CMP_EQ_OQ);
+      const __m512 for_min = FINITE_ONLY ? _mm512_mask_mov_ps(v, neg_inf, _mm512_set1_ps(kInf)) : v;
       nan_k |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
       hi_v[h] = _mm512_max_ps(v, hi_v[h]);  // the second operand when the first is NaN
       lo_v[h] = _mm512_min_ps(for_min, lo_v[h]);
@@ -39,13 +39,14 @@ struct MinMaxScan {
   }
 #elif defined(FASTGPT2_AVX2)
   static constexpr int64_t kStep = 16;
-  __m256 hi_v[2] = {_mm256_set1_ps(-kInf), _mm256_set1_ps(-kInf)}, lo_v[2] = {_mm256_set1_ps(kInf), _mm256_set1_ps(kInf)};
+  __m256 hi_v[2] = {_mm256_set1_ps(-kInf), _mm256_set1_ps(-kInf)};
+  __m256 lo_v[2] = {_mm256_set1_ps(kInf), _mm256_set1_ps(kInf)};
   __m256 nan_v[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
   void step(const float* p) {
     for (int h = 0; h < 2; ++h) {
       const __m256 v = _mm256_loadu_ps(p + 8 * h);
-      const __m256 for_min =
-          FINITE_ONLY ? _mm256_blendv_ps(v, _mm256_set1_ps(kInf), _mm256_cmp_ps(v, _mm256_set1_ps(-kInf), _CMP_EQ_OQ)) : v;
+      const __m256 neg_inf = _mm256_cmp_ps(v, _mm256_set1_ps(-kInf), _CMP_EQ_OQ);
+      const __m256 for_min = FINITE_ONLY ? _mm256_blendv_ps(v, _mm256_set1_ps(kInf), neg_inf) : v;
       nan_v[h] = _mm256_or_ps(nan_v[h], _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
       hi_v[h] = _mm256_max_ps(v, hi_v[h]);  // the second operand when the first is NaN
       lo_v[h] = _mm256_min_ps(for_min, lo_v[h]);
@@ -55,6 +56,13 @@ struct MinMaxScan {
   static constexpr int64_t kStep = 0;  // no vector steps: finish() scans the whole row
   void step(const float*) {}
 #endif
+  // Every whole step over x[0, n); returns where they ended.
+  int64_t steps(const float* x, int64_t n) {
+    int64_t i = 0;
+    if (kStep > 0)
+      for (; i + kStep <= n; i += kStep) step(x + i);
+    return i;
+  }
   // The vector lanes reduced, then x[from, n) one by one (from: where the steps ended). Returns whether a NaN occurs.
   bool finish(const float* x, int64_t from, int64_t n, float* min_out, float* max_out) const {
     float lo = kInf, hi = -kInf;

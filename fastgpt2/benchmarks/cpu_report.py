@@ -229,7 +229,8 @@ def render(report: dict) -> str:
         "hits). Decode: greedy, ignore EOS, prefill excluded: (T(N+1 new tokens) - T(1 new token)) / N. "
         "Workload: tokens/s of requested output tokens over the whole run; latency = finish time since all requests "
         "arrived; transformers runs fixed left-padded batches, each to its longest output. Sampling: one torch thread, "
-        "top-p 0.9 over 50257 float32 logits, each timing of 16 rows after one untimed call. The last column is always a speed ratio (inverse for times).",
+        "top-p 0.9 over 50257 float32 logits, each timing of 16 rows after one untimed call. The last column is "
+        "always a speed ratio (inverse for times).",
         "",
         md_table(["case", "unit", "fastgpt2", "transformers", RATIO], _rows(report["results"])),
     ]
