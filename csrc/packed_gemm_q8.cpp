@@ -192,7 +192,8 @@ inline void q8_microkernel(const Q8Panels& w, const Q8Tile& x, int64_t k_begin, 
     for (int i = 0; i < MR; ++i)
       for (int j = 0; j < NV; ++j) s[i][j] = _mm256_set1_epi32(x.comp[b * MR + i]), t[i][j] = _mm256_setzero_si256();
 #pragma GCC unroll 4
-    for (int64_t g = b * kGroupsPerBlock; g < (b + 1) * kGroupsPerBlock; g += 2) {
+    for (int64_t gg = 0; gg < kGroupsPerBlock; gg += 2) {
+      const int64_t g = b * kGroupsPerBlock + gg;  // a constant trip count, as in the AVX-512 VNNI loop
       __m256i wv[NV];
       for (int j = 0; j < NV; ++j) wv[j] = _mm256_load_si256(weights(j, g));
       for (int i = 0; i < MR; ++i) {
@@ -232,9 +233,11 @@ inline void q8_microkernel(const Q8Panels& w, const Q8Tile& x, int64_t k_begin, 
     __m512i s[MR][NV];
     for (int i = 0; i < MR; ++i)
       for (int j = 0; j < NV; ++j) s[i][j] = _mm512_set1_epi32(x.comp[b * MR + i]);
-    // Unrolled: GCC otherwise copies every accumulator between registers on each iteration (1.1-1.2x).
+    // A loop of a constant trip count, unrolled: with the bounds computed from b, GCC kept the loop and copied every
+    // accumulator between registers on each iteration (the constant count: 1.05-1.15x at 64 and 512 tokens).
 #pragma GCC unroll 8
-    for (int64_t g = b * kGroupsPerBlock; g < (b + 1) * kGroupsPerBlock; ++g) {
+    for (int64_t gg = 0; gg < kGroupsPerBlock; ++gg) {
+      const int64_t g = b * kGroupsPerBlock + gg;
       __m512i wv[NV];
       for (int j = 0; j < NV; ++j) wv[j] = _mm512_load_si512(weights(j, g));
       for (int i = 0; i < MR; ++i) {
@@ -247,6 +250,8 @@ inline void q8_microkernel(const Q8Panels& w, const Q8Tile& x, int64_t k_begin, 
     IVec s[MR][NV];
     for (int i = 0; i < MR; ++i)
       for (int j = 0; j < NV; ++j) s[i][j] = iset1(x.comp[b * MR + i]);
+    // Bounds from b here: the constant trip count that speeds up the VNNI loops made this one 1.4x slower (AVX2 and
+    // AVX-512 alike, one Intel Xeon core).
 #pragma GCC unroll 8
     for (int64_t g = b * kGroupsPerBlock; g < (b + 1) * kGroupsPerBlock; ++g)
       for (int j = 0; j < NV; ++j) {
