@@ -250,7 +250,6 @@ void accumulate_queries(const float* scores, int64_t score_stride, const int64_t
   }
 }
 
-
 }  // namespace
 
 void attend_one_head(const float* q, const float* k_cache, const float* v_cache, const int32_t* table,
