@@ -384,11 +384,20 @@ void paged_packed_attention(ThreadPool& pool, const float* q, int64_t q_stride, 
   starts.push_back(num_queries);
   const int64_t num_groups = static_cast<int64_t>(starts.size()) - 1;
   const int64_t token_stride = num_heads * head_dim;  // floats between consecutive tokens in the pool
+  // Tasks (group, head). With a group of several queries somewhere (a prefill chunk) they go head-major, so that a
+  // thread's consecutive tasks reread one head's K/V (a 512-token prompt's: 256 KB) from its L2 rather than every
+  // head's; within a head the longest contexts first, to end the region on short tasks. When every group is a lone
+  // query (a decode step) nothing is reread, and they go group-major: the heads of one sequence one after another,
+  // so that its K/V blocks are read front to back instead of 256 bytes per token row 12 times over (64 decode queries
+  // on one Intel Xeon core: 1.5x faster at context 48, 1.65x at 200 with the K/V in cache, 1.25x at 48 from memory;
+  // end to end, 64 requests at context ~300 decode 1.08x faster, at context 16-48 no change measured). The order
+  // changes no output.
+  const bool group_major = num_groups == num_queries;
   pool.parallel_for(num_groups * num_heads, [&](int64_t p) {
     thread_local std::vector<float> scores;
-    // Head-major, so that a thread's consecutive tasks reread one head's K/V (a 512-token prompt's: 256 KB) from its
-    // L2 rather than every head's; within a head the longest contexts first, to end the region on short tasks.
-    const int64_t h = p / num_groups, g = num_groups - 1 - p % num_groups, first = starts[g], n = starts[g + 1] - first;
+    const int64_t h = group_major ? p % num_heads : p / num_groups;
+    const int64_t g = num_groups - 1 - (group_major ? p / num_heads : p % num_groups);
+    const int64_t first = starts[g], n = starts[g + 1] - first;
     const int32_t* table = block_tables + static_cast<int64_t>(seq_index[first]) * max_blocks;
     const float* qg = q + first * q_stride + h * head_dim;
     float* og = out + first * out_stride + h * head_dim;
