@@ -120,7 +120,10 @@ void model_step(const ModelWeights<W>& w, const StepBatch& batch, int num_thread
     if (R == 0) return;
     layer_norms(pool, final_rows, final_rows == x ? batch.logits_indices : nullptr, R, w.ln_f_weight, w.ln_f_bias, h, C,
                 eps);
-    packed_linear(pool, w.lm_head, nullptr, h, C, batch.logits, w.vocab_size, R, Epilogue::kStore);
+    if (batch.greedy)
+      packed_argmax(pool, w.lm_head, nullptr, h, C, R, batch.greedy_limit, batch.greedy);
+    else
+      packed_linear(pool, w.lm_head, nullptr, h, C, batch.logits, w.vocab_size, R, Epilogue::kStore);
   });
 }
 

@@ -70,7 +70,11 @@ struct StepBatch {
   int64_t num_tokens, num_seqs, max_blocks, num_logits;
   float* kv_cache;
   int64_t num_blocks, block_size;
-  float* logits;  // (num_logits, vocab_size), written
+  float* logits;  // (num_logits, vocab_size), written; unused when greedy is set
+  // Greedy decoding without the logits: when set, greedy (num_logits,) gets each logits row's argmax over the ids
+  // [0, greedy_limit) (packed_argmax: the same choice as torch.argmax of those logits) and no logits are written.
+  int64_t* greedy = nullptr;
+  int64_t greedy_limit = 0;
 };
 
 // Inputs must already be checked (decode_launcher.cpp): ids, positions, slots, sequence indices, block ids and

@@ -83,6 +83,33 @@ class CpuStep {
   void forward(const py::array& token_ids, const py::array& positions, const py::array& slots,
                const py::array& seq_index, const py::array& block_tables, const py::array& logits_indices,
                py::array& kv_cache, py::array& logits, int num_threads) {
+    StepBatch batch = checked_batch(token_ids, positions, slots, seq_index, block_tables, logits_indices, kv_cache,
+                                    num_threads);
+    auto out = checked_array<float>(logits, "logits", "float32", {batch.num_logits, vocab_size_});
+    batch.logits = out.mutable_data();
+    run(batch, num_threads);
+  }
+
+  // forward's step with greedy decoding's tokens instead of the logits: tokens (R,) int64 gets, per row, the
+  // first id < limit of the largest logit (or of the first NaN), as torch.argmax of forward's logits[:, :limit].
+  void forward_greedy(const py::array& token_ids, const py::array& positions, const py::array& slots,
+                      const py::array& seq_index, const py::array& block_tables, const py::array& logits_indices,
+                      py::array& kv_cache, py::array& tokens, int64_t limit, int num_threads) {
+    StepBatch batch = checked_batch(token_ids, positions, slots, seq_index, block_tables, logits_indices, kv_cache,
+                                    num_threads);
+    auto out = checked_array<int64_t>(tokens, "tokens", "int64", {batch.num_logits});
+    if (limit < 1 || limit > vocab_size_)
+      throw py::value_error("limit must be in [1, " + std::to_string(vocab_size_) + "], got " + std::to_string(limit));
+    batch.greedy = out.mutable_data(), batch.greedy_limit = limit;
+    run(batch, num_threads);
+  }
+
+ private:
+  // The step's inputs checked (ValueError or TypeError naming the first problem); the batch points into the arrays
+  // (views, no copies: each must already be of its dtype and C-contiguous), its output still to be set.
+  StepBatch checked_batch(const py::array& token_ids, const py::array& positions, const py::array& slots,
+                          const py::array& seq_index, const py::array& block_tables, const py::array& logits_indices,
+                          py::array& kv_cache, int num_threads) {
     auto ids = checked_array<int64_t>(token_ids, "token_ids", "int64", {-1});
     const int64_t N = ids.shape(0);
     auto pos = checked_array<int64_t>(positions, "positions", "int64", {N});
@@ -93,11 +120,10 @@ class CpuStep {
     const int64_t R = rows.shape(0);
     const int64_t L = num_layers_, H = n_head_, D = n_embd_ / n_head_;
     auto cache = checked_array<float>(kv_cache, "kv_cache", "float32", {L, 2, -1, -1, H, D});
-    auto out = checked_array<float>(logits, "logits", "float32", {R, vocab_size_});
     if (num_threads < 1) throw py::value_error("num_threads must be >= 1, got " + std::to_string(num_threads));
     StepBatch batch{ids.data(), pos.data(), slot.data(), index.data(), tables.data(), rows.data(), N,
                     tables.shape(0), tables.shape(1), R, cache.mutable_data(), cache.shape(2), cache.shape(3),
-                    out.mutable_data()};
+                    nullptr};
     const int64_t S = batch.num_seqs, bs = batch.block_size, span = batch.max_blocks * bs;
     std::vector<int64_t> last(S, -1);  // per block-table row: the highest position that reads it
     for (int64_t i = 0; i < N; ++i) {
@@ -121,6 +147,10 @@ class CpuStep {
                               std::to_string(want) + ")");
     }
     for (int64_t r = 0; r < R; ++r) check_index(batch.logits_indices[r], N, "logits_indices", r, "step's tokens");
+    return batch;
+  }
+
+  void run(const StepBatch& batch, int num_threads) {
     py::gil_scoped_release release;
     if (bf16_)
       model_step(*bf16_, batch, num_threads);
@@ -130,7 +160,6 @@ class CpuStep {
       model_step(*f32_, batch, num_threads);
   }
 
- private:
   // The step's weights from the model's float32 arrays: the matrices packed as W (bf16: rounded to nearest even, as
   // torch; q8: llama.cpp's q8_0 quantiser with float32 scales, packed_gemm.h); for bf16 every other parameter rounded too, in float32
   // copies, so that the step computes the model GPT2.round_weights_to_bfloat16 makes; for int8 the embedding rows
@@ -196,7 +225,13 @@ void bind_cpu_step(py::module_& m) {
            "the logits of the rows logits_indices into logits (R, vocab).",
            py::arg("token_ids"), py::arg("positions"), py::arg("slots"), py::arg("seq_index"),
            py::arg("block_tables"), py::arg("logits_indices"), py::arg("kv_cache"), py::arg("logits"),
-           py::arg("num_threads") = 1);
+           py::arg("num_threads") = 1)
+      .def("forward_greedy", &CpuStep::forward_greedy,
+           "forward's step with greedy decoding's tokens instead of the logits: tokens (R,) int64 gets the argmax of "
+           "each row's logits over ids [0, limit) (the first of equal ones, or the first NaN), without writing them.",
+           py::arg("token_ids"), py::arg("positions"), py::arg("slots"), py::arg("seq_index"),
+           py::arg("block_tables"), py::arg("logits_indices"), py::arg("kv_cache"), py::arg("tokens"),
+           py::arg("limit"), py::arg("num_threads") = 1);
 }
 
 }  // namespace fastgpt2

@@ -71,6 +71,32 @@ class PackedLinear {
     else run(f_);
   }
 
+  // index (T,) int64 = per row of x the argmax over columns [0, limit) of x W^T + bias, without the product stored.
+  void argmax(const py::array& x, py::array& index, const py::object& bias, int64_t limit, int num_threads) {
+    auto xs = checked_array<float>(x, "x", "float32", {-1, cols_});
+    const int64_t T = xs.shape(0);
+    auto out = checked_array<int64_t>(index, "index", "int64", {T});
+    py::array_t<float, py::array::c_style> bs;
+    const float* bp = nullptr;
+    if (!bias.is_none()) {
+      bs = checked_array<float>(bias.cast<py::array>(), "bias", "float32", {rows_});
+      bp = bs.data();
+    }
+    if (limit < 1 || limit > rows_)
+      throw py::value_error("limit must be in [1, " + std::to_string(rows_) + "], got " + std::to_string(limit));
+    if (num_threads < 1) throw py::value_error("num_threads must be >= 1");
+    const float* xp = xs.data();
+    int64_t* ip = out.mutable_data();
+    py::gil_scoped_release release;
+    auto run = [&](const auto& m) {
+      ThreadPool::with_pool(num_threads, /*linger=*/false,
+                            [&](ThreadPool& pool) { packed_argmax(pool, m, bp, xp, cols_, T, limit, ip); });
+    };
+    if (dtype_ == "bfloat16") run(b_);
+    else if (dtype_ == "int8") run(q_);
+    else run(f_);
+  }
+
  private:
   std::string dtype_;
   int64_t rows_ = 0, cols_ = 0;
@@ -108,7 +134,11 @@ void bind_packed_gemm(py::module_& m) {
            "out = epilogue(x W^T + bias): 'store', 'gelu' (tanh) or 'accumulate' (out += ...); num_threads 0 runs on "
            "the calling thread.",
            py::arg("x"), py::arg("out"), py::arg("bias") = py::none(), py::arg("epilogue") = "store",
-           py::arg("num_threads") = 1);
+           py::arg("num_threads") = 1)
+      .def("argmax", &PackedLinear::argmax,
+           "index = per row of x the argmax of (x W^T + bias)[:, :limit] as torch.argmax picks it (the first of equal "
+           "values, or the first NaN), computed in the GEMM's epilogue without storing the product.",
+           py::arg("x"), py::arg("index"), py::arg("bias") = py::none(), py::arg("limit"), py::arg("num_threads") = 1);
   m.def("quantize_q8", &quantize_q8,
         "An int8 PackedLinear's weights, dequantised: weight (out, in) float32, in % 32 == 0, quantised per row "
         "and block of 32 inputs as llama.cpp's q8_0 (d = absmax / 127, q = roundf(w * (1 / d))) with a float32 scale, "

@@ -9,6 +9,7 @@ enum class Epilogue {
   kStore,       // y = W x + b
   kGelu,        // y = gelu_tanh(W x + b)
   kAccumulate,  // y += W x + b (the residual add)
+  kArgmax,      // nothing stored: per token, the column of the largest W x + b (packed_argmax)
 };
 
 // LayerNorm of one row of n floats (biased variance, as torch). Per row, the same operations whatever else is in the

@@ -122,9 +122,10 @@ void pack_tile(const float* x, int64_t ldx, int64_t t0, int mr, int64_t K, float
 // Panels [p_begin, p_end) for tokens [0, num_tokens), blocked by sweep_panels.
 template <typename W>
 void run_panels(const PackedMatrix<W>& w, const float* bias, const float* xp, int64_t num_tokens, float* y,
-                int64_t ldy, int64_t p_begin, int64_t p_end, Epilogue epilogue) {
+                int64_t ldy, int64_t p_begin, int64_t p_end, Epilogue epilogue,
+                const ArgmaxParts* argmax = nullptr) {
   const int64_t K = w.cols;
-  const Output out{bias, w.rows, K, y, ldy, epilogue};
+  const Output out{bias, w.rows, K, y, ldy, epilogue, argmax};
   const Tiling tiling(num_tokens, kTileTokens);
   const int group = panels_for(tiling.max_size());  // every tile's kernel takes at least this many panels at once
   const int64_t block_tiles = std::max<int64_t>(1, kL2Floats / K / tiling.max_size());
@@ -211,6 +212,18 @@ void packed_linear_serial(const PackedMatrix<W>& w, const float* bias, const flo
   run_panels(w, bias, xp, num_tokens, y, ldy, 0, w.num_panels(), epilogue);
 }
 
+template <typename W>
+void packed_argmax(ThreadPool& pool, const PackedMatrix<W>& w, const float* bias, const float* x, int64_t ldx,
+                   int64_t num_tokens, int64_t limit, int64_t* index) {
+  if (num_tokens <= 0) return;
+  float* xp = at_least(packed_x_buffer(), num_tokens * w.cols);
+  pack_all(&pool, x, ldx, num_tokens, w.cols, xp);
+  argmax_sweep(pool, w.num_panels(), panels_for(Tiling(num_tokens, kTileTokens).max_size()), num_tokens,
+               std::min(limit, w.rows), index, [&](int64_t p0, int64_t p1, const ArgmaxParts* parts) {
+                 run_panels(w, bias, xp, num_tokens, nullptr, 0, p0, p1, Epilogue::kArgmax, parts);
+               });
+}
+
 const char* packed_gemm_isa() { return kIsa; }
 
 double fma_peak_gflops(double seconds) {
@@ -241,6 +254,10 @@ template void packed_linear<float>(ThreadPool&, const PackedMatrix<float>&, cons
                                    float*, int64_t, int64_t, Epilogue);
 template void packed_linear<bf16>(ThreadPool&, const PackedMatrix<bf16>&, const float*, const float*, int64_t, float*,
                                   int64_t, int64_t, Epilogue);
+template void packed_argmax<float>(ThreadPool&, const PackedMatrix<float>&, const float*, const float*, int64_t, int64_t,
+                                   int64_t, int64_t*);
+template void packed_argmax<bf16>(ThreadPool&, const PackedMatrix<bf16>&, const float*, const float*, int64_t, int64_t,
+                                  int64_t, int64_t*);
 template void packed_linear_serial<float>(const PackedMatrix<float>&, const float*, const float*, int64_t, float*,
                                           int64_t, int64_t, Epilogue);
 template void packed_linear_serial<bf16>(const PackedMatrix<bf16>&, const float*, const float*, int64_t, float*,

@@ -77,6 +77,13 @@ template <typename W>
 void packed_linear_serial(const PackedMatrix<W>& w, const float* bias, const float* x, int64_t ldx, float* y,
                           int64_t ldy, int64_t num_tokens, Epilogue epilogue);
 
+// Greedy decoding's pick without the logits: index[t] = the column c < limit (limit <= w.rows) of the largest
+// y[t, c] = b[c] + (W x_t)[c] (the values packed_linear's kStore would store, bitwise), the first of equal ones, or
+// the first NaN's column when there is one (torch.argmax's choice), for num_tokens tokens on the pool's threads.
+template <typename W>
+void packed_argmax(ThreadPool& pool, const PackedMatrix<W>& w, const float* bias, const float* x, int64_t ldx,
+                   int64_t num_tokens, int64_t limit, int64_t* index);
+
 // The int8 kernels (packed_gemm_q8.cpp).
 template <>
 void packed_linear<q8>(ThreadPool& pool, const PackedMatrix<q8>& w, const float* bias, const float* x, int64_t ldx,
@@ -84,6 +91,9 @@ void packed_linear<q8>(ThreadPool& pool, const PackedMatrix<q8>& w, const float*
 template <>
 void packed_linear_serial<q8>(const PackedMatrix<q8>& w, const float* bias, const float* x, int64_t ldx, float* y,
                               int64_t ldy, int64_t num_tokens, Epilogue epilogue);
+template <>
+void packed_argmax<q8>(ThreadPool& pool, const PackedMatrix<q8>& w, const float* bias, const float* x, int64_t ldx,
+                       int64_t num_tokens, int64_t limit, int64_t* index);
 
 // The ISA the kernels were compiled for: "avx512", "avx2" or "portable"; and the int8 kernels' ("avx512_vnni" with
 // VNNI dot products, else as packed_gemm_isa()).

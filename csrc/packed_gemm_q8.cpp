@@ -306,9 +306,10 @@ inline void q8_microkernel(const Q8Panels& w, const Q8Tile& x, int64_t k_begin, 
 
 // Panels [p_begin, p_end) for tokens [0, num_tokens), blocked by sweep_panels.
 void run_panels_q8(const PackedMatrix<q8>& w, const float* bias, const Q8Activations& a, int64_t num_tokens, float* y,
-                   int64_t ldy, int64_t p_begin, int64_t p_end, Epilogue epilogue) {
+                   int64_t ldy, int64_t p_begin, int64_t p_end, Epilogue epilogue,
+                   const ArgmaxParts* argmax = nullptr) {
   const int64_t K = w.cols;
-  const Output out{bias, w.rows, K, y, ldy, epilogue};
+  const Output out{bias, w.rows, K, y, ldy, epilogue, argmax};
   const Tiling tiling(num_tokens, kQ8Tile);
   const int group = q8_panels_for(tiling.max_size());
   const int64_t block_tiles = std::max<int64_t>(1, kL2Floats / K / tiling.max_size());
@@ -425,6 +426,17 @@ void packed_linear_serial<q8>(const PackedMatrix<q8>& w, const float* bias, cons
   if (num_tokens <= 0) return;
   const Q8Activations& a = quantize_all(nullptr, x, ldx, num_tokens, w.cols);
   run_panels_q8(w, bias, a, num_tokens, y, ldy, 0, w.num_panels(), epilogue);
+}
+
+template <>
+void packed_argmax<q8>(ThreadPool& pool, const PackedMatrix<q8>& w, const float* bias, const float* x, int64_t ldx,
+                       int64_t num_tokens, int64_t limit, int64_t* index) {
+  if (num_tokens <= 0) return;
+  const Q8Activations& a = quantize_all(&pool, x, ldx, num_tokens, w.cols);
+  argmax_sweep(pool, w.num_panels(), q8_panels_for(Tiling(num_tokens, kQ8Tile).max_size()), num_tokens,
+               std::min(limit, w.rows), index, [&](int64_t p0, int64_t p1, const ArgmaxParts* parts) {
+                 run_panels_q8(w, bias, a, num_tokens, nullptr, 0, p0, p1, Epilogue::kArgmax, parts);
+               });
 }
 
 const char* packed_gemm_q8_isa() {

@@ -4,6 +4,8 @@
 #pragma once
 
 #include <algorithm>
+#include <climits>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -25,6 +27,15 @@ constexpr int kVecsPerPanel = kPanelRows / kLanes;
 constexpr int64_t kL2Floats = int64_t{1} << 18;  // 1 MiB of packed X per token block
 constexpr int64_t kL1Bytes = 24 * 1024;          // panel slice per K block
 
+// The kArgmax epilogue's partial results: per (panel group g, token t), at g * tokens + t, the best column < limit of
+// that group's tile (index -1: none), as argmax_beats ranks them.
+struct ArgmaxParts {
+  float* value;
+  int64_t* index;
+  int64_t tokens, limit;
+  int group;  // panels per group: the sweep's register-tile width, so a group is one tile's panels
+};
+
 // Where the tiles' outputs go (when the K block ending at `cols` completes their chains).
 struct Output {
   const float* bias;
@@ -32,11 +43,112 @@ struct Output {
   float* y;
   int64_t ldy;
   Epilogue epilogue;
+  const ArgmaxParts* argmax = nullptr;  // kArgmax only
 };
+
+// Whether value v at column i beats the best so far (value best at column best_i < i; best_i < 0: none yet), as
+// torch.argmax ranks them: a NaN beats every number and no later NaN beats it; else only a strictly larger value.
+inline bool argmax_beats(float v, float best, int64_t best_i) {
+  return best_i < 0 || (std::isnan(v) ? !std::isnan(best) : v > best);
+}
+
+// The kArgmax epilogue's search over a tile's columns for one token: lane l keeps the largest value among its
+// columns and the first column holding it (a later column replaces it only with a strictly larger value); finish()
+// takes the largest over the lanes and, among the lanes holding it, the first column. add() reports a NaN instead
+// (its first lane): the caller stops there, as a NaN beats every later column.
+#if defined(FASTGPT2_AVX512)
+struct LaneArgmax {
+  __m512 value = _mm512_set1_ps(-INFINITY);
+  __m512i column = _mm512_set1_epi32(INT32_MAX);  // INT32_MAX: no column yet
+  // Values v[0..n) at columns col0 + lane (n <= 16); returns the first NaN's lane, or -1.
+  int add(const float* v, int n, int64_t col0) {
+    const __mmask16 live = static_cast<__mmask16>(n >= 16 ? 0xffff : (1u << n) - 1);
+    const __m512 x = _mm512_maskz_loadu_ps(live, v);
+    const __mmask16 nan = _mm512_mask_cmp_ps_mask(live, x, x, _CMP_UNORD_Q);
+    if (nan) return __builtin_ctz(nan);
+    // Strictly larger, or the lane's first column (so that a lane of -inf values still holds its first column).
+    const __mmask16 take = _mm512_mask_cmp_ps_mask(live, x, value, _CMP_GT_OQ) |
+                           (live & _mm512_cmpeq_epi32_mask(column, _mm512_set1_epi32(INT32_MAX)));
+    const __m512i cols = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(col0)),
+                                          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    value = _mm512_mask_mov_ps(value, take, x);
+    column = _mm512_mask_mov_epi32(column, take, cols);
+    return -1;
+  }
+  void finish(float* best, int64_t* best_i) const {
+    const float m = _mm512_reduce_max_ps(value);
+    const int32_t c = _mm512_mask_reduce_min_epi32(_mm512_cmp_ps_mask(value, _mm512_set1_ps(m), _CMP_EQ_OQ), column);
+    *best = m, *best_i = c == INT32_MAX ? -1 : c;
+  }
+};
+#else
+struct LaneArgmax {  // one lane: the plain scan
+  float value = 0.0f;
+  int64_t column = -1;
+  int add(const float* v, int n, int64_t col0) {
+    for (int j = 0; j < n; ++j) {
+      if (std::isnan(v[j])) return j;
+      if (column < 0 || v[j] > value) value = v[j], column = col0 + j;
+    }
+    return -1;
+  }
+  void finish(float* best, int64_t* best_i) const { *best = value, *best_i = column; }
+};
+#endif
+
+// kArgmax: the tile's best column per token (of the values store_tile would store) into o.argmax's partials.
+inline void argmax_tile(const float* acc, int mr, int np, const Output& o, int64_t panel, int64_t t0) {
+  const ArgmaxParts& parts = *o.argmax;
+  const int64_t g = panel / parts.group;
+  alignas(64) float v[kPanelRows];
+  for (int i = 0; i < mr; ++i) {
+    LaneArgmax lanes;
+    float best = 0.0f;
+    int64_t best_i = -1;
+    bool nan = false;
+    for (int p = 0; p < np && !nan; ++p) {
+      const int64_t r0 = (panel + p) * kPanelRows;
+      const int64_t cols = std::min<int64_t>(kPanelRows, parts.limit - r0);
+      if (cols <= 0) break;
+      const float* a = acc + i * np * kPanelRows + p * kPanelRows;
+      for (int h = 0; h < kVecsPerPanel; ++h) {
+        Vec s = vload(a + h * kLanes);
+        if (o.bias) {  // store_tile's addition; the padded columns' bias (past rows, so past limit) is never read
+          alignas(64) float b[kLanes] = {};
+          for (int j = 0; j < kLanes && r0 + h * kLanes + j < parts.limit; ++j) b[j] = o.bias[r0 + h * kLanes + j];
+          s = vadd(s, vload(b));
+        }
+        vstore(v + h * kLanes, s);
+      }
+      const int first_nan = lanes.add(v, static_cast<int>(cols), r0);
+      if (first_nan >= 0) best = v[first_nan], best_i = r0 + first_nan, nan = true;
+    }
+    if (!nan) lanes.finish(&best, &best_i);
+    parts.value[g * parts.tokens + t0 + i] = best;
+    parts.index[g * parts.tokens + t0 + i] = best_i;
+  }
+}
+
+// The partials of num_groups groups reduced in column order into index (tokens,).
+inline void finish_argmax(const ArgmaxParts& parts, int64_t num_groups, int64_t* index) {
+  for (int64_t t = 0; t < parts.tokens; ++t) {
+    float best = 0.0f;
+    int64_t best_i = -1;
+    for (int64_t g = 0; g < num_groups; ++g) {
+      const int64_t i = parts.index[g * parts.tokens + t];
+      if (i >= 0 && argmax_beats(parts.value[g * parts.tokens + t], best, best_i)) best = parts.value[g * parts.tokens + t], best_i = i;
+    }
+    index[t] = best_i;
+  }
+}
 
 // y[t0 + i, row + j] = epilogue(acc + bias) for a finished tile of mr tokens x np panels (acc: (mr, np * 16)) from
 // panel `panel`; columns past `rows` (the zero padding of the last panel) are computed like the others and not stored.
 inline void store_tile(const float* acc, int mr, int np, const Output& o, int64_t panel, int64_t t0) {
+  if (o.epilogue == Epilogue::kArgmax) {
+    argmax_tile(acc, mr, np, o, panel, t0);
+    return;
+  }
   const float* bias = o.bias;
   const int64_t row = panel * kPanelRows, rows = o.rows, ldy = o.ldy;
   float* y = o.y;
@@ -213,6 +325,20 @@ void for_panel_tasks(ThreadPool& pool, int64_t panels, int64_t group, const Fn& 
   per_task = std::max(group, (per_task + group - 1) / group * group);
   pool.parallel_for((panels + per_task - 1) / per_task,
                     [&](int64_t i) { fn(i * per_task, std::min(panels, (i + 1) * per_task)); });
+}
+
+// packed_argmax's sweep of both kernels: run(p_begin, p_end, &parts) over the pool in for_panel_tasks's tasks (kArgmax
+// tiles of `group` panels), then the partials reduced into index (tokens,). limit: columns considered (<= panels * 16).
+template <typename Run>
+void argmax_sweep(ThreadPool& pool, int64_t num_panels, int group, int64_t tokens, int64_t limit, int64_t* index,
+                  const Run& run) {
+  const int64_t num_groups = (num_panels + group - 1) / group;
+  thread_local std::vector<float> values;
+  thread_local std::vector<int64_t> indices;
+  const ArgmaxParts parts{at_least(values, num_groups * tokens), at_least(indices, num_groups * tokens), tokens, limit,
+                          group};
+  for_panel_tasks(pool, num_panels, group, [&](int64_t p0, int64_t p1) { run(p0, p1, &parts); });
+  finish_argmax(parts, num_groups, index);
 }
 
 }  // namespace

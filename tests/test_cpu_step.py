@@ -188,6 +188,12 @@ def test_mixed_steps_match_torch_model(name, chunks, block_size, monkeypatch):
     kv_none = kv.clone()
     assert CpuStep(model, kv_none)(*args, rows[:0]).shape == (0, model.config.vocab_size)
     assert torch.equal(kv_none, kv_native)
+    # Greedy tokens picked in the LM head's epilogue: torch.argmax of those logits over the first `limit` ids.
+    for limit in (model.config.vocab_size, model.config.vocab_size - 7):
+        kv_greedy = kv.clone()
+        tokens = CpuStep(model, kv_greedy)(*args, rows, greedy_limit=limit)
+        assert torch.equal(tokens, torch.argmax(logits[rows, :limit], dim=-1))
+        assert torch.equal(kv_greedy, kv_native)
 
 
 def test_a_step_split_into_calls_is_the_same_step(monkeypatch):
@@ -203,6 +209,7 @@ def test_a_step_split_into_calls_is_the_same_step(monkeypatch):
     monkeypatch.setattr(step, "max_tokens_per_call", 7)
     assert n > 7 and torch.equal(step(*args, rows), whole)
     assert torch.equal(kv_split, kv)
+    assert torch.equal(step(*args, rows, greedy_limit=50), torch.argmax(whole[:, :50], dim=-1))
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -225,7 +232,20 @@ def test_bad_batches_are_clear_errors(field, value, message):
     args[field].view(-1)[0] = value
     with pytest.raises(ValueError, match=message):
         step(*args.values())
+    with pytest.raises(ValueError, match=message):
+        step(*args.values(), greedy_limit=10)
     assert torch.equal(kv, before)  # nothing written
+
+
+def test_bad_greedy_limit_is_a_clear_error():
+    model = _model("tiny")
+    kv, ids, pos, slots, tables, lens = _batch(model, 1, 16, seed=0)
+    before = kv.clone()
+    for limit in (0, 102):
+        with pytest.raises(ValueError, match=rf"limit must be in \[1, 101\], got {limit}"):
+            CpuStep(model, kv)(ids, pos, slots, torch.zeros(1, dtype=torch.int32), tables,
+                               torch.zeros(1, dtype=torch.long), greedy_limit=limit)
+    assert torch.equal(kv, before)
 
 
 def test_positions_past_the_block_table_are_a_clear_error():

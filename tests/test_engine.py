@@ -278,3 +278,45 @@ def test_logits_processor_bias_penalties_and_min_tokens(tiny_dir):
     out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=30, min_tokens=4, stop_token_ids=[stop_id]),
                        use_tqdm=False)[0].outputs[0]
     assert stop_id not in out.token_ids[:4] and len(out.token_ids) >= 5
+
+
+@pytest.mark.skipif(not native.HAS_EXTENSION, reason="C++ extension not built")
+def test_plain_greedy_rows_are_picked_in_the_step(tiny_dir, monkeypatch):
+    """Greedy requests that read nothing but the argmax get their tokens from the C++ step's LM head epilogue (no
+    logits written): the same tokens as the sampler's argmax on the logits; any request that needs the logits (logprobs,
+    prompt logprobs, processors, logit bias, a min_tokens ban, penalties, n > 1, sampling) keeps the logits path."""
+    from fastgpt2.engine.llm_engine import LLMEngine
+
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 50256, (n,), generator=g).tolist() for n in (1, 5, 17, 40)]
+    plain = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    llm = LLM(str(tiny_dir), device="cpu")
+    runner, fused_steps = llm.engine.runner, []
+    original_run = runner.run
+
+    def spy(*args, greedy_limit=None, **kwargs):
+        fused_steps.append(greedy_limit is not None)
+        return original_run(*args, greedy_limit=greedy_limit, **kwargs)
+
+    monkeypatch.setattr(runner, "run", spy)
+    fused = [o.outputs[0].token_ids for o in llm.generate(prompts, plain, use_tqdm=False)]
+    assert fused_steps and all(fused_steps)
+    assert len({t for ids in fused for t in ids}) > 10  # varied text
+    monkeypatch.setattr(LLMEngine, "_plain_greedy", lambda *a: False)
+    fused_steps.clear()
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, plain, use_tqdm=False)] == fused
+    assert fused_steps and not any(fused_steps)
+    monkeypatch.undo()
+    monkeypatch.setattr(runner, "run", spy)
+    needs_logits = [dict(logprobs=0), dict(prompt_logprobs=1), dict(logits_processors=[lambda ids, row: row]),
+                    dict(logit_bias={11: 0.5}), dict(min_tokens=3), dict(repetition_penalty=1.2), dict(n=2),
+                    dict(temperature=0.8, seed=1)]
+    for extra in needs_logits:
+        params = SamplingParams(**{**dict(temperature=0, max_tokens=4, ignore_eos=True), **extra})
+        fused_steps.clear()
+        llm.generate(prompts[:2], [plain, params], use_tqdm=False)
+        assert not any(fused_steps[:1]), extra  # the first step samples both requests: the logits path
+    fused_steps.clear()
+    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, min_tokens=3),
+                 use_tqdm=False)
+    assert fused_steps[:3] == [False] * 3 and all(fused_steps[3:])  # the EOS ban ends after 3 tokens

@@ -214,3 +214,55 @@ def test_bad_input_is_a_clear_error():
         gemm.forward(np.ones((2, 16), np.float32), np.empty((2, 4), np.float32), None, "relu")
     with pytest.raises(TypeError, match="float32"):
         gemm.forward(np.ones((2, 16), np.float64), np.empty((2, 4), np.float32))
+
+
+@pytest.mark.isa_variants
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_argmax_is_torch_argmax_of_the_stored_product(dtype):
+    """argmax (the kArgmax epilogue: greedy decoding without the logits) picks, per token, what torch.argmax picks on
+    forward's stored product, bias included, over the first `limit` columns: the first of equal values, the first
+    NaN, the first of a row of -inf, -0 and +0 as equal; for token counts across the tile sizes and column counts
+    with a partial last panel."""
+    rng = np.random.default_rng(7)
+    for rows in (37, 101, 50257):
+        w = rng.standard_normal((rows, 64), dtype=np.float32)
+        w[rows // 3] = w[rows - 2]  # equal columns in different panels (and different tiles' panels)
+        w[5] = w[6]  # equal neighbours in one panel
+        gemm = native._C.PackedLinear(w, dtype)
+        for tokens in (1, 7, 8, 9, 64, 65):
+            x = rng.standard_normal((tokens, 64), dtype=np.float32)
+            for b in (None, rng.standard_normal(rows, dtype=np.float32)):
+                y = np.empty((tokens, rows), np.float32)
+                gemm.forward(x, y, b, "store", 2)
+                for limit in {rows, rows - 3, 17, 1}:
+                    index = np.empty(tokens, np.int64)
+                    gemm.argmax(x, index, b, limit, 1 + tokens % 2)
+                    expected = torch.argmax(torch.from_numpy(y[:, :limit]), dim=-1).numpy()
+                    assert np.array_equal(index, expected), (rows, tokens, limit, b is None)
+    # Special values through the bias (the product is 0): ties across panels, NaN late in the row, all -inf, signed 0.
+    rows = 300
+    gemm = native._C.PackedLinear(np.zeros((rows, 32), np.float32), dtype)
+    x = rng.standard_normal((9, 32), dtype=np.float32)
+    for case in ("ties", "nan", "all -inf", "signed zeros", "inf"):
+        b = np.full(rows, -np.inf, np.float32)
+        if case == "ties":
+            b[[290, 17, 100]] = 3.0
+        if case == "nan":
+            b[3], b[[250, 260]] = 5.0, np.nan
+        if case == "signed zeros":
+            b[:], b[40] = -0.0, 0.0
+        if case == "inf":
+            b[[120, 7]] = np.inf
+        y = np.empty((9, rows), np.float32)
+        gemm.forward(x, y, b, "store", 1)
+        index = np.empty(9, np.int64)
+        gemm.argmax(x, index, b, rows, 2)
+        assert np.array_equal(index, torch.argmax(torch.from_numpy(y), dim=-1).numpy()), case
+
+
+def test_argmax_bad_input_is_a_clear_error():
+    gemm = native._C.PackedLinear(np.ones((4, 16), np.float32))
+    with pytest.raises(ValueError, match=r"limit must be in \[1, 4\], got 5"):
+        gemm.argmax(np.ones((2, 16), np.float32), np.empty(2, np.int64), None, 5)
+    with pytest.raises(ValueError, match="index must have shape"):
+        gemm.argmax(np.ones((2, 16), np.float32), np.empty(3, np.int64), None, 4)

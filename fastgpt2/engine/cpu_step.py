@@ -67,24 +67,37 @@ class CpuStep:
         return (CpuStep.enabled() and w.device.type == "cpu" and w.dtype == torch.float32 and kv_cache.dtype == torch.float32
                 and kv_cache.is_contiguous() and model.config.n_embd % 8 == 0)
 
-    def __call__(self, token_ids, positions, slots, seq_index, block_tables, logits_indices) -> torch.Tensor:
+    def __call__(self, token_ids, positions, slots, seq_index, block_tables, logits_indices,
+                 greedy_limit: int | None = None) -> torch.Tensor:
         """token_ids, positions, slots: (N,) int64; seq_index: (N,) int32, each token's row of block_tables
         (S, max_blocks) int32; logits_indices: (R,) int64. Writes every token's K/V into the pool; returns float32
-        logits (R, vocab) of the rows logits_indices, in that order."""
+        logits (R, vocab) of the rows logits_indices, in that order. With greedy_limit, returns instead greedy
+        decoding's tokens (R,) int64: per row the argmax over ids [0, greedy_limit) of those logits (torch.argmax's
+        choice: the first of equal values, or the first NaN), picked in the LM head's epilogue without the logits
+        being written."""
         num_threads = torch.get_num_threads()
-        logits = torch.empty(len(logits_indices), self.vocab_size, dtype=torch.float32)
+        greedy = greedy_limit is not None
+        num_rows = len(logits_indices)
+        out = (torch.empty(num_rows, dtype=torch.int64) if greedy
+               else torch.empty(num_rows, self.vocab_size, dtype=torch.float32))
         tables = block_tables.numpy()
+
+        def call(start: int, end: int, rows: torch.Tensor, dest: torch.Tensor) -> None:
+            args = (token_ids[start:end].numpy(), positions[start:end].numpy(), slots[start:end].numpy(),
+                    seq_index[start:end].numpy(), tables, rows.numpy(), self._kv_cache, dest.numpy())
+            if greedy:
+                self._step.forward_greedy(*args, greedy_limit, num_threads)
+            else:
+                self._step.forward(*args, num_threads)
+
         n, cap = len(token_ids), self.max_tokens_per_call
         if n <= cap:
-            self._step.forward(token_ids.numpy(), positions.numpy(), slots.numpy(), seq_index.numpy(), tables,
-                               logits_indices.numpy(), self._kv_cache, logits.numpy(), num_threads)
-            return logits
+            call(0, n, logits_indices, out)
+            return out
         for start in range(0, n, cap):
             end = min(start + cap, n)
             rows = ((logits_indices >= start) & (logits_indices < end)).nonzero()[:, 0]
-            part = torch.empty(len(rows), self.vocab_size, dtype=torch.float32)
-            self._step.forward(token_ids[start:end].numpy(), positions[start:end].numpy(), slots[start:end].numpy(),
-                               seq_index[start:end].numpy(), tables, (logits_indices[rows] - start).numpy(),
-                               self._kv_cache, part.numpy(), num_threads)
-            logits[rows] = part
-        return logits
+            part = torch.empty((len(rows),) + tuple(out.shape[1:]), dtype=out.dtype)
+            call(start, end, logits_indices[rows] - start, part)
+            out[rows] = part
+        return out

@@ -12,7 +12,7 @@ from fastgpt2.model.gpt2 import GPT2
 from fastgpt2.engine.model_runner import ModelRunner, kv_bytes_per_block
 from fastgpt2.engine.outputs import CompletionOutput, RequestOutput
 from fastgpt2.engine.prompt_logprobs import prompt_logits_rows, record_prompt_logprobs, want_prompt_logprobs
-from fastgpt2.engine.sampler import Sampler
+from fastgpt2.engine.sampler import SampleResult, Sampler
 from fastgpt2.engine.sampling_params import SamplingParams
 from fastgpt2.engine.scheduler import Scheduler
 from fastgpt2.engine.sequence import Sequence
@@ -210,14 +210,36 @@ class LLMEngine:
             self.sampler.generator.set_state(generator_state)
             raise
 
+    def _plain_greedy(self, sched, sample_mask: list[bool], prompt_rows) -> bool:
+        """Whether every row this step samples takes the raw logits' argmax and nothing else reads them (no logprobs,
+        prompt logprobs, logits processors, logit bias, min_tokens ban, penalties or fork): the C++ step then picks
+        the tokens in its LM head's epilogue (the sampler's argmax on the same logits, bitwise) without writing them."""
+        if not self.runner.fuses_greedy or prompt_rows is not None:
+            return False
+        for seq, sample in zip(sched.seqs, sample_mask):
+            p = seq.params
+            if sample and not (p.greedy and p.logprobs is None and not p.logits_processors and not p.logit_bias
+                               and seq.num_output_tokens >= p.min_tokens and not p.needs_penalties
+                               and not seq.needs_fork):
+                return False
+        return True
+
     def _run_step(self, sched) -> list[RequestOutput]:
         sample_mask = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in zip(sched.seqs, sched.num_new_tokens)]
         prompt_rows = prompt_logits_rows(sched)
+        if self._plain_greedy(sched, sample_mask, prompt_rows):
+            return self._finish_step(sched, sample_mask, None, self.runner.run(sched, sample_mask, None,
+                                                                                greedy_limit=self.vocab_size))
         logits = self.runner.run(sched, sample_mask, prompt_rows)
         if prompt_rows is not None:
             num_sampled = sum(sample_mask)
             record_prompt_logprobs(sched, prompt_rows, logits[num_sampled:], self.vocab_size)
             logits = logits[:num_sampled]
+        return self._finish_step(sched, sample_mask, logits, None)
+
+    def _finish_step(self, sched, sample_mask: list[bool], logits, greedy_tokens) -> list[RequestOutput]:
+        """Commits the step's tokens, samples the rows in sample_mask from logits (or takes greedy_tokens, the
+        step's own picks) and appends them."""
         rows = []
         for seq, n, sample in zip(sched.seqs, sched.num_new_tokens, sample_mask):
             seq.num_computed_tokens += n
@@ -226,8 +248,11 @@ class LLMEngine:
                 rows.append(seq)
         if not rows:
             return []
-        rows, logits = self._fork(rows, logits)
-        result = self.sampler(logits, rows)
+        if greedy_tokens is not None:
+            result = SampleResult(greedy_tokens.tolist(), [None] * len(rows))
+        else:
+            rows, logits = self._fork(rows, logits)
+            result = self.sampler(logits, rows)
         finished = []
         now = time.perf_counter()
         for seq, token, lp in zip(rows, result.token_ids, result.logprobs):

@@ -37,6 +37,11 @@ class ModelRunner:
         if use_cuda_graphs and self.device.type == "cuda":
             self.decode_graphs = DecodeGraphs(model, self.kv_caches, block_size, max_num_seqs, self.scale)
 
+    @property
+    def fuses_greedy(self) -> bool:
+        """Whether run() can return greedy tokens picked inside the step (greedy_limit) instead of the logits."""
+        return self.cpu_step is not None
+
     def refresh_weights(self) -> None:
         """After the model's parameters were overwritten in place: rebuild the C++ step (it keeps packed copies of the
         weight matrices) and drop the model's transposed-head cache. CUDA graphs read the parameters in place."""
@@ -97,15 +102,19 @@ class ModelRunner:
                 torch.tensor(seq_index, dtype=torch.int32, device=dev), table_tensor)
 
     @torch.inference_mode()
-    def run(self, sched: SchedulerOutput, sample_mask: list[bool],
-            prompt_rows: list[range] | None = None) -> torch.Tensor | None:
+    def run(self, sched: SchedulerOutput, sample_mask: list[bool], prompt_rows: list[range] | None = None,
+            greedy_limit: int | None = None) -> torch.Tensor | None:
         """Run one step; returns float32 logits (num_sampled + num_prompt_rows, vocab): the rows in sample_mask,
-        then those of prompt_rows (see prepare); None when there are none."""
+        then those of prompt_rows (see prepare); None when there are none. greedy_limit (the C++ step only, see
+        fuses_greedy): the sampled rows' greedy tokens (num_sampled,) int64 instead, each the argmax over ids
+        [0, greedy_limit) of the logits it would have returned."""
         self.copy_blocks(sched.block_copies)
         ids, pos, meta, logits_indices, seq_index, tables = self.prepare(sched, sample_mask, prompt_rows)
         if self.cpu_step is not None:  # every CPU step: prefill chunks, decodes, prompt-logprob rows
-            logits = self.cpu_step(ids, pos, meta.slot_mapping, seq_index, tables, logits_indices)
-            return logits if len(logits_indices) else None
+            out = self.cpu_step(ids, pos, meta.slot_mapping, seq_index, tables, logits_indices, greedy_limit)
+            return out if len(logits_indices) else None
+        if greedy_limit is not None:
+            raise ValueError("greedy_limit needs the C++ CPU step (ModelRunner.fuses_greedy)")
         # On CUDA, a step of decodes only, each sampled, replays a captured graph when it fits.
         decode_only = (meta.num_prefills == 0 and len(logits_indices) == meta.num_decode_tokens
                        and not any(prompt_rows or ()))
