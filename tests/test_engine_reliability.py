@@ -189,6 +189,8 @@ def test_padded_vocabulary_never_draws_padding(tiny_dir):
                                                                    logprobs=3, ignore_eos=True)], use_tqdm=False)
     assert outs[0].outputs[0].token_ids[1:] == want[1:] and outs[0].outputs[0].token_ids[0] == want[0]
     assert max(outs[1].outputs[0].token_ids) < 50257
+    # Greedy alone: the C++ step picks the tokens in its LM head's epilogue, over the tokenizer's ids only.
+    assert llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == want
     assert all(max(lp) < 50257 for lp in outs[1].outputs[0].logprobs)
 
 
