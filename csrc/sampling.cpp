@@ -3,15 +3,13 @@
 #include "sampling.h"
 
 #include <algorithm>
-#include <exception>
 #include <limits>
-#include <system_error>
-#include <thread>
 
 #include "sampling_math.h"
 #include "sampling_fast.h"
 #include "sampling_passes.h"
 #include "sampling_select.h"
+#include "thread_pool.h"
 
 namespace fastgpt2 {
 namespace sampling_detail {
@@ -198,42 +196,24 @@ void collect_row(const Workspace& ws, int64_t vocab_size, const RowPlan& plan, R
 }
 
 // Runs row_fn(row, is_last_of_range, workspace) over [0, num_rows), rows split into contiguous ranges over up to
-// num_threads threads.
+// num_threads threads: the process-wide pool's (ThreadPool::with_pool, the C++ step's pool), whose threads keep their
+// workspaces between calls. (Threads spawned per call rebuilt theirs every call: ~0.7 MB zero-filled each; a batch of
+// 64 rows of 50257 on 2 threads was 1.3-1.4x faster than on one instead of about 2x.)
 template <typename RowFn>
 void parallel_rows(int64_t num_rows, int num_threads, const RowFn& row_fn) {
-  const int64_t num_workers = std::max<int64_t>(1, std::min<int64_t>(num_threads, num_rows));
-  auto run_range = [&](int64_t begin, int64_t end) {
+  const int64_t num_ranges = std::max<int64_t>(1, std::min<int64_t>(num_threads, num_rows));
+  auto run_range = [&](int64_t w) {
     thread_local Workspace ws;
     ws.next_scanned = nullptr;  // a scan left by an earlier call (one that threw) is not this call's
+    const int64_t begin = num_rows * w / num_ranges, end = num_rows * (w + 1) / num_ranges;
     for (int64_t row = begin; row < end; ++row) row_fn(row, row + 1 == end, ws);
   };
-  auto range_begin = [&](int64_t w) { return num_rows * w / num_workers; };
-  std::vector<std::thread> threads;
-  std::vector<std::exception_ptr> errors(num_workers);
-  int64_t spawned = 1;
-  for (; spawned < num_workers; ++spawned) {
-    try {
-      threads.emplace_back([&, spawned] {
-        try {
-          run_range(range_begin(spawned), range_begin(spawned + 1));
-        } catch (...) {
-          errors[spawned] = std::current_exception();
-        }
-      });
-    } catch (const std::system_error&) {
-      break;  // no more threads: the calling thread takes the remaining rows
-    }
+  if (num_ranges == 1) {
+    run_range(0);
+    return;
   }
-  try {
-    run_range(range_begin(0), range_begin(1));
-    if (spawned < num_workers) run_range(range_begin(spawned), num_rows);
-  } catch (...) {
-    errors[0] = std::current_exception();
-  }
-  for (std::thread& t : threads) t.join();
-  for (const std::exception_ptr& error : errors) {
-    if (error) std::rethrow_exception(error);
-  }
+  ThreadPool::with_pool(num_threads, /*linger=*/false,
+                        [&](ThreadPool& pool) { pool.parallel_for(num_ranges, run_range); });
 }
 
 // torch.argmax of one row: the first index of its largest value, or of its first NaN when it holds one. Pass 1 is the
