@@ -254,8 +254,8 @@ template void packed_linear<float>(ThreadPool&, const PackedMatrix<float>&, cons
                                    float*, int64_t, int64_t, Epilogue);
 template void packed_linear<bf16>(ThreadPool&, const PackedMatrix<bf16>&, const float*, const float*, int64_t, float*,
                                   int64_t, int64_t, Epilogue);
-template void packed_argmax<float>(ThreadPool&, const PackedMatrix<float>&, const float*, const float*, int64_t, int64_t,
-                                   int64_t, int64_t*);
+template void packed_argmax<float>(ThreadPool&, const PackedMatrix<float>&, const float*, const float*, int64_t,
+                                   int64_t, int64_t, int64_t*);
 template void packed_argmax<bf16>(ThreadPool&, const PackedMatrix<bf16>&, const float*, const float*, int64_t, int64_t,
                                   int64_t, int64_t*);
 template void packed_linear_serial<float>(const PackedMatrix<float>&, const float*, const float*, int64_t, float*,

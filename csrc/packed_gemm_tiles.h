@@ -136,7 +136,8 @@ inline void finish_argmax(const ArgmaxParts& parts, int64_t num_groups, int64_t*
     int64_t best_i = -1;
     for (int64_t g = 0; g < num_groups; ++g) {
       const int64_t i = parts.index[g * parts.tokens + t];
-      if (i >= 0 && argmax_beats(parts.value[g * parts.tokens + t], best, best_i)) best = parts.value[g * parts.tokens + t], best_i = i;
+      const float v = parts.value[g * parts.tokens + t];
+      if (i >= 0 && argmax_beats(v, best, best_i)) best = v, best_i = i;
     }
     index[t] = best_i;
   }
