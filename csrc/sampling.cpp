@@ -195,13 +195,15 @@ void collect_row(const Workspace& ws, int64_t vocab_size, const RowPlan& plan, R
   for (size_t n = 0; n < out.ids.size(); ++n) out.probs[n] = static_cast<float>(ws.e[out.ids[n]] / total);
 }
 
-// Runs row_fn(row, is_last_of_range, workspace) over [0, num_rows), rows split into contiguous ranges over up to
-// num_threads threads: the process-wide pool's (ThreadPool::with_pool, the C++ step's pool), whose threads keep their
+// Runs row_fn(row, is_last_of_range, workspace) over [0, num_rows), rows split into at most max_ranges contiguous
+// ranges over up to num_threads threads: the process-wide pool's (ThreadPool::with_pool, the C++ step's pool, of
+// num_threads threads: asked with another count it would be rebuilt, twice per step), whose threads keep their
 // workspaces between calls. (Threads spawned per call rebuilt theirs every call: ~0.7 MB zero-filled each; a batch of
 // 64 rows of 50257 on 2 threads was 1.3-1.4x faster than on one instead of about 2x.)
 template <typename RowFn>
-void parallel_rows(int64_t num_rows, int num_threads, const RowFn& row_fn) {
-  const int64_t num_ranges = std::max<int64_t>(1, std::min<int64_t>(num_threads, num_rows));
+void parallel_rows(int64_t num_rows, int num_threads, const RowFn& row_fn,
+                   int64_t max_ranges = std::numeric_limits<int64_t>::max()) {
+  const int64_t num_ranges = std::max<int64_t>(1, std::min<int64_t>({int64_t{num_threads}, num_rows, max_ranges}));
   auto run_range = [&](int64_t w) {
     thread_local Workspace ws;
     ws.next_scanned = nullptr;  // a scan left by an earlier call (one that threw) is not this call's
@@ -249,11 +251,11 @@ int64_t argmax_row(const float* x, int64_t n) {
 void argmax_rows(const float* logits_ptr, int64_t num_rows, int64_t vocab_size, int64_t stride_row, int64_t* out_ptr,
                  int num_threads) {
   using namespace sampling_detail;
-  // One thread per 16 rows at most: a row takes a few microseconds, a thread's start tens.
-  const int threads = static_cast<int>(std::min<int64_t>(num_threads, (num_rows + 15) / 16));
-  parallel_rows(num_rows, std::max(threads, 1), [&](int64_t row, bool, Workspace&) {
-    out_ptr[row] = argmax_row(logits_ptr + row * stride_row, vocab_size);
-  });
+  // One range per 16 rows at most: a row takes a few microseconds, waking a pool thread some.
+  parallel_rows(
+      num_rows, num_threads,
+      [&](int64_t row, bool, Workspace&) { out_ptr[row] = argmax_row(logits_ptr + row * stride_row, vocab_size); },
+      (num_rows + 15) / 16);
 }
 
 void topk_topp_minp_sample(const float* logits_ptr, int64_t num_rows, int64_t vocab_size, int64_t stride_row,
