@@ -31,17 +31,21 @@ STEP_SIZES = [1, 2, 3, 4, 5, 11, 12, 13, 16, 17, 33, 64]
 # -- 1. attention ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.isa_variants
-@pytest.mark.parametrize("num_heads,head_dim,block_size", [(2, 64, 16), (3, 16, 7), (2, 12, 8)])
+@pytest.mark.parametrize("num_heads,head_dim,block_size",
+                         [(2, 64, 16), (2, 64, 7), (1, 64, 20), (3, 16, 7), (2, 12, 8)])
 def test_multi_query_attention_is_bitwise_the_one_query_path(num_heads, head_dim, block_size):
     """Packed queries of several sequences (chunks longer than a 16-query tile, a chunk after a cached prefix, lone
-    decodes) against each query alone through paged_decode_attention (attend_one_head). head_dim 12 takes the
-    portable dot product."""
-    g = torch.Generator().manual_seed(head_dim)
-    max_blocks, num_blocks = 12, 40
+    decodes) against each query alone through paged_decode_attention (attend_one_head). With head_dim 64 and AVX-512,
+    groups of 12-16 queries take the query-lanes scores (the 29-token chunk's second group has 13, the others' last
+    groups 5 and 8 take the pairs); blocks of 7 and 20 keys cut its 16-key tiles. head_dim 12 takes the portable dot
+    product."""
+    g = torch.Generator().manual_seed(head_dim + block_size)
+    max_blocks, num_blocks = 12, 50
     kv = torch.randn(2, num_blocks, block_size, num_heads, head_dim, generator=g)
-    tables = torch.randperm(num_blocks, generator=g)[:3 * max_blocks].view(3, max_blocks).int()
-    # (sequence, first position, count): sequence 0 a 37-token prompt, 1 a decode, 2 a chunk after 19 cached tokens.
-    chunks = [(0, 0, 37), (1, 50, 1), (2, 19, 40), (1, 51, 1)]
+    tables = torch.randperm(num_blocks, generator=g)[:4 * max_blocks].view(4, max_blocks).int()
+    # (sequence, first position, count): sequence 0 a 37-token prompt, 1 a decode, 2 a chunk after 19 cached tokens,
+    # 3 a 29-token chunk after 7.
+    chunks = [(0, 0, 37), (1, 50, 1), (2, 19, 40), (1, 51, 1), (3, 7, 29)]
     index = torch.tensor([s for s, _, n in chunks for _ in range(n)], dtype=torch.int32)
     lens = torch.tensor([p + 1 for _, first, n in chunks for p in range(first, first + n)], dtype=torch.int32)
     q = torch.randn(len(index), num_heads, head_dim, generator=g)
