@@ -1,6 +1,6 @@
 // The CPU step (see decode.h). Per layer: LayerNorm per row, then four parallel regions over weight rows and one over
 // (query group, head) pairs; the residual adds and GELU are fused into the projections' epilogues, and every new K/V
-// of the step is written straight from the QKV output into the pool before any token attends. The last layer runs
+// of the step is stored into the pool by the QKV projection's epilogue before any token attends. The last layer runs
 // past its QKV on the logits rows only (a 512-token prompt: ~8% less time on one Intel Xeon, 2 threads).
 #include "decode.h"
 
@@ -67,6 +67,9 @@ void model_step(const ModelWeights<W>& w, const StepBatch& batch, int num_thread
   std::vector<int32_t> rows_seq;
   std::vector<int64_t> rows_len;
   const float* final_rows = x;  // ln_f's input: x (rows logits_indices) or x_rows (rows 0..R-1)
+  // K/V from the QKV GEMM's epilogue straight into the pool (whole 16-column panels: every GPT-2 size), else copied
+  // from qkv afterwards (a 512-token prompt: the copy was 1.3% of its time on one Intel Xeon, 2 threads).
+  const bool kv_direct = C % kPanelRows == 0;
   ThreadPool::with_pool(num_threads, /*linger=*/true, [&](ThreadPool& pool) {
     // 1. Token + position embeddings (a prompt's rows of the token embedding are cache misses: split over threads).
     for_rows(pool, N, [&](int64_t i) {
@@ -80,11 +83,16 @@ void model_step(const ModelWeights<W>& w, const StepBatch& batch, int num_thread
       float* v_cache = k_cache + pool_stride;
       // 2. x + attn(ln_1(x)): QKV, every token's K/V into the pool, attention, output projection added to x.
       layer_norms(pool, x, nullptr, N, L.ln_1_weight, L.ln_1_bias, h, C, eps);
-      packed_linear(pool, L.c_attn, L.c_attn_bias, h, C, qkv, 3 * C, N, Epilogue::kStore);
-      for_rows(pool, N, [&](int64_t i) {
-        std::memcpy(k_cache + batch.slots[i] * C, qkv + i * 3 * C + C, C * sizeof(float));
-        std::memcpy(v_cache + batch.slots[i] * C, qkv + i * 3 * C + 2 * C, C * sizeof(float));
-      });
+      if (kv_direct) {  // the QKV GEMM stores K and V in the pool itself, Q in qkv
+        const KVDestination kv{k_cache, v_cache, batch.slots, C};
+        packed_linear(pool, L.c_attn, L.c_attn_bias, h, C, qkv, 3 * C, N, Epilogue::kStore, &kv);
+      } else {
+        packed_linear(pool, L.c_attn, L.c_attn_bias, h, C, qkv, 3 * C, N, Epilogue::kStore);
+        for_rows(pool, N, [&](int64_t i) {
+          std::memcpy(k_cache + batch.slots[i] * C, qkv + i * 3 * C + C, C * sizeof(float));
+          std::memcpy(v_cache + batch.slots[i] * C, qkv + i * 3 * C + 2 * C, C * sizeof(float));
+        });
+      }
       // The last layer's output is read only by ln_f on the logits rows: when those are fewer than the step's
       // tokens (a prompt wants one), the rest of the layer runs on them alone, their rows gathered (x_rows) in
       // logits order. Every K/V of the step is in the pool already, and each row's operations are the same

@@ -123,9 +123,9 @@ void pack_tile(const float* x, int64_t ldx, int64_t t0, int mr, int64_t K, float
 template <typename W>
 void run_panels(const PackedMatrix<W>& w, const float* bias, const float* xp, int64_t num_tokens, float* y,
                 int64_t ldy, int64_t p_begin, int64_t p_end, Epilogue epilogue,
-                const ArgmaxParts* argmax = nullptr) {
+                const ArgmaxParts* argmax = nullptr, const KVDestination* kv = nullptr) {
   const int64_t K = w.cols;
-  const Output out{bias, w.rows, K, y, ldy, epilogue, argmax};
+  const Output out{bias, w.rows, K, y, ldy, epilogue, argmax, kv};
   const Tiling tiling(num_tokens, kTileTokens);
   const int group = panels_for(tiling.max_size());  // every tile's kernel takes at least this many panels at once
   const int64_t block_tiles = std::max<int64_t>(1, kL2Floats / K / tiling.max_size());
@@ -195,12 +195,15 @@ void pack_all(ThreadPool* pool, const float* x, int64_t ldx, int64_t num_tokens,
 
 template <typename W>
 void packed_linear(ThreadPool& pool, const PackedMatrix<W>& w, const float* bias, const float* x, int64_t ldx,
-                   float* y, int64_t ldy, int64_t num_tokens, Epilogue epilogue) {
+                   float* y, int64_t ldy, int64_t num_tokens, Epilogue epilogue, const KVDestination* kv) {
+  check_kv_destination(kv, w.rows, epilogue);
   if (num_tokens <= 0) return;
   float* xp = at_least(packed_x_buffer(), num_tokens * w.cols);
   pack_all(&pool, x, ldx, num_tokens, w.cols, xp);
   for_panel_tasks(pool, w.num_panels(), panels_for(Tiling(num_tokens, kTileTokens).max_size()),
-                  [&](int64_t p0, int64_t p1) { run_panels(w, bias, xp, num_tokens, y, ldy, p0, p1, epilogue); });
+                  [&](int64_t p0, int64_t p1) {
+                    run_panels(w, bias, xp, num_tokens, y, ldy, p0, p1, epilogue, nullptr, kv);
+                  });
 }
 
 template <typename W>
@@ -251,9 +254,9 @@ double fma_peak_gflops(double seconds) {
 template PackedMatrix<float> pack_matrix<float>(const float*, int64_t, int64_t);
 template PackedMatrix<bf16> pack_matrix<bf16>(const float*, int64_t, int64_t);
 template void packed_linear<float>(ThreadPool&, const PackedMatrix<float>&, const float*, const float*, int64_t,
-                                   float*, int64_t, int64_t, Epilogue);
+                                   float*, int64_t, int64_t, Epilogue, const KVDestination*);
 template void packed_linear<bf16>(ThreadPool&, const PackedMatrix<bf16>&, const float*, const float*, int64_t, float*,
-                                  int64_t, int64_t, Epilogue);
+                                  int64_t, int64_t, Epilogue, const KVDestination*);
 template void packed_argmax<float>(ThreadPool&, const PackedMatrix<float>&, const float*, const float*, int64_t,
                                    int64_t, int64_t, int64_t*);
 template void packed_argmax<bf16>(ThreadPool&, const PackedMatrix<bf16>&, const float*, const float*, int64_t, int64_t,

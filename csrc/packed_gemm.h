@@ -67,10 +67,21 @@ float quantize_q8_block(const float* w, int8_t* q);
 // out (rows, cols) = the weights a PackedMatrix<q8> computes with: float(q) * d per block (cols % 32 == 0).
 void dequantize_q8(const float* w, int64_t rows, int64_t cols, float* out);
 
+// The QKV projection's K and V columns written straight into the KV pool (kStore only): token t's output columns
+// [C, 2C) go to k + slots[t] * C and [2C, 3C) to v + slots[t] * C (C = channels, a multiple of kPanelRows; the matrix
+// has 3C rows), y receiving columns [0, C) only. The values are kStore's bit for bit; only their addresses change.
+struct KVDestination {
+  float* k;
+  float* v;
+  const int64_t* slots;
+  int64_t channels;
+};
+
 // y (T, rows) with row stride ldy from x (T, cols) with row stride ldx, over the pool's threads. bias may be null.
+// kv: see KVDestination (std::invalid_argument unless it fits the matrix and the epilogue is kStore).
 template <typename W>
 void packed_linear(ThreadPool& pool, const PackedMatrix<W>& w, const float* bias, const float* x, int64_t ldx,
-                   float* y, int64_t ldy, int64_t num_tokens, Epilogue epilogue);
+                   float* y, int64_t ldy, int64_t num_tokens, Epilogue epilogue, const KVDestination* kv = nullptr);
 
 // The same on the calling thread only (tests, benchmarks).
 template <typename W>
@@ -87,7 +98,7 @@ void packed_argmax(ThreadPool& pool, const PackedMatrix<W>& w, const float* bias
 // The int8 kernels (packed_gemm_q8.cpp).
 template <>
 void packed_linear<q8>(ThreadPool& pool, const PackedMatrix<q8>& w, const float* bias, const float* x, int64_t ldx,
-                       float* y, int64_t ldy, int64_t num_tokens, Epilogue epilogue);
+                       float* y, int64_t ldy, int64_t num_tokens, Epilogue epilogue, const KVDestination* kv);
 template <>
 void packed_linear_serial<q8>(const PackedMatrix<q8>& w, const float* bias, const float* x, int64_t ldx, float* y,
                               int64_t ldy, int64_t num_tokens, Epilogue epilogue);

@@ -307,9 +307,9 @@ inline void q8_microkernel(const Q8Panels& w, const Q8Tile& x, int64_t k_begin, 
 // Panels [p_begin, p_end) for tokens [0, num_tokens), blocked by sweep_panels.
 void run_panels_q8(const PackedMatrix<q8>& w, const float* bias, const Q8Activations& a, int64_t num_tokens, float* y,
                    int64_t ldy, int64_t p_begin, int64_t p_end, Epilogue epilogue,
-                   const ArgmaxParts* argmax = nullptr) {
+                   const ArgmaxParts* argmax = nullptr, const KVDestination* kv = nullptr) {
   const int64_t K = w.cols;
-  const Output out{bias, w.rows, K, y, ldy, epilogue, argmax};
+  const Output out{bias, w.rows, K, y, ldy, epilogue, argmax, kv};
   const Tiling tiling(num_tokens, kQ8Tile);
   const int group = q8_panels_for(tiling.max_size());
   const int64_t block_tiles = std::max<int64_t>(1, kL2Floats / K / tiling.max_size());
@@ -413,11 +413,14 @@ PackedMatrix<q8> pack_matrix<q8>(const float* w, int64_t rows, int64_t cols) {
 
 template <>
 void packed_linear<q8>(ThreadPool& pool, const PackedMatrix<q8>& w, const float* bias, const float* x, int64_t ldx,
-                       float* y, int64_t ldy, int64_t num_tokens, Epilogue epilogue) {
+                       float* y, int64_t ldy, int64_t num_tokens, Epilogue epilogue, const KVDestination* kv) {
+  check_kv_destination(kv, w.rows, epilogue);
   if (num_tokens <= 0) return;
   const Q8Activations& a = quantize_all(&pool, x, ldx, num_tokens, w.cols);
   for_panel_tasks(pool, w.num_panels(), q8_panels_for(Tiling(num_tokens, kQ8Tile).max_size()),
-                  [&](int64_t p0, int64_t p1) { run_panels_q8(w, bias, a, num_tokens, y, ldy, p0, p1, epilogue); });
+                  [&](int64_t p0, int64_t p1) {
+                    run_panels_q8(w, bias, a, num_tokens, y, ldy, p0, p1, epilogue, nullptr, kv);
+                  });
 }
 
 template <>

@@ -10,6 +10,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -48,7 +50,17 @@ struct Output {
   int64_t ldy;
   Epilogue epilogue;
   const ArgmaxParts* argmax = nullptr;  // kArgmax only
+  const KVDestination* kv = nullptr;    // kStore only: columns [C, 3C) into the KV pool
 };
+
+// packed_linear's check of a KVDestination against the matrix and the epilogue.
+inline void check_kv_destination(const KVDestination* kv, int64_t rows, Epilogue epilogue) {
+  if (kv == nullptr) return;
+  if (epilogue != Epilogue::kStore || kv->channels <= 0 || kv->channels % kPanelRows != 0 || rows != 3 * kv->channels)
+    throw std::invalid_argument("packed_linear: a KV destination needs the kStore epilogue and a matrix of 3 x " +
+                                std::to_string(kv->channels) + " rows (a multiple of 16 channels), got " +
+                                std::to_string(rows) + " rows");
+}
 
 // Whether value v at column i beats the best so far (value best at column best_i < i; best_i < 0: none yet), as
 // torch.argmax ranks them: a NaN beats every number and no later NaN beats it; else only a strictly larger value.
@@ -167,12 +179,17 @@ inline void store_tile(const float* acc, int mr, int np, const Output& o, int64_
       if (cols <= 0) break;
       const float* a = acc + i * np * kPanelRows + p * kPanelRows;
       if (cols == kPanelRows) {  // the common case: straight from registers
+        float* dst = out + r0;
+        if (o.kv != nullptr && r0 >= o.kv->channels) {  // a K or V column panel: the token's row of the pool
+          const int64_t C = o.kv->channels, part = r0 / C;
+          dst = (part == 1 ? o.kv->k : o.kv->v) + o.kv->slots[t0 + i] * C + (r0 - part * C);
+        }
         for (int h = 0; h < kVecsPerPanel; ++h) {
           Vec s = vload(a + h * kLanes);
           if (bias) s = vadd(s, vload(bias + r0 + h * kLanes));
           if (epilogue == Epilogue::kGelu) s = vgelu(s);
-          if (epilogue == Epilogue::kAccumulate) s = vadd(vload(out + r0 + h * kLanes), s);
-          vstore(out + r0 + h * kLanes, s);
+          if (epilogue == Epilogue::kAccumulate) s = vadd(vload(dst + h * kLanes), s);
+          vstore(dst + h * kLanes, s);
         }
         continue;
       }

@@ -17,6 +17,8 @@ CONFIGS = {
     # vocab 101 and 3C = 96 leave row tails the 4-row kernel does not cover
     "tiny": GPT2Config(vocab_size=101, n_positions=96, n_embd=32, n_layer=2, n_head=2),
     "124M-geometry": GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=2, n_head=12),
+    # 40 channels, not a multiple of 16: the K/V are copied from the QKV output instead of stored by its epilogue
+    "odd-channels": GPT2Config(vocab_size=67, n_positions=96, n_embd=40, n_layer=2, n_head=2),
 }
 
 
