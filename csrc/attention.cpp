@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "simd.h"
 #include "thread_pool.h"
@@ -126,26 +127,23 @@ inline void accumulate_context(const float* const* p, const int64_t* n, const fl
   for (int64_t start = 0; start < hi; start += block_size) {
     const float* v = v_cache + static_cast<int64_t>(table[start / block_size]) * block_size * stride + head_offset;
     const int64_t end = std::min(hi, start + block_size);
+    // Key t's FMAs; masked past each query's own count only where the counts differ: keys every query attends to
+    // need no masks (their scalar compares and mask moves share ports with the FMAs: 6 queries over 512 keys of a
+    // prompt on one Intel Xeon core, 3.2 -> 2.9 cycles per query and key).
+    auto key = [&](int64_t t, auto masked) {
+      __m512 vt[4];
+      for (int i = 0; i < 4; ++i) vt[i] = _mm512_loadu_ps(v + (t - start) * stride + 16 * i);
+      for (int j = 0; j < R; ++j) {
+        const __m512 w = _mm512_set1_ps(p[j][t]);
+        const __mmask16 live = !decltype(masked)::value || t < n[j] ? 0xffff : 0;
+        for (int i = 0; i < 4; ++i)
+          o[j][i] = decltype(masked)::value ? _mm512_mask3_fmadd_ps(w, vt[i], o[j][i], live)
+                                            : _mm512_fmadd_ps(w, vt[i], o[j][i]);
+      }
+    };
     int64_t t = start;
-    // Keys every query attends to need no masks (their scalar compares and mask moves share ports with the FMAs:
-    // 6 queries over 512 keys of a prompt on one Intel Xeon core, 3.2 -> 2.9 cycles per query and key).
-    for (const int64_t stop = std::min(end, lo); t < stop; ++t) {
-      __m512 vt[4];
-      for (int i = 0; i < 4; ++i) vt[i] = _mm512_loadu_ps(v + (t - start) * stride + 16 * i);
-      for (int j = 0; j < R; ++j) {
-        const __m512 w = _mm512_set1_ps(p[j][t]);
-        for (int i = 0; i < 4; ++i) o[j][i] = _mm512_fmadd_ps(w, vt[i], o[j][i]);
-      }
-    }
-    for (; t < end; ++t) {
-      __m512 vt[4];
-      for (int i = 0; i < 4; ++i) vt[i] = _mm512_loadu_ps(v + (t - start) * stride + 16 * i);
-      for (int j = 0; j < R; ++j) {
-        const __m512 w = _mm512_set1_ps(p[j][t]);
-        const __mmask16 live = t < n[j] ? 0xffff : 0;
-        for (int i = 0; i < 4; ++i) o[j][i] = _mm512_mask3_fmadd_ps(w, vt[i], o[j][i], live);
-      }
-    }
+    for (const int64_t stop = std::min(end, lo); t < stop; ++t) key(t, std::false_type{});
+    for (; t < end; ++t) key(t, std::true_type{});
   }
   for (int j = 0; j < R; ++j)
     for (int i = 0; i < 4; ++i) _mm512_storeu_ps(out[j] + 16 * i, o[j][i]);
@@ -154,7 +152,10 @@ inline void accumulate_context(const float* const* p, const int64_t* n, const fl
 // r[i] = row i of a 16 x 16 tile -> r[j] = its column j.
 inline void transpose16(__m512* r) {
   __m512 t[16], u[16];
-  for (int i = 0; i < 16; i += 2) t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
   for (int i = 0; i < 16; i += 4)  // u[i + c]: column 4m + c of rows i..i+3, in each 128-bit chunk m
     for (int h = 0; h < 2; ++h) {
       const __m512d a = _mm512_castps_pd(t[i + h]), b = _mm512_castps_pd(t[i + h + 2]);
@@ -368,7 +369,8 @@ void attend_queries(const float* q, int64_t q_stride, const int64_t* seq_lens, i
   if (head_dim == 64) lanes_end = num_queries / 16 * 16 + (num_queries % 16 >= 12 ? num_queries % 16 : 0);
 #endif
   const int64_t num_chunks = (lanes_end + 15) / 16;
-  scores.resize(num_queries * (stride + 1) + num_chunks * 64 * 16);
+  constexpr int64_t kQtFloats = 64 * 16;  // a chunk's Q^T: head_dim 64 vectors of 16 lanes
+  scores.resize(num_queries * (stride + 1) + num_chunks * kQtFloats);
   float* sums = scores.data() + num_queries * stride;  // per query: its softmax denominator
   [[maybe_unused]] float* const qt = sums + num_queries;  // per chunk of 16 queries: Q^T (64 vectors of 16 lanes)
 #ifdef FASTGPT2_AVX512
@@ -379,7 +381,7 @@ void attend_queries(const float* q, int64_t q_stride, const int64_t* seq_lens, i
       for (int64_t j = 0; j < 16; ++j)
         r[j] = j < nq ? _mm512_loadu_ps(q + (16 * c + j) * q_stride + d) : _mm512_setzero_ps();
       transpose16(r);
-      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(qt + c * 1024 + (d + i) * 16, r[i]);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(qt + c * kQtFloats + (d + i) * 16, r[i]);
     }
   }
 #endif
@@ -393,10 +395,11 @@ void attend_queries(const float* q, int64_t q_stride, const int64_t* seq_lens, i
       for (int64_t j = first; j < first + nq; ++j) n = std::max(n, std::min(block_size, seq_lens[j] - start));
       for (int64_t t0 = 0; t0 < n; t0 += 16) {
         __m512 s[16];
-        score_query_lanes(qt + c * 1024, k + t0 * token_stride, std::min<int64_t>(16, n - t0), token_stride, scale, s);
+        const int64_t m = std::min<int64_t>(16, n - t0);  // keys of this tile
+        score_query_lanes(qt + c * kQtFloats, k + t0 * token_stride, m, token_stride, scale, s);
         transpose16(s);  // s[j]: query first + j's scores of the 16 keys
         for (int64_t j = 0; j < nq; ++j) {
-          const int64_t nj = std::min<int64_t>(std::min<int64_t>(16, n - t0), seq_lens[first + j] - start - t0);
+          const int64_t nj = std::min<int64_t>(m, seq_lens[first + j] - start - t0);
           if (nj > 0)
             _mm512_mask_storeu_ps(scores.data() + (first + j) * stride + start + t0,
                                   static_cast<__mmask16>((1u << nj) - 1), s[j]);
