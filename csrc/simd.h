@@ -46,6 +46,12 @@ inline __m256 load8(const bf16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
+// The horizontal sums of 4 vectors at once: lane b of the result is the sum of a[b]'s lanes.
+inline __m256d reduce4_pd(const __m256d a[4]) {
+  const __m256d h01 = _mm256_hadd_pd(a[0], a[1]), h23 = _mm256_hadd_pd(a[2], a[3]);  // (a0 01, a1 01, a0 23, a1 23)
+  return _mm256_add_pd(_mm256_permute2f128_pd(h01, h23, 0x20), _mm256_permute2f128_pd(h01, h23, 0x31));
+}
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -125,6 +131,21 @@ inline __m512 exp512(__m512 x) {
 // The two 8-lane float64 halves of 16 float32 lanes (exact).
 inline __m512d low_pd(__m512 v) { return _mm512_cvtps_pd(_mm512_castps512_ps256(v)); }
 inline __m512d high_pd(__m512 v) { return _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1)); }
+
+// The horizontal sums of 8 vectors at once: lane b of the result is the sum of a[b]'s lanes (a transposing tree of
+// 7 additions, in an order other than _mm512_reduce_add_pd's).
+inline __m512d reduce8_pd(const __m512d a[8]) {
+  __m512d pairs[4];  // per 128-bit lane k: (a[2i] lanes 2k + 2k+1, a[2i+1] lanes 2k + 2k+1)
+  for (int i = 0; i < 4; ++i) {
+    pairs[i] = _mm512_add_pd(_mm512_unpacklo_pd(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_pd(a[2 * i], a[2 * i + 1]));
+  }
+  // 128-bit lanes (0, 2) + (1, 3) of two pair vectors: (pairs 0-1 of x, 2-3 of x, 0-1 of y, 2-3 of y).
+  auto fold = [](__m512d x, __m512d y) {
+    return _mm512_add_pd(_mm512_shuffle_f64x2(x, y, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f64x2(x, y, _MM_SHUFFLE(3, 1, 3, 1)));
+  };
+  return fold(fold(pairs[0], pairs[1]), fold(pairs[2], pairs[3]));
+}
 
 }  // namespace fastgpt2
 #endif
