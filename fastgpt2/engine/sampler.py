@@ -93,25 +93,33 @@ class Sampler:
         row.clamp_(max=torch.finfo(row.dtype).max)  # a tiny repetition penalty must not make +inf (-inf stays banned)
 
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence], greedy: list[bool]) -> torch.Tensor:
+        # Few torch calls on the common path (every row unseeded, temperature 1): each costs tens of microseconds
+        # here, right after a model step has flushed the caches (measured on a 2-core Intel Xeon: the draw's own
+        # work 6.6 -> ~3 ms per step at 64 rows, 1.3 -> ~0.8 ms at one).
         device = logits.device
-        uniform = torch.empty(len(seqs), dtype=torch.float64)
         unseeded = [i for i, s in enumerate(seqs) if s.generator is None]
-        if unseeded:
-            uniform[unseeded] = torch.rand(len(unseeded), dtype=torch.float64, generator=self.generator)
-        for i, s in enumerate(seqs):
-            if s.generator is not None:
-                uniform[i] = torch.rand((), dtype=torch.float64, generator=s.generator)
+        if len(unseeded) == len(seqs):  # the same draws as filling the unseeded rows in order
+            uniform = torch.rand(len(seqs), dtype=torch.float64, generator=self.generator)
+        else:
+            uniform = torch.empty(len(seqs), dtype=torch.float64)
+            if unseeded:
+                uniform[unseeded] = torch.rand(len(unseeded), dtype=torch.float64, generator=self.generator)
+            for i, s in enumerate(seqs):
+                if s.generator is not None:
+                    uniform[i] = torch.rand((), dtype=torch.float64, generator=s.generator)
         # Greedy rows (temperature below 1e-5 included) are sampled at 1.0 and replaced by the argmax below: a tiny
         # temperature must not turn the logits into infinities.
-        temps = torch.tensor([1.0 if g else s.params.temperature for s, g in zip(seqs, greedy)], dtype=logits.dtype,
-                             device=device)
+        temps = [1.0 if g else s.params.temperature for s, g in zip(seqs, greedy)]
         # top_k past the vocabulary means no top-k (and must fit int64); a top_p below float32's range keeps only the
         # top token, as it would in exact arithmetic.
         vocab = logits.shape[1]
         top_k = torch.tensor([min(s.params.top_k, vocab) for s in seqs], dtype=torch.int64, device=device)
         top_p = torch.tensor([max(s.params.top_p, 1e-30) for s in seqs], dtype=torch.float32, device=device)
         min_p = torch.tensor([s.params.min_p for s in seqs], dtype=torch.float32, device=device)
-        scaled = (logits / temps[:, None]).contiguous()
+        if all(t == 1.0 for t in temps):  # x / 1 == x: no (B, V) division
+            scaled = logits.contiguous()
+        else:
+            scaled = (logits / torch.tensor(temps, dtype=logits.dtype, device=device)[:, None]).contiguous()
         sampled = dispatch.get("topk_topp_minp_sample", device)(scaled, top_k, top_p, min_p, uniform.to(device))
         if any(greedy):
             is_greedy = torch.tensor(greedy, device=device)
