@@ -1,5 +1,6 @@
 """The CPU benchmark suite's sampling case and its target report (fastgpt2.benchmarks): the case runs and records the
-fast top-p path's rows, and the report says PASS or MISS plainly from the figures."""
+fast top-p path's rows, and the report says PASS or MISS plainly from the figures; the sampled decode case samples in
+both systems."""
 import pytest
 
 from fastgpt2.benchmarks import cpu_cases, cpu_report
@@ -60,3 +61,35 @@ def test_sampling_case_runs_and_counts_fast_path_rows():
     # 16 timed calls and one untimed call per timing: 2 warm-up rounds + 1 repeat
     assert rows["decided"] + rows["deferred"] == (16 + 1) * 3
     assert sampling_status(result)["status"] in ("PASS", "MISS")
+
+
+def test_sampled_decode_case_samples_in_both_systems():
+    """The 'sampled' case times decoding at temperature 1 with top-p 0.9 (no top-k) in fastgpt2 and transformers
+    alike, and its rows reach the report's table."""
+    transformers = pytest.importorskip("transformers")
+    from fastgpt2 import GPT2Config
+
+    config = GPT2Config(vocab_size=50257, n_positions=64, n_embd=64, n_layer=1, n_head=1)
+    s = cpu_cases.build_systems(transformers, config, "float32", with_fp32=False)
+    seen = {"fastgpt2": [], "transformers": []}
+    llm_generate, hf_generate = s.llm.generate, s.hf.generate
+
+    def spy_llm(prompts, params, **kw):
+        seen["fastgpt2"].append((params.temperature, params.top_p, params.top_k))
+        return llm_generate(prompts, params, **kw)
+
+    def spy_hf(*args, **kw):
+        seen["transformers"].append((kw.get("do_sample"), kw.get("temperature"), kw.get("top_p"), kw.get("top_k")))
+        return hf_generate(*args, **kw)
+
+    s.llm.generate, s.hf.generate = spy_llm, spy_hf
+    sampled = cpu_cases.decode(s, 2, 2, 4, repeats=1, top_p=0.9)
+    assert set(seen["fastgpt2"]) == {(1.0, 0.9, 0)}
+    assert set(seen["transformers"]) == {(True, 1.0, 0.9, 0)}
+    seen["fastgpt2"].clear(), seen["transformers"].clear()
+    greedy = cpu_cases.decode(s, 2, 2, 4, repeats=1)
+    assert {t for t, _, _ in seen["fastgpt2"]} == {0.0} and {d for d, *_ in seen["transformers"]} == {False}
+    assert sampled["top_p"] == 0.9 and greedy["top_p"] is None
+    rows = {r[0] for r in cpu_report._rows({"batch": {2: greedy}, "sampled": {2: sampled}})}
+    assert rows == {"decode, 2 concurrent (4-token prompts, N=2)",
+                    "decode, 2 concurrent, top-p 0.9 sampling (4-token prompts, N=2)"}

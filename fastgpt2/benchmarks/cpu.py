@@ -13,7 +13,8 @@ import time
 from fastgpt2.benchmarks import common, cpu_cases
 from fastgpt2.benchmarks.cpu_report import plot, render, targets
 
-CASES = ("decode", "batch", "prefill", "workload", "sampling", "perplexity", "training")
+CASES = ("decode", "batch", "sampled", "prefill", "workload", "sampling", "perplexity", "training")
+SAMPLED_TOP_P = 0.9  # the sampled case: temperature 1, top-p 0.9, the batch case's sizes
 DECODE_PROMPT_LEN = 16  # the fixed prompt length of the batch-1 decode case
 # Sizes per mode. --quick must finish in < 3 minutes on 2 idle cores for 124M float32.
 SIZES = {
@@ -88,6 +89,12 @@ def _run_cases(systems, cases: list[str], sizes: dict, results: dict, save) -> N
             for b in sizes["batch_sizes"]:
                 results["batch"][b] = cpu_cases.decode(systems, b, sizes["batch_tokens"], sizes["batch_prompt_len"],
                                                        sizes["batch_repeats"])
+                save()
+        elif case == "sampled":
+            results["sampled"] = {}
+            for b in sizes["batch_sizes"]:
+                results["sampled"][b] = cpu_cases.decode(systems, b, sizes["batch_tokens"], sizes["batch_prompt_len"],
+                                                         sizes["batch_repeats"], top_p=SAMPLED_TOP_P)
                 save()
         elif case == "prefill":
             results["prefill"] = cpu_cases.prefill(systems, sizes["prefill_len"], sizes["prefill_repeats"])

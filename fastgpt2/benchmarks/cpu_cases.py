@@ -34,12 +34,14 @@ class Systems:
 
 
 # -- one timed call of each system ----------------------------------------------------------------------------------
-def fastgpt2_call(s: Systems, batch: int, prompt_len: int, max_tokens: int):
-    """A callable that submits `batch` fresh prompts at once (greedy, ignore_eos) and returns its seconds."""
+def fastgpt2_call(s: Systems, batch: int, prompt_len: int, max_tokens: int, top_p: float | None = None):
+    """A callable that submits `batch` fresh prompts at once (greedy, or with top_p: sampling at temperature 1 with
+    that top-p; ignore_eos) and returns its seconds."""
 
     def run() -> float:
         prompts = s.prompts(batch, prompt_len)
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        params = (SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True) if top_p is None
+                  else SamplingParams(temperature=1.0, top_p=top_p, max_tokens=max_tokens, ignore_eos=True))
         start = time.perf_counter()
         outs = s.llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - start
@@ -49,8 +51,11 @@ def fastgpt2_call(s: Systems, batch: int, prompt_len: int, max_tokens: int):
     return run
 
 
-def hf_call(s: Systems, model, batch: int, prompt_len: int, max_new_tokens: int):
-    """A callable that runs transformers' greedy generate on a (batch, prompt_len) batch and returns its seconds."""
+def hf_call(s: Systems, model, batch: int, prompt_len: int, max_new_tokens: int, top_p: float | None = None):
+    """A callable that runs transformers' generate on a (batch, prompt_len) batch (greedy, or with top_p: sampling at
+    temperature 1 with that top-p and no top-k) and returns its seconds."""
+    mode = (dict(do_sample=False) if top_p is None
+            else dict(do_sample=True, temperature=1.0, top_p=top_p, top_k=0))
 
     def run() -> float:
         ids = torch.tensor(s.prompts(batch, prompt_len), device=model.device)  # (batch, prompt_len), no padding
@@ -60,7 +65,7 @@ def hf_call(s: Systems, model, batch: int, prompt_len: int, max_new_tokens: int)
                 torch.cuda.synchronize()
             start = time.perf_counter()
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=EOS)
+                                 min_new_tokens=max_new_tokens, pad_token_id=EOS, **mode)
             if cuda:
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - start
@@ -79,16 +84,17 @@ def _hf_models(s: Systems, with_fp32: bool) -> dict:
 
 # -- cases ----------------------------------------------------------------------------------------------------------
 def decode(s: Systems, batch: int, num_tokens: int, prompt_len: int, repeats: int, with_fp32: bool = False,
-           extra: dict | None = None) -> dict:
-    """Decode speed with `batch` concurrent requests, prefill excluded.
+           extra: dict | None = None, top_p: float | None = None) -> dict:
+    """Decode speed with `batch` concurrent requests, prefill excluded; greedy, or with top_p every system samples at
+    temperature 1 with that top-p (as vLLM's throughput benchmark samples).
 
     extra: more systems, name -> make(max_new_tokens) returning a timed call like fastgpt2_call's (peers.py).
     Per system: time T(1) of generating 1 new token and T(N+1) of N+1 new tokens (both include the same prefill), so
     one decode step costs (median T(N+1) - median T(1)) / N; tokens/s = batch / that.
     """
-    makers = {"fastgpt2": lambda m: fastgpt2_call(s, batch, prompt_len, m)}
+    makers = {"fastgpt2": lambda m: fastgpt2_call(s, batch, prompt_len, m, top_p)}
     for name, model in _hf_models(s, with_fp32).items():
-        makers[name] = lambda m, model=model: hf_call(s, model, batch, prompt_len, m)
+        makers[name] = lambda m, model=model: hf_call(s, model, batch, prompt_len, m, top_p)
     makers.update(extra or {})
     for make in makers.values():  # warm-up: same shapes, fewer tokens
         make(min(num_tokens + 1, 8))()
@@ -105,7 +111,7 @@ def decode(s: Systems, batch: int, num_tokens: int, prompt_len: int, repeats: in
         best_s = max((min(raw[f"{name}|long"]) - min(raw[f"{name}|short"])) / num_tokens, 1e-9)
         systems[name] = {"ms_per_step": step_s * 1e3, "tokens_per_s": batch / step_s,
                          "best_ms_per_step": best_s * 1e3, "best_tokens_per_s": batch / best_s}
-    return {"batch": batch, "num_tokens": num_tokens, "prompt_len": prompt_len, "repeats": repeats,
+    return {"batch": batch, "num_tokens": num_tokens, "prompt_len": prompt_len, "repeats": repeats, "top_p": top_p,
             "method": "(median T(N+1 new tokens) - median T(1 new token)) / N; prefill excluded",
             "systems": systems, "raw_s": raw}
 

@@ -103,6 +103,10 @@ def _rows(res: dict) -> list[list]:
     for batch, r in sorted((res.get("batch") or {}).items(), key=lambda kv: int(kv[0])):
         rows.append([f"decode, {batch} concurrent{_shape(r)}", "tokens/s", r["systems"]["fastgpt2"]["tokens_per_s"],
                      r["systems"]["transformers"]["tokens_per_s"], _ratio(r, "tokens_per_s")])
+    for batch, r in sorted((res.get("sampled") or {}).items(), key=lambda kv: int(kv[0])):
+        rows.append([f"decode, {batch} concurrent, top-p {r['top_p']:g} sampling{_shape(r)}", "tokens/s",
+                     r["systems"]["fastgpt2"]["tokens_per_s"], r["systems"]["transformers"]["tokens_per_s"],
+                     _ratio(r, "tokens_per_s")])
     pre = res.get("prefill")
     if pre:
         rows.append([f"prefill, {pre['prompt_len']}-token prompt", "tokens/s", pre["systems"]["fastgpt2"]["tokens_per_s"],
@@ -176,6 +180,8 @@ def _noisy_series(res: dict, limit: float = 1.5) -> list[str]:
         series.update({f"decode {k}": v for k, v in res["decode"]["raw_s"].items()})
     for b, r in (res.get("batch") or {}).items():
         series.update({f"batch {b} {k}": v for k, v in r["raw_s"].items()})
+    for b, r in (res.get("sampled") or {}).items():
+        series.update({f"sampled {b} {k}": v for k, v in r["raw_s"].items()})
     if res.get("prefill"):
         series.update({f"prefill {k}": v for k, v in res["prefill"]["raw_s"].items()})
     for b, r in ((res.get("sampling") or {}).get("batches") or {}).items():
@@ -226,7 +232,8 @@ def render(report: dict) -> str:
         "## Results",
         "",
         "Medians; each case alternates the systems (A B A B) after a warm-up, with fresh random prompts (no prefix-cache "
-        "hits). Decode: greedy, ignore EOS, prefill excluded: (T(N+1 new tokens) - T(1 new token)) / N. "
+        "hits). Decode: greedy (the 'top-p sampling' rows: temperature 1 and that top-p, no top-k, for both systems), "
+        "ignore EOS, prefill excluded: (T(N+1 new tokens) - T(1 new token)) / N. "
         "Workload: tokens/s of requested output tokens over the whole run; latency = finish time since all requests "
         "arrived; transformers runs fixed left-padded batches, each to its longest output. Sampling: one torch thread, "
         "top-p 0.9 over 50257 float32 logits, each timing of 16 rows after one untimed call. The last column is "
