@@ -60,7 +60,7 @@ void plan_row(const float* x, int64_t vocab_size, const RowScan& scan, int64_t t
     int last = 0;
     for (int64_t seen = count[0]; seen < top_k; seen += count[++last]) {
     }
-    bucket_range_pass(ws, padded, 0, last == BUCKET_TINY ? BUCKET_TINY_LAST : last, ws.list, true);
+    bucket_range_pass(ws, padded, last == BUCKET_TINY ? BUCKET_TINY_LAST : last, ws.list);
     const Hit kth = resolve(ws.list, {0, 0.0}, top_k, 0.0, 0, ws);
     Cut cut = kth.found ? Cut{kth.token.e, kth.token.id} : KEEP_ALL_POSITIVE;
     ws.kept.clear();
@@ -94,13 +94,15 @@ void plan_row(const float* x, int64_t vocab_size, const RowScan& scan, int64_t t
   const bool narrow = inv_scale < 1e-10;
   const int first = narrow ? 0 : std::max(bracket.first - 1, 0);
   const int last = narrow || bracket.last + 1 >= BUCKET_TINY ? BUCKET_TINY_LAST : bracket.last + 1;
-  // Collecting costs ~15 cycles per listed token (the masks' branches) on top of a 4 us pass over the buckets, the
-  // window pass ~11 us per row of 50257: the list wins below ~1000 tokens (measured).
+  // Collecting cost ~15 cycles per listed token on top of a 4 us pass over the buckets, the window pass ~11 us per row
+  // of 50257: the list won below ~1000 tokens (measured then). Since bucket_range_pass gathers ids in scratch before
+  // building the list (a push_back per token stalled on store forwarding), collecting 5000 tokens costs ~25 us less
+  // (Intel Xeon): the threshold is likely low now.
   constexpr int64_t MAX_LISTED = 1024;
   int64_t num_listed = 0;  // tokens in buckets <= last
   for (int b = 0; b <= std::min(last, int{BUCKET_TINY}); ++b) num_listed += count[b];
   if (num_listed <= MAX_LISTED) {
-    bucket_range_pass(ws, padded, 0, last, ws.kept, true);
+    bucket_range_pass(ws, padded, last, ws.kept);
     double mass_above = 0.0;
     ws.list.clear();
     for (const RankedToken& t : ws.kept) {
@@ -134,7 +136,7 @@ void plan_row(const float* x, int64_t vocab_size, const RowScan& scan, int64_t t
     }
   }
   // Rounding defeated the bounds (never seen in practice): resolve over every token with p > 0.
-  bucket_range_pass(ws, padded, 0, BUCKET_TINY_LAST, ws.list, true);
+  bucket_range_pass(ws, padded, BUCKET_TINY_LAST, ws.list);
   const Hit boundary = resolve(ws.list, {0, 0.0}, 0, target, 0, ws);
   const Cut cut = boundary.found ? Cut{boundary.token.e, boundary.token.id} : KEEP_ALL_POSITIVE;
   *plan = {with_min_p(cut, min_p), KeptSource::kScan};

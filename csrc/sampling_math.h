@@ -250,7 +250,7 @@ struct Workspace {
   std::vector<double> e;  // (padded V,) exp(x - max), 0 in the padding
   std::vector<float> e32;  // (padded V,) the fast path's float32 exp(x - max), 0 in the padding
   std::vector<uint16_t> bucket;  // (padded V,) histogram bucket, BUCKET_PAD in the padding
-  std::vector<uint32_t> listed;  // the fast path's scratch (AVX-512 builds): buckets to count, then window ids
+  std::vector<uint32_t> listed;  // the passes' scratch: the fast exp pass's buckets to count (AVX-512), token ids
   std::vector<int32_t> count;  // (NUM_BUCKETS,) tokens per bucket
   std::vector<double> block_mass;  // (padded V / BLOCK,) kept mass per block of the draw
   std::vector<RankedToken> list;  // tokens of a bucket range, id order

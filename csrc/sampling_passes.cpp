@@ -190,34 +190,33 @@ ExpSums exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, float 
 template ExpSums exp_pass<false>(const float*, int64_t, const RowScan&, float, const float*, Workspace&);
 template ExpSums exp_pass<true>(const float*, int64_t, const RowScan&, float, const float*, Workspace&);
 
-void bucket_range_pass(const Workspace& ws, int64_t padded, int first, int last, std::vector<RankedToken>& out,
-                       bool with_e) {
-  const double* e = with_e ? ws.e.data() : nullptr;
+void bucket_range_pass(Workspace& ws, int64_t padded, int last, std::vector<RankedToken>& out) {
   const uint16_t* bucket = ws.bucket.data();
-  auto token = [e](int64_t i) { return RankedToken{e != nullptr ? e[i] : 0.0, i}; };
-  out.clear();
-  int64_t j = 0;
+  // The ids first, into scratch (a push_back of a {e, id} temporary per token stalls on store forwarding), then the
+  // list in one resize.
+  if (static_cast<int64_t>(ws.listed.size()) < padded) ws.listed.resize(padded);
+  uint32_t* ids = ws.listed.data();
+  int64_t n = 0, j = 0;
 #if defined(FASTGPT2_AVX512)
-  const __m512i first_v = _mm512_set1_epi16(static_cast<int16_t>(first));
   const __m512i last_v = _mm512_set1_epi16(static_cast<int16_t>(last));
   for (; j < padded; j += 32) {  // padded is a multiple of 32
-    const __m512i b = _mm512_loadu_si512(bucket + j);
-    uint32_t in = _mm512_mask_cmple_epu16_mask(_mm512_cmpge_epu16_mask(b, first_v), b, last_v);
-    for (; in; in &= in - 1) out.push_back(token(j + __builtin_ctz(in)));
+    uint32_t in = _mm512_cmple_epu16_mask(_mm512_loadu_si512(bucket + j), last_v);
+    for (; in; in &= in - 1) ids[n++] = static_cast<uint32_t>(j + __builtin_ctz(in));
   }
 #elif defined(FASTGPT2_AVX2)
-  const __m256i first_v = _mm256_set1_epi16(static_cast<int16_t>(first));
   const __m256i last_v = _mm256_set1_epi16(static_cast<int16_t>(last));
   for (; j < padded; j += 16) {
     const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bucket + j));
-    const __m256i outside = _mm256_or_si256(_mm256_cmpgt_epi16(first_v, b), _mm256_cmpgt_epi16(b, last_v));
-    uint32_t in = ~static_cast<uint32_t>(_mm256_movemask_epi8(outside));  // 2 bits per token
-    for (; in; in &= in - 1, in &= in - 1) out.push_back(token(j + (__builtin_ctz(in) >> 1)));
+    uint32_t in = ~static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpgt_epi16(b, last_v)));  // 2 bits per token
+    for (; in; in &= in - 1, in &= in - 1) ids[n++] = static_cast<uint32_t>(j + (__builtin_ctz(in) >> 1));
   }
 #endif
   for (; j < padded; ++j) {
-    if (bucket[j] >= first && bucket[j] <= last) out.push_back(token(j));
+    if (bucket[j] <= last) ids[n++] = static_cast<uint32_t>(j);
   }
+  const double* e = ws.e.data();
+  out.resize(n);
+  for (int64_t k = 0; k < n; ++k) out[k] = {e[ids[k]], ids[k]};
 }
 
 double window_pass(const Workspace& ws, int64_t padded, double e_above, double e_below, int first, int last,

@@ -123,11 +123,10 @@ template <bool HIST>
 ExpSums exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, float bucket_scale, const float* next_row,
                  Workspace& ws);
 
-// Tokens with first <= bucket <= last (BUCKET_TINY_LAST takes in the tiny bucket's copies), appended to `out` in id
-// order with their e (or 0 without with_e): the top-k candidates, a peaked row's top-p list, the fast path's window.
+// The tokens with bucket <= last (BUCKET_TINY_LAST takes in the tiny bucket's copies) with their e, in id order, into
+// `out` (replacing its contents): the top-k candidates, a peaked row's top-p list. ws.listed is its scratch.
 // read padded V uint16.
-void bucket_range_pass(const Workspace& ws, int64_t padded, int first, int last, std::vector<RankedToken>& out,
-                       bool with_e);
+void bucket_range_pass(Workspace& ws, int64_t padded, int last, std::vector<RankedToken>& out);
 
 // The top-p pass: returns the mass of the tokens with e > e_above and writes it per block into block_mass; appends
 // the tokens with e_below < e <= e_above to `window` in id order. Window tokens are looked for only in buckets
