@@ -34,7 +34,7 @@ struct FastWindow {
 // The fast path's top-p pass: per block, the e32 mass of the tokens in buckets < first into block_mass (pairs added
 // in float32, then summed in float64: relative error < FAST_BLOCK_SUM_ERROR); the tokens in buckets [first, last]
 // appended to `window` (id order) with their exact e (exp_nonpositive of x - max). bucket_scale is fast_exp_pass's.
-// read padded V floats (e32) + V floats (x) + padded V uint16; ws.listed is its scratch (AVX-512).
+// read padded V floats (e32) + V floats (x) + padded V uint16; ws.listed is its scratch.
 FastWindow fast_window_pass(Workspace& ws, const float* x, float max, float bucket_scale, int64_t vocab_size,
                             int first, int last, std::vector<RankedToken>& window, double* block_mass);
 

@@ -163,7 +163,7 @@ double fast_exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, fl
     for (int64_t i = 0; i < 256; ++i) below_limit += bucket_of(x[i * stride], max, bucket_scale) < limit;
     limited = below_limit < 256 * 2 / 5;
   }
-  if (limited) ws.listed.resize(std::max<size_t>(ws.listed.size(), vocab_size + 16));
+  if (limited) ws.listed_at_least(vocab_size + 16);
   auto loop = [&](auto clamp_c, auto limited_c) {
     return fast_exp_loop512<decltype(clamp_c)::value, decltype(limited_c)::value>(
         x, vocab_size, max, bucket_scale, next_row, &next_scan, &next_scan_end, ws, odd, limit, &total);
@@ -208,8 +208,7 @@ FastWindow fast_window_pass(Workspace& ws, const float* x, float max, float buck
   // it, so that the loops keep their constants in registers (a push_back inside made the compiler spill them).
   // Measured per top-p row of 50257 N(0, 3) logits on an Intel Xeon, the whole row: ~37 -> ~34 us (AVX-512), ~45.5 ->
   // ~43.4 us (AVX2 build).
-  if (static_cast<int64_t>(ws.listed.size()) < padded) ws.listed.resize(padded);
-  uint32_t* ids = ws.listed.data();
+  uint32_t* ids = ws.listed_at_least(padded);
   int64_t num_ids = 0;
   int64_t start = 0;
 #if defined(FASTGPT2_AVX512)

@@ -261,6 +261,12 @@ struct Workspace {
   RowScan next_scan{};
   const float* next_scanned = nullptr;
 
+  // listed with room for at least n entries (grown, never shrunk; its contents kept).
+  uint32_t* listed_at_least(int64_t n) {
+    if (static_cast<int64_t>(listed.size()) < n) listed.resize(n);
+    return listed.data();
+  }
+
   void reserve(int64_t padded) {
     if (static_cast<int64_t>(e.size()) < padded) {
       e.resize(padded);

@@ -194,8 +194,7 @@ void bucket_range_pass(Workspace& ws, int64_t padded, int last, std::vector<Rank
   const uint16_t* bucket = ws.bucket.data();
   // The ids first, into scratch (a push_back of a {e, id} temporary per token stalls on store forwarding), then the
   // list in one resize.
-  if (static_cast<int64_t>(ws.listed.size()) < padded) ws.listed.resize(padded);
-  uint32_t* ids = ws.listed.data();
+  uint32_t* ids = ws.listed_at_least(padded);
   int64_t n = 0, j = 0;
 #if defined(FASTGPT2_AVX512)
   const __m512i last_v = _mm512_set1_epi16(static_cast<int16_t>(last));
