@@ -125,7 +125,7 @@ void run_panels(const PackedMatrix<W>& w, const float* bias, const float* xp, in
                 int64_t ldy, int64_t p_begin, int64_t p_end, Epilogue epilogue,
                 const ArgmaxParts* argmax = nullptr, const KVDestination* kv = nullptr) {
   const int64_t K = w.cols;
-  const Output out{bias, w.rows, K, y, ldy, epilogue, argmax, kv};
+  const Output out{bias, w.rows, K, y, ldy, epilogue, argmax, kv, output_exceeds_l2(num_tokens, w.rows)};
   const Tiling tiling(num_tokens, kTileTokens);
   const int group = panels_for(tiling.max_size());  // every tile's kernel takes at least this many panels at once
   const int64_t block_tiles = std::max<int64_t>(1, kL2Floats / K / tiling.max_size());
@@ -141,6 +141,7 @@ void run_panels(const PackedMatrix<W>& w, const float* bias, const float* xp, in
                  const char* pf[8];
                  for (int j = 0; j < next.np; ++j) pf[j] = next.start(w.panel(next.panel + j), kBytesPerK);
                  const int64_t pf_lines = next.np > 0 ? next.share(kBytesPerK) : 0;
+                 if (k1 == K) prefetch_tile_output(out, tiling.size(i), np, p, t0);  // stored at the end of this call
                  dispatch_tile<kTileTokens, panels_for>(tiling.size(i), np, [&](auto mr, auto nr) {
                    microkernel<decltype(mr)::value, decltype(nr)::value>(panels, xp + t0 * K, k0, k1, acc, pf,
                                                                          next.np, pf_lines);

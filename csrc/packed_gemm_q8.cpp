@@ -309,7 +309,7 @@ void run_panels_q8(const PackedMatrix<q8>& w, const float* bias, const Q8Activat
                    int64_t ldy, int64_t p_begin, int64_t p_end, Epilogue epilogue,
                    const ArgmaxParts* argmax = nullptr, const KVDestination* kv = nullptr) {
   const int64_t K = w.cols;
-  const Output out{bias, w.rows, K, y, ldy, epilogue, argmax, kv};
+  const Output out{bias, w.rows, K, y, ldy, epilogue, argmax, kv, output_exceeds_l2(num_tokens, w.rows)};
   const Tiling tiling(num_tokens, kQ8Tile);
   const int group = q8_panels_for(tiling.max_size());
   const int64_t block_tiles = std::max<int64_t>(1, kL2Floats / K / tiling.max_size());
@@ -321,12 +321,18 @@ void run_panels_q8(const PackedMatrix<q8>& w, const float* bias, const Q8Activat
                  const Q8Panels panels{&w.panel(p)->v, K * kPanelRows, w.panel_scales(p), K / kQ8Block * kPanelRows};
                  const int64_t t0 = tiling.start(i);
                  const Q8Tile x = tile_view(a, t0, K);
-                 // The next slice's weights (kPanelRows bytes per k) and scales (4 bytes per 32 k per row).
+                 // The next slice's weights (kPanelRows bytes per k) and scales (4 bytes per 32 k per row), when the
+                 // tokens make one block: each slice is then read once, from memory (a decode step). With several
+                 // token blocks (a long prefill) the slices are read again from cache, and the loads ahead only cost
+                 // instructions. One Intel Xeon, 2 threads, int8: 64 concurrent decode steps 38.9 -> 37.0 ms with
+                 // them; 512-token prefill 133 ms without, 142 with. (Until then a loop of __builtin_prefetch alone,
+                 // which gcc deleted: see prefetch_line.)
                  Ahead ahead((k1 - k0) / kQ8Block);
-                 for (int j = 0; j < next.np; ++j) {
+                 for (int j = 0; tiling.num_tiles <= block_tiles && j < next.np; ++j) {
                    ahead.add(next, &w.panel(next.panel + j)->v, kPanelRows);
                    ahead.add(next, w.panel_scales(next.panel + j), kPanelRows * 4 / kQ8Block);
                  }
+                 if (k1 == K) prefetch_tile_output(out, tiling.size(i), np, p, t0);  // stored at the end of this call
                  dispatch_tile<kQ8Tile, q8_panels_for>(tiling.size(i), np, [&](auto mr, auto nr) {
                    q8_microkernel<decltype(mr)::value, decltype(nr)::value>(panels, x, k0, k1, acc, ahead);
                    if (k1 == K) store_tile(acc, decltype(mr)::value, decltype(nr)::value, out, p, t0);
