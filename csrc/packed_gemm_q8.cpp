@@ -304,6 +304,17 @@ inline void q8_microkernel(const Q8Panels& w, const Q8Tile& x, int64_t k_begin, 
 }
 #endif
 
+// Whether a decode step's tiles load the next panel slice ahead (run_panels_q8): the VNNI kernels outrun memory and
+// gain, the vpmaddwd ones are bound by their arithmetic and lose to the loads' instructions. Same-time A/B on one Intel
+// Xeon, 2 threads, 16 concurrent int8 decode steps with the loads: avx512_vnni 13.0 -> 10.9 ms, avx2_vnni (forced)
+// 22.0 -> 20.9 ms, avx2 (forced) 31.0 -> 32.9 ms; 64 concurrent, avx512_vnni 38.9 -> 37.0 ms. A 512-token prefill
+// (several token blocks) with them: avx512_vnni 133 -> 142 ms, hence one block only.
+#if defined(FASTGPT2_Q8_VNNI) || defined(FASTGPT2_Q8_VNNI256)
+constexpr bool kLoadAhead = true;
+#else
+constexpr bool kLoadAhead = false;
+#endif
+
 // Panels [p_begin, p_end) for tokens [0, num_tokens), blocked by sweep_panels.
 void run_panels_q8(const PackedMatrix<q8>& w, const float* bias, const Q8Activations& a, int64_t num_tokens, float* y,
                    int64_t ldy, int64_t p_begin, int64_t p_end, Epilogue epilogue,
@@ -324,11 +335,10 @@ void run_panels_q8(const PackedMatrix<q8>& w, const float* bias, const Q8Activat
                  // The next slice's weights (kPanelRows bytes per k) and scales (4 bytes per 32 k per row), when the
                  // tokens make one block: each slice is then read once, from memory (a decode step). With several
                  // token blocks (a long prefill) the slices are read again from cache, and the loads ahead only cost
-                 // instructions. One Intel Xeon, 2 threads, int8: 64 concurrent decode steps 38.9 -> 37.0 ms with
-                 // them; 512-token prefill 133 ms without, 142 with. (Until then a loop of __builtin_prefetch alone,
-                 // which gcc deleted: see prefetch_line.)
+                 // instructions; likewise with the slower vpmaddwd kernels (kLoadAhead). Until 7aafbda a loop of
+                 // __builtin_prefetch alone, which gcc deleted (see prefetch_line).
                  Ahead ahead((k1 - k0) / kQ8Block);
-                 for (int j = 0; tiling.num_tiles <= block_tiles && j < next.np; ++j) {
+                 for (int j = 0; kLoadAhead && tiling.num_tiles <= block_tiles && j < next.np; ++j) {
                    ahead.add(next, &w.panel(next.panel + j)->v, kPanelRows);
                    ahead.add(next, w.panel_scales(next.panel + j), kPanelRows * 4 / kQ8Block);
                  }
