@@ -125,7 +125,7 @@ void run_panels(const PackedMatrix<W>& w, const float* bias, const float* xp, in
                 int64_t ldy, int64_t p_begin, int64_t p_end, Epilogue epilogue,
                 const ArgmaxParts* argmax = nullptr, const KVDestination* kv = nullptr) {
   const int64_t K = w.cols;
-  const Output out{bias, w.rows, K, y, ldy, epilogue, argmax, kv, output_exceeds_l2(num_tokens, w.rows)};
+  const Output out{bias, w.rows, K, y, ldy, epilogue, argmax, kv, ask_output_ahead(num_tokens, w.rows)};
   const Tiling tiling(num_tokens, kTileTokens);
   const int group = panels_for(tiling.max_size());  // every tile's kernel takes at least this many panels at once
   const int64_t block_tiles = std::max<int64_t>(1, kL2Floats / K / tiling.max_size());

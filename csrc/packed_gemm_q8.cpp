@@ -320,7 +320,7 @@ void run_panels_q8(const PackedMatrix<q8>& w, const float* bias, const Q8Activat
                    int64_t ldy, int64_t p_begin, int64_t p_end, Epilogue epilogue,
                    const ArgmaxParts* argmax = nullptr, const KVDestination* kv = nullptr) {
   const int64_t K = w.cols;
-  const Output out{bias, w.rows, K, y, ldy, epilogue, argmax, kv, output_exceeds_l2(num_tokens, w.rows)};
+  const Output out{bias, w.rows, K, y, ldy, epilogue, argmax, kv, ask_output_ahead(num_tokens, w.rows)};
   const Tiling tiling(num_tokens, kQ8Tile);
   const int group = q8_panels_for(tiling.max_size());
   const int64_t block_tiles = std::max<int64_t>(1, kL2Floats / K / tiling.max_size());

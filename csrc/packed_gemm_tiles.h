@@ -51,14 +51,16 @@ struct Output {
   Epilogue epilogue;
   const ArgmaxParts* argmax = nullptr;  // kArgmax only
   const KVDestination* kv = nullptr;    // kStore only: columns [C, 3C) into the KV pool
-  bool ask_ahead = false;               // prefetch_tile_output asks for the lines (see output_exceeds_l2)
+  bool ask_ahead = false;               // prefetch_tile_output asks for the lines (see ask_output_ahead)
 };
 
-// Whether a product of num_tokens x rows floats outgrows one core's L2 (taken as 1 MiB), so that its stores would
-// miss: prefetch_tile_output then asks for each tile's lines ahead. Smaller outputs stay in cache between steps, and
-// there the prefetches only cost instructions (64 tokens: 3% slower GEMMs with them, one Intel Xeon core).
-inline bool output_exceeds_l2(int64_t num_tokens, int64_t rows) {
-  return num_tokens * rows * static_cast<int64_t>(sizeof(float)) > (int64_t{1} << 20);
+// Whether prefetch_tile_output asks for a product's output lines ahead: with the AVX-512 kernels when the product of
+// num_tokens x rows floats outgrows one core's L2 (taken as 1 MiB), so that its stores would miss. Smaller outputs
+// stay in cache between steps, and there the prefetches only cost instructions (64 tokens: 3% slower GEMMs with them,
+// one Intel Xeon core); the AVX2 kernels take long enough per tile for the misses to hide behind them (with the AVX2
+// variant forced on the same Xeon, 512 tokens: 1.3% slower GEMMs and a 1-2% slower prefill with the prefetches).
+inline bool ask_output_ahead(int64_t num_tokens, int64_t rows) {
+  return kLanes == 16 && num_tokens * rows * static_cast<int64_t>(sizeof(float)) > (int64_t{1} << 20);
 }
 
 // packed_linear's check of a KVDestination against the matrix and the epilogue.
