@@ -218,9 +218,9 @@ inline void store_tile(const float* acc, int mr, int np, const Output& o, int64_
   }
 }
 
-// Asks for ownership of the cache lines store_tile will write for the same tile (the same destinations: y's rows, or
-// the KV pool's slot rows for a K or V column panel), so that they arrive while the tile's last K block is computed
-// rather than stalling its stores. A token block's outputs exceed L2 in prefill (512 tokens x 2304 columns: 4.7 MB),
+// Loads into L1 the cache lines store_tile will write for the same tile (the same destinations: y's rows, or the KV
+// pool's slot rows for a K or V column panel), so that they arrive while the tile's last K block is computed rather
+// than stalling its stores (a line only this core holds needs no further request to be written). A token block's outputs exceed L2 in prefill (512 tokens x 2304 columns: 4.7 MB),
 // and each tile writes 3 lines of each of its 8 rows, rows ~9 KB apart, so without it every line is a miss the
 // stores wait on. Measured on one Intel Xeon (AVX-512), float32, 512 tokens: on one core 2304 x 768 162 -> 177
 // GFLOP/s and 3072 x 768 156 -> 176 (768 x 768 and 768 x 3072 within the noise), the four 124M shapes together
