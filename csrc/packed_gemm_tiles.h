@@ -169,6 +169,16 @@ inline void finish_argmax(const ArgmaxParts& parts, int64_t num_groups, int64_t*
   }
 }
 
+// Where store_tile writes whole column panel r0 (a multiple of 16) of token t's output: y's row t, or for a K or V
+// column panel with a KV destination, the token's row of the pool.
+inline float* panel_destination(const Output& o, int64_t t, int64_t r0) {
+  if (o.kv != nullptr && r0 >= o.kv->channels) {
+    const int64_t C = o.kv->channels, part = r0 / C;
+    return (part == 1 ? o.kv->k : o.kv->v) + o.kv->slots[t] * C + (r0 - part * C);
+  }
+  return o.y + t * o.ldy + r0;
+}
+
 // y[t0 + i, row + j] = epilogue(acc + bias) for a finished tile of mr tokens x np panels (acc: (mr, np * 16)) from
 // panel `panel`; columns past `rows` (the zero padding of the last panel) are computed like the others and not stored.
 inline void store_tile(const float* acc, int mr, int np, const Output& o, int64_t panel, int64_t t0) {
@@ -189,11 +199,7 @@ inline void store_tile(const float* acc, int mr, int np, const Output& o, int64_
       if (cols <= 0) break;
       const float* a = acc + i * np * kPanelRows + p * kPanelRows;
       if (cols == kPanelRows) {  // the common case: straight from registers
-        float* dst = out + r0;
-        if (o.kv != nullptr && r0 >= o.kv->channels) {  // a K or V column panel: the token's row of the pool
-          const int64_t C = o.kv->channels, part = r0 / C;
-          dst = (part == 1 ? o.kv->k : o.kv->v) + o.kv->slots[t0 + i] * C + (r0 - part * C);
-        }
+        float* dst = panel_destination(o, t0 + i, r0);
         for (int h = 0; h < kVecsPerPanel; ++h) {
           Vec s = vload(a + h * kLanes);
           if (bias) s = vadd(s, vload(bias + r0 + h * kLanes));
@@ -229,18 +235,9 @@ inline void prefetch_tile_output(const Output& o, int mr, int np, int64_t panel,
   if (!o.ask_ahead || o.epilogue == Epilogue::kArgmax || o.y == nullptr) return;
   // The panels holding columns < rows (the last may be partial).
   const int panels = static_cast<int>(std::min<int64_t>(np, (o.rows - panel * kPanelRows + kPanelRows - 1) / kPanelRows));
-  for (int i = 0; i < mr; ++i) {
-    const float* out = o.y + (t0 + i) * o.ldy;
-    for (int p = 0; p < panels; ++p) {
-      const int64_t r0 = (panel + p) * kPanelRows;
-      const float* dst = out + r0;
-      if (o.kv != nullptr && r0 >= o.kv->channels) {
-        const int64_t C = o.kv->channels, part = r0 / C;
-        dst = (part == 1 ? o.kv->k : o.kv->v) + o.kv->slots[t0 + i] * C + (r0 - part * C);
-      }
-      prefetch_line<3>(dst);  // a panel's 16 floats: one line where the rows are 64-byte aligned
-    }
-  }
+  for (int i = 0; i < mr; ++i)
+    for (int p = 0; p < panels; ++p)  // a panel's 16 floats: one line where the rows are 64-byte aligned
+      prefetch_line<3>(panel_destination(o, t0 + i, (panel + p) * kPanelRows));
 }
 
 // Tokens in ceil(T / tile) tiles of at most `tile` tokens, of nearly equal size (the first T % tiles one token
