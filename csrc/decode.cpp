@@ -128,10 +128,14 @@ void model_step(const ModelWeights<W>& w, const StepBatch& batch, int num_thread
     if (R == 0) return;
     layer_norms(pool, final_rows, final_rows == x ? batch.logits_indices : nullptr, R, w.ln_f_weight, w.ln_f_bias, h, C,
                 eps);
-    if (batch.greedy)
+    if (batch.greedy && w.lm_head_screen) {
+      if constexpr (!std::is_same_v<W, q8>)
+        screened_argmax(pool, *w.lm_head_screen, w.lm_head, w.wte_rows, h, C, R, batch.greedy_limit, batch.greedy);
+    } else if (batch.greedy) {
       packed_argmax(pool, w.lm_head, nullptr, h, C, R, batch.greedy_limit, batch.greedy);
-    else
+    } else {
       packed_linear(pool, w.lm_head, nullptr, h, C, batch.logits, w.vocab_size, R, Epilogue::kStore);
+    }
   });
 }
 

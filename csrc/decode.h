@@ -12,9 +12,11 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
+#include "argmax_screen.h"
 #include "linear.h"
 #include "packed_gemm.h"
 
@@ -48,6 +50,8 @@ struct ModelWeights {
   using Row = std::conditional_t<std::is_same_v<W, bf16>, bf16, float>;  // int8: the dequantised rows
   const Row* wte_rows;      // (vocab_size, C) row-major: the embedding lookup
   PackedMatrix<W> lm_head;  // wte packed: the tied LM head
+  // Greedy steps' int8 screen of lm_head (argmax_screen.h; float32 and bf16 weights): null to compute every logit.
+  std::shared_ptr<const ArgmaxScreen> lm_head_screen;
   const float* wpe;         // (n_positions, C)
   std::vector<LayerWeights<W>> layers;
   const float *ln_f_weight, *ln_f_bias;

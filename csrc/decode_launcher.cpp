@@ -35,7 +35,7 @@ class CpuStep {
  public:
   CpuStep(const py::array& wte, const py::array& wpe, const std::vector<std::vector<py::array>>& layers,
              const py::array& ln_f_weight, const py::array& ln_f_bias, int64_t n_head, float layer_norm_epsilon,
-             const std::string& weight_dtype) {
+             const std::string& weight_dtype, bool greedy_screen) {
     if (weight_dtype != "float32" && weight_dtype != "bfloat16" && weight_dtype != "int8")
       throw py::value_error("weight_dtype must be 'float32', 'bfloat16' or 'int8', got '" + weight_dtype + "'");
     auto keep = [&](const py::array& a, const std::string& name, std::vector<py::ssize_t> shape) {
@@ -65,17 +65,18 @@ class CpuStep {
                             std::to_string(C));
     if (weight_dtype == "bfloat16") {
       bf16_ = std::make_unique<ModelWeights<bf16>>();
-      build(*bf16_, wte_p, wpe_p, raw, ln_f_w, ln_f_b, n_head, layer_norm_epsilon);
+      build(*bf16_, wte_p, wpe_p, raw, ln_f_w, ln_f_b, n_head, layer_norm_epsilon, greedy_screen);
     } else if (weight_dtype == "int8") {
       q8_ = std::make_unique<ModelWeights<q8>>();
-      build(*q8_, wte_p, wpe_p, raw, ln_f_w, ln_f_b, n_head, layer_norm_epsilon);
+      build(*q8_, wte_p, wpe_p, raw, ln_f_w, ln_f_b, n_head, layer_norm_epsilon, false);
     } else {
       f32_ = std::make_unique<ModelWeights<float>>();
-      build(*f32_, wte_p, wpe_p, raw, ln_f_w, ln_f_b, n_head, layer_norm_epsilon);
+      build(*f32_, wte_p, wpe_p, raw, ln_f_w, ln_f_b, n_head, layer_norm_epsilon, greedy_screen);
     }
   }
 
   std::string weight_dtype() const { return bf16_ ? "bfloat16" : q8_ ? "int8" : "float32"; }
+  bool greedy_screen() const { return (f32_ && f32_->lm_head_screen) || (bf16_ && bf16_->lm_head_screen); }
 
   // token_ids, positions, slots: (N,) int64; seq_index: (N,) int32, rows of block_tables (S, max_blocks) int32;
   // logits_indices: (R,) int64 in [0, N); kv_cache: (n_layer, 2, num_blocks, block_size, n_head, head_dim) float32;
@@ -166,7 +167,7 @@ class CpuStep {
   // dequantised (the model GPT2.quantize_weights_int8 makes). float32 reads the vectors and rows in place.
   template <typename W>
   void build(ModelWeights<W>& m, const float* wte, const float* wpe, const std::vector<RawLayer>& raw,
-             const float* ln_f_weight, const float* ln_f_bias, int64_t n_head, float eps) {
+             const float* ln_f_weight, const float* ln_f_bias, int64_t n_head, float eps, bool greedy_screen) {
     const int64_t C = n_embd_;
     constexpr bool kRound = sizeof(W) == 2;
     auto vec = [&](const float* src, int64_t n) {
@@ -188,6 +189,9 @@ class CpuStep {
       m.wte_rows = wte;
     }
     m.lm_head = pack(wte, vocab_size_, C);
+    if constexpr (!std::is_same_v<W, q8>) {
+      if (greedy_screen) m.lm_head_screen = build_argmax_screen(m.wte_rows, vocab_size_, C);
+    }
     m.wpe = vec(wpe, n_positions_ * C);
     for (const RawLayer& L : raw)
       m.layers.push_back({vec(L.ln_1_weight, C), vec(L.ln_1_bias, C), pack(L.c_attn_weight, 3 * C, C),
@@ -216,10 +220,13 @@ void bind_cpu_step(py::module_& m) {
                       "or int8 weight matrices; each token's result independent of the rest of the step); holds the "
                       "weight arrays it is given.")
       .def(py::init<const py::array&, const py::array&, const std::vector<std::vector<py::array>>&, const py::array&,
-                    const py::array&, int64_t, float, const std::string&>(),
+                    const py::array&, int64_t, float, const std::string&, bool>(),
            py::arg("wte"), py::arg("wpe"), py::arg("layers"), py::arg("ln_f_weight"), py::arg("ln_f_bias"),
-           py::arg("n_head"), py::arg("layer_norm_epsilon"), py::arg("weight_dtype") = "float32")
+           py::arg("n_head"), py::arg("layer_norm_epsilon"), py::arg("weight_dtype") = "float32",
+           py::arg("greedy_screen") = true)
       .def_property_readonly("weight_dtype", &CpuStep::weight_dtype)
+      .def_property_readonly("greedy_screen", &CpuStep::greedy_screen,
+                             "Whether greedy steps screen the LM head in int8 (argmax_screen.h) before float32.")
       .def("forward", &CpuStep::forward,
            "Packed tokens (N,): writes their K/V into kv_cache, attends each over its sequence's context, and writes "
            "the logits of the rows logits_indices into logits (R, vocab).",

@@ -4,8 +4,12 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <memory>
 #include <string>
+#include <type_traits>
+#include <vector>
 
+#include "argmax_screen.h"
 #include "checks.h"
 #include "packed_gemm.h"
 #include "thread_pool.h"
@@ -38,6 +42,7 @@ class PackedLinear {
     else
       f_ = pack_matrix<float>(w.data(), w.shape(0), w.shape(1));
     rows_ = w.shape(0), cols_ = w.shape(1);
+    weight_ = w;
   }
 
   const std::string& weight_dtype() const { return dtype_; }
@@ -72,7 +77,9 @@ class PackedLinear {
   }
 
   // index (T,) int64 = per row of x the argmax over columns [0, limit) of x W^T + bias, without the product stored.
-  void argmax(const py::array& x, py::array& index, const py::object& bias, int64_t limit, int num_threads) {
+  // screen: through the int8 screen (argmax_screen.h; float32 and bfloat16 storage, no bias), built on first use.
+  void argmax(const py::array& x, py::array& index, const py::object& bias, int64_t limit, int num_threads,
+              bool screen) {
     auto xs = checked_array<float>(x, "x", "float32", {-1, cols_});
     const int64_t T = xs.shape(0);
     auto out = checked_array<int64_t>(index, "index", "int64", {T});
@@ -85,12 +92,35 @@ class PackedLinear {
     if (limit < 1 || limit > rows_)
       throw py::value_error("limit must be in [1, " + std::to_string(rows_) + "], got " + std::to_string(limit));
     if (num_threads < 1) throw py::value_error("num_threads must be >= 1");
+    if (screen && (dtype_ == "int8" || bp != nullptr))
+      throw py::value_error("the screened argmax takes float32 or bfloat16 weights and no bias");
     const float* xp = xs.data();
     int64_t* ip = out.mutable_data();
     py::gil_scoped_release release;
+    if (screen && !screen_) {
+      if (dtype_ == "bfloat16") {
+        rounded_.resize(static_cast<size_t>(rows_ * cols_));
+        for (int64_t i = 0; i < rows_ * cols_; ++i) rounded_[i] = to_bf16(weight_.data()[i]);
+        screen_ = build_argmax_screen(rounded_.data(), rows_, cols_);
+      } else {
+        screen_ = build_argmax_screen(weight_.data(), rows_, cols_);
+      }
+      if (!screen_) throw py::value_error("no screen for this weight (in_features not a multiple of 32, or a "
+                                          "non-finite weight)");
+    }
     auto run = [&](const auto& m) {
-      ThreadPool::with_pool(num_threads, /*linger=*/false,
-                            [&](ThreadPool& pool) { packed_argmax(pool, m, bp, xp, cols_, T, limit, ip); });
+      ThreadPool::with_pool(num_threads, /*linger=*/false, [&](ThreadPool& pool) {
+        if constexpr (!std::is_same_v<std::decay_t<decltype(m)>, PackedMatrix<q8>>) {
+          if (screen) {
+            if constexpr (std::is_same_v<std::decay_t<decltype(m)>, PackedMatrix<bf16>>)
+              screened_argmax(pool, *screen_, m, rounded_.data(), xp, cols_, T, limit, ip);
+            else
+              screened_argmax(pool, *screen_, m, weight_.data(), xp, cols_, T, limit, ip);
+            return;
+          }
+        }
+        packed_argmax(pool, m, bp, xp, cols_, T, limit, ip);
+      });
     };
     if (dtype_ == "bfloat16") run(b_);
     else if (dtype_ == "int8") run(q_);
@@ -103,6 +133,9 @@ class PackedLinear {
   PackedMatrix<float> f_;
   PackedMatrix<bf16> b_;
   PackedMatrix<q8> q_;
+  py::array_t<float, py::array::c_style> weight_;  // the weights as given (the screen's rows)
+  std::vector<bf16> rounded_;                      // bfloat16 storage: the rows the bf16 panels hold
+  std::shared_ptr<const ArgmaxScreen> screen_;
 };
 
 py::array_t<float> quantize_q8(const py::array& weight) {
@@ -137,8 +170,10 @@ void bind_packed_gemm(py::module_& m) {
            py::arg("num_threads") = 1)
       .def("argmax", &PackedLinear::argmax,
            "index = per row of x the argmax of (x W^T + bias)[:, :limit] as torch.argmax picks it (the first of equal "
-           "values, or the first NaN), computed in the GEMM's epilogue without storing the product.",
-           py::arg("x"), py::arg("index"), py::arg("bias") = py::none(), py::arg("limit"), py::arg("num_threads") = 1);
+           "values, or the first NaN), computed in the GEMM's epilogue without storing the product; screen=True "
+           "takes greedy decoding's int8 screen (float32 or bfloat16 storage, no bias), the same indices.",
+           py::arg("x"), py::arg("index"), py::arg("bias") = py::none(), py::arg("limit"), py::arg("num_threads") = 1,
+           py::arg("screen") = false);
   m.def("quantize_q8", &quantize_q8,
         "An int8 PackedLinear's weights, dequantised: weight (out, in) float32, in % 32 == 0, quantised per row "
         "and block of 32 inputs as llama.cpp's q8_0 (d = absmax / 127, q = roundf(w * (1 / d))) with a float32 scale, "

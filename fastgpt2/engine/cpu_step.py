@@ -14,6 +14,12 @@ def native_decode_disabled() -> bool:
     return os.environ.get("FASTGPT2_NATIVE_DECODE", "1") == "0"
 
 
+def greedy_screen_enabled() -> bool:
+    """FASTGPT2_GREEDY_SCREEN=0 turns off greedy steps' int8 screen of the LM head (every logit in float32 instead;
+    the tokens are the same either way)."""
+    return os.environ.get("FASTGPT2_GREEDY_SCREEN", "1") != "0"
+
+
 class CpuStep:
     """GPT-2's step in C++ (csrc/decode.cpp) over packed tokens of a float32 model on CPU: any mix of prefill chunks
     and decodes, one call per step instead of ~150 torch ops, on a persistent thread pool.
@@ -47,7 +53,8 @@ class CpuStep:
         ]
         weight_dtype = {torch.bfloat16: "bfloat16", "int8": "int8"}.get(model.decode_weight_dtype, "float32")
         self._step = native.new_cpu_step(arr(model.wte.weight), arr(model.wpe.weight), layers, arr(model.ln_f.weight),
-                                         arr(model.ln_f.bias), c.n_head, c.layer_norm_epsilon, weight_dtype)
+                                         arr(model.ln_f.bias), c.n_head, c.layer_norm_epsilon, weight_dtype,
+                                         greedy_screen_enabled())
         self._kv_cache = kv_cache.numpy()
         self.vocab_size = c.vocab_size
 
@@ -55,6 +62,12 @@ class CpuStep:
     def weight_dtype(self) -> str:
         """'float32', 'bfloat16' or 'int8': the weight matrices the C++ step reads."""
         return self._step.weight_dtype
+
+    @property
+    def greedy_screen(self) -> bool:
+        """Whether greedy steps pick through the LM head's int8 screen (float32 and bf16 weights; see
+        csrc/argmax_screen.h): the float32 logits of only the rows that can still be the largest."""
+        return self._step.greedy_screen
 
     @staticmethod
     def enabled() -> bool:
