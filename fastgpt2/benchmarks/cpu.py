@@ -150,6 +150,14 @@ def main(args) -> int:
                "fastgpt2_bf16_weights_max_batch": None,
                "transformers_dtype": str(systems.hf.dtype).replace("torch.", ""),
                "bytes_per_decode_step": config.num_parameters() * (2 if bf16_weights else actual.element_size())}
+    # Greedy steps with the LM head's int8 screen (csrc/argmax_screen.h) read the tied head's vocab x n_embd weights
+    # as 1 byte and a float32 scale per 32, the rest as before (the float32 rows the screen keeps are a few per 50257).
+    weights["greedy_screen"] = bool(runner.cpu_step is not None and runner.cpu_step.greedy_screen)
+    weights["lm_head_weights"] = config.vocab_size * config.n_embd
+    if weights["greedy_screen"]:
+        weights["bytes_per_decode_step"] = int(
+            weights["bytes_per_decode_step"] - weights["lm_head_weights"] * (2 if bf16_weights else actual.element_size())
+            + weights["lm_head_weights"] * (1 + 4 / 32))
     if weights["fastgpt2_dtype"] != args.dtype:
         _log(f"fastgpt2 runs {weights['fastgpt2_dtype']} although {args.dtype} was asked for (the engine's choice)")
     if weights["fastgpt2_compute_dtype"] != weights["fastgpt2_dtype"]:

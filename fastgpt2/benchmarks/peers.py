@@ -35,9 +35,22 @@ def _log(message: str) -> None:
     print(f"[bench --peers] {message}", file=sys.stderr, flush=True)
 
 
-def _row(engine: str, precision: str, bytes_per_weight: float, key: str | None = None, skipped: str | None = None):
+def _row(engine: str, precision: str, bytes_per_weight: float, key: str | None = None, skipped: str | None = None,
+         screen: bool = False):
     return {"engine": engine, "precision": precision, "bytes_per_weight": bytes_per_weight,
-            "key": key or f"{engine} {precision}", "skipped": skipped}
+            "key": key or f"{engine} {precision}", "skipped": skipped, "screen": screen}
+
+
+def _greedy_bytes(llm, bytes_per_weight: float) -> tuple[float, bool]:
+    """Bytes per weight a greedy batch-1 step of this LLM reads, and whether its LM head is screened: with the int8
+    screen (csrc/argmax_screen.h) the tied head's vocab x n_embd weights cost 1 byte and a float32 scale per 32 (the
+    float32 rows it then reads are a few per 50257), the other weights their own bytes."""
+    step = llm.engine.runner.cpu_step
+    if step is None or not step.greedy_screen:
+        return bytes_per_weight, False
+    c = llm.config
+    n, head = c.num_parameters(), c.vocab_size * c.n_embd
+    return ((n - head) * bytes_per_weight + head * (1 + 4 / 32)) / n, True
 
 
 def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
@@ -92,11 +105,14 @@ def build_engines(systems, hf_dir: str, work_dir: str, threads: int, with_llama:
     from fastgpt2 import LLM
     from fastgpt2.benchmarks.cpu_cases import Systems
 
-    rows = [_row("fastgpt2", "float32", 4.0, key="fastgpt2"), _row("transformers", "float32", 4.0, key="transformers")]
+    f32_bytes, f32_screen = _greedy_bytes(systems.llm, 4.0)
+    rows = [_row("fastgpt2", "float32", f32_bytes, key="fastgpt2", screen=f32_screen),
+            _row("transformers", "float32", 4.0, key="transformers")]
     live = {"fastgpt2": systems}
     bf16 = LLM(hf_dir, device="cpu", dtype="bfloat16")
     label, nbytes = _bf16_label(bf16)
-    rows.append(_row("fastgpt2", label, nbytes, key="fastgpt2 bfloat16"))
+    nbytes, screen = _greedy_bytes(bf16, nbytes)
+    rows.append(_row("fastgpt2", label, nbytes, key="fastgpt2 bfloat16", screen=screen))
     live["fastgpt2 bfloat16"] = Systems(bf16, None, None, systems.rng)
     live["fastgpt2 int8"] = Systems(LLM(hf_dir, device="cpu", dtype="float32", quantization="int8"), None, None,
                                     systems.rng)

@@ -74,6 +74,9 @@ def _note(row: dict) -> str:
             notes.append("concurrency: llama-batched-bench not found")
     if row["precision"].startswith("bfloat16 weights"):
         notes.append("bf16 weights read by the C++ step, float32 arithmetic")
+    if row.get("screen"):
+        notes.append("greedy: the LM head screened in int8, then this precision for the rows kept (the same tokens); "
+                     f"the floor counts those bytes ({row['bytes_per_weight']:.2f} per weight)")
     return "; ".join(notes)
 
 
