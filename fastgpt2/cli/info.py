@@ -26,12 +26,17 @@ def run(args) -> int:
     bytes_per = torch.finfo(getattr(torch, args.dtype)).bits // 8
     print(f"model:        {args.model}  [{source}]")
     for field in ("n_layer", "n_head", "n_embd", "head_dim", "n_positions", "vocab_size", "layer_norm_epsilon"):
-        print(f"{field + ':':<14}{getattr(config, field)}")
+        print(f"{field + ':':<13} {getattr(config, field)}")
     print(f"parameters:   {n_params:,} (output head tied to wte)")
     print(f"weights:      {n_params * bytes_per:,} bytes in {args.dtype} ({n_params * bytes_per / 2**20:,.1f} MiB)")
     kv_per_token = 2 * config.n_layer * config.n_embd * bytes_per
     print(f"KV cache:     {kv_per_token:,} bytes per token in {args.dtype}")
     print_cpu_kernels()
+    from fastgpt2.engine.cpu_step import CpuStep, greedy_screen_enabled
+
+    screen = CpuStep.enabled() and greedy_screen_enabled()
+    print(f"greedy:       {'LM head screened in int8, float32 for the rows kept' if screen else 'every logit computed'}"
+          + (" (FASTGPT2_GREEDY_SCREEN=0 turns the screen off)" if screen else ""))
     return 0
 
 
