@@ -15,6 +15,18 @@ from typing import Callable
 import torch
 
 
+def greedy_bytes_per_weight(llm, bytes_per_weight: float) -> tuple[float, bool]:
+    """Bytes per parameter a greedy decode step of `llm` reads, and whether its LM head is screened: with the int8
+    screen (csrc/argmax_screen.h) the tied head's vocab x n_embd weights cost 1 byte and a float32 scale per 32 (the
+    rows it then reads at full precision are a few per 50257), the other weights their own bytes_per_weight."""
+    step = llm.engine.runner.cpu_step
+    if step is None or not step.greedy_screen:
+        return bytes_per_weight, False
+    c = llm.config
+    n, head = c.num_parameters(), c.vocab_size * c.n_embd
+    return ((n - head) * bytes_per_weight + head * (1 + 4 / 32)) / n, True
+
+
 def cpu_model() -> str:
     """The CPU's marketing name from /proc/cpuinfo ('unknown CPU' elsewhere)."""
     try:

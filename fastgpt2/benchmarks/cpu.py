@@ -148,16 +148,12 @@ def main(args) -> int:
                "fastgpt2_compute_dtype": str(actual.dtype).replace("torch.", ""),
                # bf16 weights in float32 arithmetic: the C++ step reads them at every batch size (no limit)
                "fastgpt2_bf16_weights_max_batch": None,
-               "transformers_dtype": str(systems.hf.dtype).replace("torch.", ""),
-               "bytes_per_decode_step": config.num_parameters() * (2 if bf16_weights else actual.element_size())}
-    # Greedy steps with the LM head's int8 screen (csrc/argmax_screen.h) read the tied head's vocab x n_embd weights
-    # as 1 byte and a float32 scale per 32, the rest as before (the float32 rows the screen keeps are a few per 50257).
-    weights["greedy_screen"] = bool(runner.cpu_step is not None and runner.cpu_step.greedy_screen)
+               "transformers_dtype": str(systems.hf.dtype).replace("torch.", "")}
+    # The decode cases are greedy: with the LM head's int8 screen their steps read fewer bytes.
+    per_weight, weights["greedy_screen"] = common.greedy_bytes_per_weight(
+        systems.llm, 2 if bf16_weights else actual.element_size())
     weights["lm_head_weights"] = config.vocab_size * config.n_embd
-    if weights["greedy_screen"]:
-        weights["bytes_per_decode_step"] = int(
-            weights["bytes_per_decode_step"] - weights["lm_head_weights"] * (2 if bf16_weights else actual.element_size())
-            + weights["lm_head_weights"] * (1 + 4 / 32))
+    weights["bytes_per_decode_step"] = round(config.num_parameters() * per_weight)
     if weights["fastgpt2_dtype"] != args.dtype:
         _log(f"fastgpt2 runs {weights['fastgpt2_dtype']} although {args.dtype} was asked for (the engine's choice)")
     if weights["fastgpt2_compute_dtype"] != weights["fastgpt2_dtype"]:

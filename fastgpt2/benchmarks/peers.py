@@ -41,18 +41,6 @@ def _row(engine: str, precision: str, bytes_per_weight: float, key: str | None =
             "key": key or f"{engine} {precision}", "skipped": skipped, "screen": screen}
 
 
-def _greedy_bytes(llm, bytes_per_weight: float) -> tuple[float, bool]:
-    """Bytes per weight a greedy batch-1 step of this LLM reads, and whether its LM head is screened: with the int8
-    screen (csrc/argmax_screen.h) the tied head's vocab x n_embd weights cost 1 byte and a float32 scale per 32 (the
-    float32 rows it then reads are a few per 50257), the other weights their own bytes."""
-    step = llm.engine.runner.cpu_step
-    if step is None or not step.greedy_screen:
-        return bytes_per_weight, False
-    c = llm.config
-    n, head = c.num_parameters(), c.vocab_size * c.n_embd
-    return ((n - head) * bytes_per_weight + head * (1 + 4 / 32)) / n, True
-
-
 def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """transformers' greedy continuation that never stops at <|endoftext|> (argmax of every step, KV cache kept), the
     reference the other engines are checked against; generate(min_new_tokens=...) would mask <|endoftext|> instead."""
@@ -105,13 +93,13 @@ def build_engines(systems, hf_dir: str, work_dir: str, threads: int, with_llama:
     from fastgpt2 import LLM
     from fastgpt2.benchmarks.cpu_cases import Systems
 
-    f32_bytes, f32_screen = _greedy_bytes(systems.llm, 4.0)
+    f32_bytes, f32_screen = common.greedy_bytes_per_weight(systems.llm, 4.0)
     rows = [_row("fastgpt2", "float32", f32_bytes, key="fastgpt2", screen=f32_screen),
             _row("transformers", "float32", 4.0, key="transformers")]
     live = {"fastgpt2": systems}
     bf16 = LLM(hf_dir, device="cpu", dtype="bfloat16")
     label, nbytes = _bf16_label(bf16)
-    nbytes, screen = _greedy_bytes(bf16, nbytes)
+    nbytes, screen = common.greedy_bytes_per_weight(bf16, nbytes)
     rows.append(_row("fastgpt2", label, nbytes, key="fastgpt2 bfloat16", screen=screen))
     live["fastgpt2 bfloat16"] = Systems(bf16, None, None, systems.rng)
     live["fastgpt2 int8"] = Systems(LLM(hf_dir, device="cpu", dtype="float32", quantization="int8"), None, None,
