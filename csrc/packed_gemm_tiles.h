@@ -387,14 +387,21 @@ void sweep_panels(const Tiling& tiling, int group, int64_t K, int64_t kc, int64_
   }
 }
 
-// fn(p_begin, p_end) over the matrix's panels in tasks of whole groups of `group` panels, about 4 tasks per thread (a
-// late thread takes fewer).
+// fn(p_begin, p_end) over the matrix's panels in tasks of whole groups of `group` panels, guided: each task takes
+// 1 / (2 threads) of the panels still unassigned (at least one group), so the tasks shrink towards the end and a
+// thread that falls behind (another guest on the host, a slower start) holds the others up by a small task rather
+// than by one of equal tasks (about 4 per thread before). Measured on one Intel Xeon (AVX-512), 2 threads, float32,
+// alternating processes: a 512-token prefill 1-3.5% faster in 3 of 3 runs (host noise +-10%), batch-1 and 64-
+// concurrent decode unchanged. Which thread computes a panel changes no value.
 template <typename Fn>
 void for_panel_tasks(ThreadPool& pool, int64_t panels, int64_t group, const Fn& fn) {
-  int64_t per_task = (panels + 4 * pool.num_threads() - 1) / (4 * pool.num_threads());
-  per_task = std::max(group, (per_task + group - 1) / group * group);
-  pool.parallel_for((panels + per_task - 1) / per_task,
-                    [&](int64_t i) { fn(i * per_task, std::min(panels, (i + 1) * per_task)); });
+  std::vector<int64_t> bounds{0};
+  const int64_t share = 2 * static_cast<int64_t>(pool.num_threads());
+  while (bounds.back() < panels) {
+    const int64_t n = (panels - bounds.back() + share - 1) / share;
+    bounds.push_back(std::min(panels, bounds.back() + std::max(group, (n + group - 1) / group * group)));
+  }
+  pool.parallel_for(static_cast<int64_t>(bounds.size()) - 1, [&](int64_t i) { fn(bounds[i], bounds[i + 1]); });
 }
 
 // packed_argmax's sweep of both kernels: run(p_begin, p_end, &parts) over the pool in for_panel_tasks's tasks (kArgmax
