@@ -48,7 +48,7 @@ class PackedLinear {
   const std::string& weight_dtype() const { return dtype_; }
 
   void forward(const py::array& x, py::array& out, const py::object& bias, const std::string& epilogue,
-               int num_threads) {
+               int num_threads, int repeats) {
     const Epilogue e = parse_epilogue(epilogue);
     auto xs = checked_array<float>(x, "x", "float32", {-1, cols_});
     const int64_t T = xs.shape(0);
@@ -60,16 +60,19 @@ class PackedLinear {
       bp = bs.data();
     }
     if (num_threads < 0) throw py::value_error("num_threads must be >= 0 (0: the calling thread only)");
+    if (repeats < 1) throw py::value_error("repeats must be >= 1, got " + std::to_string(repeats));
     const float* xp = xs.data();
     float* yp = ys.mutable_data();
     py::gil_scoped_release release;
     auto run = [&](const auto& m) {
       if (num_threads == 0) {
-        packed_linear_serial(m, bp, xp, cols_, yp, rows_, T, e);
+        for (int r = 0; r < repeats; ++r) packed_linear_serial(m, bp, xp, cols_, yp, rows_, T, e);
         return;
       }
-      ThreadPool::with_pool(num_threads, /*linger=*/false,
-                            [&](ThreadPool& pool) { packed_linear(pool, m, bp, xp, cols_, yp, rows_, T, e); });
+      // Repeated calls keep the workers spinning between them, as between a model step's products.
+      ThreadPool::with_pool(num_threads, /*linger=*/repeats > 1, [&](ThreadPool& pool) {
+        for (int r = 0; r < repeats; ++r) packed_linear(pool, m, bp, xp, cols_, yp, rows_, T, e);
+      });
     };
     if (dtype_ == "bfloat16") run(b_);
     else if (dtype_ == "int8") run(q_);
@@ -165,9 +168,10 @@ void bind_packed_gemm(py::module_& m) {
       .def_property_readonly("weight_dtype", &PackedLinear::weight_dtype)
       .def("forward", &PackedLinear::forward,
            "out = epilogue(x W^T + bias): 'store', 'gelu' (tanh) or 'accumulate' (out += ...); num_threads 0 runs on "
-           "the calling thread.",
+           "the calling thread. repeats (benchmarks): the product computed that many times in one session of the "
+           "thread pool, whose workers wait for the next call spinning, as between a model step's products.",
            py::arg("x"), py::arg("out"), py::arg("bias") = py::none(), py::arg("epilogue") = "store",
-           py::arg("num_threads") = 1)
+           py::arg("num_threads") = 1, py::arg("repeats") = 1)
       .def("argmax", &PackedLinear::argmax,
            "index = per row of x the argmax of (x W^T + bias)[:, :limit] as torch.argmax picks it (the first of equal "
            "values, or the first NaN), computed in the GEMM's epilogue without storing the product; screen=True "

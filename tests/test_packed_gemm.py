@@ -214,6 +214,22 @@ def test_bad_input_is_a_clear_error():
         gemm.forward(np.ones((2, 16), np.float32), np.empty((2, 4), np.float32), None, "relu")
     with pytest.raises(TypeError, match="float32"):
         gemm.forward(np.ones((2, 16), np.float64), np.empty((2, 4), np.float32))
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        gemm.forward(np.ones((2, 16), np.float32), np.empty((2, 4), np.float32), None, "store", 2, 0)
+
+
+@pytest.mark.parametrize("num_threads", [0, 2])
+def test_repeated_forward_computes_the_product_each_time(num_threads):
+    """forward's repeats (the benchmark's warm pool) computes the same product every time: 'accumulate' adds it
+    `repeats` times, bitwise what as many single calls give."""
+    rng = np.random.default_rng(4)
+    gemm = native._C.PackedLinear(rng.standard_normal((48, 64), dtype=np.float32))
+    x = rng.standard_normal((20, 64), dtype=np.float32)
+    once, repeated = np.zeros((20, 48), np.float32), np.zeros((20, 48), np.float32)
+    for _ in range(3):
+        gemm.forward(x, once, None, "accumulate", num_threads)
+    gemm.forward(x, repeated, None, "accumulate", num_threads, 3)
+    assert np.array_equal(once, repeated) and np.abs(once).min() > 0
 
 
 @pytest.mark.isa_variants

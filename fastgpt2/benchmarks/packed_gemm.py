@@ -7,8 +7,10 @@
    The model's weights exceed the cache, so they stream from memory as in decode.
 3. T=64 and T=512 multiply-adds per second x 2 (GFLOP/s; int8: integer dot products), int8 vs float32.
 4. float32 GFLOP/s beside MKL's sgemm at 16, 64 and 512 tokens, with the measured FMA peak of one core.
+5. The same on both cores (2 threads each) at 64 and 512 tokens: the packed GEMM's pool kept between calls as within
+   a model step (forward's repeats), MKL's OpenMP threads as torch keeps them between calls; wall-clock medians.
 
-Timings are thread_time medians, the storages alternating within each repeat (A B C A B C ...).
+Timings of 1-4 are thread_time medians, the storages alternating within each repeat (A B C A B C ...).
 """
 from __future__ import annotations
 
@@ -28,20 +30,21 @@ def packed_bytes(rows: int, cols: int, dtype: str) -> float:
     return (rows + 15) // 16 * 16 * cols * BYTES_PER_WEIGHT[dtype]  # panels of 16 rows, zero-padded
 
 
-def _timed(fn) -> float:
-    start = time.thread_time()
+def _timed(fn, clock=time.thread_time) -> float:
+    start = clock()
     fn()
-    return time.thread_time() - start
+    return clock() - start
 
 
-def alternate(fns: dict, repeats: int) -> dict:
-    """Median seconds of each callable, run in turn within each repeat after one warm-up round."""
+def alternate(fns: dict, repeats: int, clock=time.thread_time) -> dict:
+    """Median seconds of each callable (by `clock`: the calling thread's CPU time unless told), run in turn within
+    each repeat after one warm-up round."""
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            times[name].append(_timed(fn))
+            times[name].append(_timed(fn, clock))
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
@@ -120,6 +123,43 @@ def against_mkl(repeats: int, rng) -> None:
                   f"({gf['packed'] / peak:.0%} of peak)")
 
 
+def against_mkl_threads(repeats: int, rng, threads: int = 2) -> None:
+    """5. float32 GFLOP/s of the packed GEMM beside MKL's sgemm on `threads` threads each (wall clock)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        peak = max(native._C._fma_peak_gflops(0.2) for _ in range(3))
+        print(f"5. float32 vs MKL sgemm on {threads} threads each (torch {torch.__version__}); measured FMA peak "
+              f"{peak:.0f} GFLOP/s per core")
+        total = {}
+        for rows, cols in SHAPES[:4]:
+            w = torch.from_numpy(rng.standard_normal((rows, cols), dtype=np.float32))
+            gemm = native._C.PackedLinear(w.numpy())
+            for tokens in (64, 512):
+                x = torch.from_numpy(rng.standard_normal((tokens, cols), dtype=np.float32))
+                y = torch.empty(tokens, rows)
+                reps = max(8, int(2e9 / (rows * cols * tokens)))  # >= 8 calls per timing: a warm pool after the first
+                fns = {"packed": lambda: gemm.forward(x.numpy(), y.numpy(), None, "store", threads, reps),
+                       "mkl x@W.T": lambda: [torch.mm(x, w.t(), out=y) for _ in range(reps)],
+                       "mkl W@x.T": lambda: [torch.mm(w, x.t()) for _ in range(reps)]}
+                seconds = alternate(fns, repeats, clock=time.perf_counter)
+                gf = {k: 2.0 * rows * cols * tokens * reps / t / 1e9 for k, t in seconds.items()}
+                best = max(gf["mkl x@W.T"], gf["mkl W@x.T"])
+                packed_s, mkl_s = total.get(tokens, (0.0, 0.0))
+                total[tokens] = (packed_s + seconds["packed"] / reps,
+                                 mkl_s + min(seconds["mkl x@W.T"], seconds["mkl W@x.T"]) / reps)
+                print(f"  {rows:5d} x {cols:<4d} T={tokens:<4d} packed {gf['packed']:6.1f}  mkl x@W.T "
+                      f"{gf['mkl x@W.T']:6.1f}  mkl W@x.T {gf['mkl W@x.T']:6.1f}  packed/best {gf['packed'] / best:.2f}x  "
+                      f"({gf['packed'] / (threads * peak):.0%} of {threads} x peak)")
+        for tokens, (packed, mkl) in total.items():
+            print(f"  the four shapes at T={tokens}: packed {packed * 1e3:.2f} ms, MKL {mkl * 1e3:.2f} ms (its faster "
+                  f"operand order per shape): packed {mkl / packed:.2f}x as fast")
+    finally:
+        torch.set_num_threads(previous)
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     repeats = int(argv[0]) if argv else 15
@@ -129,6 +169,7 @@ def main(argv=None) -> None:
     decode_token(max(3, repeats // 2), rng)
     int8_gemm(max(3, repeats // 3), rng)
     against_mkl(max(3, repeats // 2), rng)
+    against_mkl_threads(max(3, repeats // 2), rng)
 
 
 if __name__ == "__main__":
