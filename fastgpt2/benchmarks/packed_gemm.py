@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from fastgpt2.benchmarks.common import cpu_model
 from fastgpt2.kernels import native
 
 SHAPES = [(2304, 768), (768, 768), (3072, 768), (768, 3072), (50257, 768)]
@@ -163,7 +164,8 @@ def against_mkl_threads(repeats: int, rng, threads: int = 2) -> None:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     repeats = int(argv[0]) if argv else 15
-    print(f"packed GEMM ({native._C.GEMM_ISA}), one thread, thread_time medians of {repeats}")
+    print(f"packed GEMM ({native._C.GEMM_ISA}) on {cpu_model()}: sections 1-4 one thread, thread_time medians of "
+          f"{repeats}; section 5 two threads, wall-clock medians")
     rng = np.random.default_rng(0)
     gemv_shapes(repeats, rng)
     decode_token(max(3, repeats // 2), rng)
