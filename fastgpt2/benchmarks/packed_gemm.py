@@ -96,6 +96,25 @@ def int8_gemm(repeats: int, rng) -> None:
             print(f"  {rows:5d} x {cols:<4d} T={tokens:<4d} {line}  int8/float32 {times['float32'] / times['int8']:.2f}x")
 
 
+def _versus_mkl(packed, w, x, y, reps: int, repeats: int, clock, peak: float, peak_label: str) -> dict:
+    """One row of sections 4 and 5: `packed` (reps products of x (T, K) by w (N, K) into y) alternated with reps of
+    MKL's sgemm in both operand orders; prints GFLOP/s, the ratio to MKL's better order and the share of `peak`.
+    Returns the median seconds of each."""
+    import torch
+
+    fns = {"packed": packed,
+           "mkl x@W.T": lambda: [torch.mm(x, w.t(), out=y) for _ in range(reps)],
+           "mkl W@x.T": lambda: [torch.mm(w, x.t()) for _ in range(reps)]}
+    seconds = alternate(fns, repeats, clock)
+    (tokens, cols), rows = x.shape, w.shape[0]
+    gf = {k: 2.0 * rows * cols * tokens * reps / t / 1e9 for k, t in seconds.items()}
+    best = max(gf["mkl x@W.T"], gf["mkl W@x.T"])
+    print(f"  {rows:5d} x {cols:<4d} T={tokens:<4d} packed {gf['packed']:6.1f}  mkl x@W.T "
+          f"{gf['mkl x@W.T']:6.1f}  mkl W@x.T {gf['mkl W@x.T']:6.1f}  packed/best {gf['packed'] / best:.2f}x  "
+          f"({gf['packed'] / peak:.0%} of {peak_label})")
+    return seconds
+
+
 def against_mkl(repeats: int, rng) -> None:
     """4. float32 GFLOP/s of the packed GEMM beside MKL's sgemm (torch.mm, one thread, both operand orders; the
     engine's torch path used W @ x.T) on the 124M shapes at 16, 64 and 512 tokens, and the measured FMA peak."""
@@ -113,15 +132,8 @@ def against_mkl(repeats: int, rng) -> None:
             x = torch.from_numpy(rng.standard_normal((tokens, cols), dtype=np.float32))
             y = torch.empty(tokens, rows)
             reps = max(1, int(2e8 / (rows * cols * tokens)))
-            fns = {"packed": lambda: [gemm.forward(x.numpy(), y.numpy(), None, "store", 0) for _ in range(reps)],
-                   "mkl x@W.T": lambda: [torch.mm(x, w.t(), out=y) for _ in range(reps)],
-                   "mkl W@x.T": lambda: [torch.mm(w, x.t()) for _ in range(reps)]}
-            flops = 2.0 * rows * cols * tokens * reps
-            gf = {k: flops / t / 1e9 for k, t in alternate(fns, repeats).items()}
-            best = max(gf["mkl x@W.T"], gf["mkl W@x.T"])
-            print(f"  {rows:5d} x {cols:<4d} T={tokens:<4d} packed {gf['packed']:6.1f}  mkl x@W.T "
-                  f"{gf['mkl x@W.T']:6.1f}  mkl W@x.T {gf['mkl W@x.T']:6.1f}  packed/best {gf['packed'] / best:.2f}x  "
-                  f"({gf['packed'] / peak:.0%} of peak)")
+            _versus_mkl(lambda: [gemm.forward(x.numpy(), y.numpy(), None, "store", 0) for _ in range(reps)], w, x, y,
+                        reps, repeats, time.thread_time, peak, "peak")
 
 
 def against_mkl_threads(repeats: int, rng, threads: int = 2) -> None:
@@ -142,18 +154,11 @@ def against_mkl_threads(repeats: int, rng, threads: int = 2) -> None:
                 x = torch.from_numpy(rng.standard_normal((tokens, cols), dtype=np.float32))
                 y = torch.empty(tokens, rows)
                 reps = max(8, int(2e9 / (rows * cols * tokens)))  # >= 8 calls per timing: a warm pool after the first
-                fns = {"packed": lambda: gemm.forward(x.numpy(), y.numpy(), None, "store", threads, reps),
-                       "mkl x@W.T": lambda: [torch.mm(x, w.t(), out=y) for _ in range(reps)],
-                       "mkl W@x.T": lambda: [torch.mm(w, x.t()) for _ in range(reps)]}
-                seconds = alternate(fns, repeats, clock=time.perf_counter)
-                gf = {k: 2.0 * rows * cols * tokens * reps / t / 1e9 for k, t in seconds.items()}
-                best = max(gf["mkl x@W.T"], gf["mkl W@x.T"])
+                seconds = _versus_mkl(lambda: gemm.forward(x.numpy(), y.numpy(), None, "store", threads, reps), w, x,
+                                      y, reps, repeats, time.perf_counter, threads * peak, f"{threads} x peak")
                 packed_s, mkl_s = total.get(tokens, (0.0, 0.0))
                 total[tokens] = (packed_s + seconds["packed"] / reps,
                                  mkl_s + min(seconds["mkl x@W.T"], seconds["mkl W@x.T"]) / reps)
-                print(f"  {rows:5d} x {cols:<4d} T={tokens:<4d} packed {gf['packed']:6.1f}  mkl x@W.T "
-                      f"{gf['mkl x@W.T']:6.1f}  mkl W@x.T {gf['mkl W@x.T']:6.1f}  packed/best {gf['packed'] / best:.2f}x  "
-                      f"({gf['packed'] / (threads * peak):.0%} of {threads} x peak)")
         for tokens, (packed, mkl) in total.items():
             print(f"  the four shapes at T={tokens}: packed {packed * 1e3:.2f} ms, MKL {mkl * 1e3:.2f} ms (its faster "
                   f"operand order per shape): packed {mkl / packed:.2f}x as fast")
