@@ -1,6 +1,7 @@
 """`fastgpt2 bench --peers` (fastgpt2.benchmarks.peers*): the table's figures and skip reasons, the lookup of
 llama.cpp, a tiny end-to-end run, and CTranslate2's float32 greedy tokens against transformers' (when installed).
 No timing is asserted."""
+import json
 import random
 import shutil
 
@@ -8,6 +9,8 @@ import pytest
 
 from fastgpt2.benchmarks import peers, peers_ct2, peers_llama, peers_report
 from fastgpt2.model.config import GPT2Config
+
+NOISY_VALUE = peers_report.NOISY
 
 
 def synthetic_report() -> dict:
@@ -56,6 +59,47 @@ def test_rows_floor_and_skip_reasons():
     assert "skipped: ctranslate2 is not installed" in text and "skipped: llama-bench not found" in text
     assert "100% (4/4)" in text and "not checked" in text  # llama.cpp has no tokens to compare
     assert "fastgpt2 CPU kernels -," in text and "forced" not in text
+
+
+def test_targets_pass_miss_and_not_measured(tmp_path, capsys):
+    report = synthetic_report()
+    report["sizes"] = dict(report["sizes"], batch_sizes=[16, 64], prefill_len=512)
+
+    def row(engine, precision, key, floor, ms, b16, b64, prefill, skipped=None):
+        return {"engine": engine, "precision": precision, "key": key, "floor_ms": floor, "ms_per_token": ms,
+                "batch_tokens_per_s": {16: b16, 64: b64}, "prefill_tokens_per_s": prefill, "skipped": skipped}
+
+    report["rows"] = [
+        row("fastgpt2", "float32", "fastgpt2", 20.0, 20.9, 500.0, 800.0, 1300.0),  # 1.045x its floor
+        row("transformers", "float32", "transformers", 20.0, 40.0, 250.0, 401.0, 1000.0),
+        row("fastgpt2", "bfloat16", "fastgpt2 bfloat16", 10.0, 11.5, None, None, None),  # 1.15x: over 1.1x
+        row("fastgpt2", "int8", "fastgpt2 int8", 5.0, 5.5, 600.0, 1200.0, 2000.0),
+        row("CTranslate2", "float32", "CTranslate2 float32", 20.0, 30.0, None, None, None),
+        row("CTranslate2", "int8", "CTranslate2 int8", 5.0, 14.0, 500.0, 1000.0, 2000.0),
+        row("llama.cpp", "f32", "llama.cpp f32", 20.0, 21.0, None, None, None),
+        row("llama.cpp", "f16", "llama.cpp f16", 10.0, 12.0, None, None, None),
+        row("llama.cpp", "q8_0", "llama.cpp q8_0", 5.3, None, None, None, None, skipped="llama-bench not found")]
+    got = {t["target"].split(",")[0] + (" int8" if ", int8," in t["target"] else ""): t
+           for t in peers_report.targets(report)}
+    assert len(got) == 7 and got["batch-1 float32 decode <= 1.05x its floor"]["status"] == "PASS"
+    assert got["batch-1 16-bit weights decode <= 1.1x its floor"]["status"] == "MISS"  # floor missed, f16 beaten
+    int8 = got["batch-1 int8 decode <= 1.15x its floor"]
+    assert int8["status"] == "not measured" and "llama.cpp q8_0: not measured" in int8["detail"]
+    assert got["16 and 64 concurrent float32 >= 2x transformers"]["status"] == "MISS"  # 800 < 2 x 401
+    assert got["prefill of 512 tokens"]["status"] == "PASS"  # float32: 1300 = 1.3 x 1000
+    assert got["prefill of 512 tokens int8"]["status"] == "PASS"  # 2000 = CTranslate2 int8's 2000
+    assert got["16 and 64 concurrent int8 >= 1.2x CTranslate2 int8"]["status"] == "PASS"  # 600 = 1.2 x 500
+    # Once written, the JSON has string batch keys; a noisy step (a string) is no figure.
+    report["rows"][3]["batch_tokens_per_s"] = {"16": 600.0, "64": NOISY_VALUE}
+    path = tmp_path / "peers.json"
+    path.write_text(json.dumps(report))
+    assert peers_report.main([str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "Test CPU" in text
+    assert "**not measured** 16 and 64 concurrent int8 >= 1.2x CTranslate2 int8" in text
+    assert "64 concurrent tok/s vs 1.2x CTranslate2 int8: not measured" in text
+    rendered = peers_report.render(dict(report, targets=peers_report.targets(report)))
+    assert "Targets on this CPU (Test CPU" in rendered and "- **PASS** batch-1 float32 decode" in rendered
 
 
 def test_report_names_the_kernel_variant_and_forced_instruction_sets(monkeypatch):

@@ -18,7 +18,7 @@ import time
 import torch
 
 from fastgpt2.benchmarks import common, cpu_cases, peers_ct2, peers_llama
-from fastgpt2.benchmarks.peers_report import fill_rows, plot, render
+from fastgpt2.benchmarks.peers_report import fill_rows, plot, render, targets
 
 SIZES = {
     "quick": dict(decode_tokens=32, decode_prompt_len=16, decode_repeats=3, batch_sizes=(16, 64), batch_prompt_len=16,
@@ -206,6 +206,7 @@ def run_peers(transformers, model, sizes: dict, threads: int = 2, paths: dict | 
 
         def save() -> str:
             fill_rows(report)
+            report["targets"] = targets(report)
             report["wall_s"] = time.perf_counter() - wall_start
             text = render(report)
             if paths:

@@ -53,6 +53,76 @@ def fill_rows(report: dict) -> list[dict]:
     return report.get("rows", [])
 
 
+def _per_batch(values: dict | None, batch: int):
+    """A concurrent column's entry: int keys in a fresh report, str keys after a JSON round trip."""
+    return (values or {}).get(batch, (values or {}).get(str(batch)))
+
+
+def _figure(row: dict | None, field: str, batch: int | None = None):
+    """A row's measured number (None: not measured, skipped or noisy); batch: a concurrent column."""
+    if not row or row.get("skipped"):
+        return None
+    value = row.get(field)
+    if batch is not None:
+        value = _per_batch(value, batch)
+    return value if isinstance(value, (int, float)) and value > 0 else None
+
+
+def targets(report: dict) -> list[dict]:
+    """The CPU targets of the engine issues that one peers run can judge, each PASS, MISS or 'not measured' with the
+    figures behind it: batch-1 decode per precision against its floor and the peers of that precision, int8 at every
+    concurrency and on prefill against CTranslate2 int8, float32 concurrency and prefill against transformers.
+    A target is PASS only when every figure it names was measured and met; MISS when a measured one was not."""
+    rows = {r["key"]: r for r in report.get("rows", [])}
+    sizes, out = report["sizes"], []
+
+    def judge(name: str, checks: list[tuple[str, float | None, float | None, bool]]) -> None:
+        """checks: (label, ours, theirs, lower_is_better) with ours / theirs compared as ours <= or >= theirs."""
+        parts, ok, missing = [], True, []
+        for label, ours, theirs, lower in checks:
+            if ours is None or theirs is None:
+                missing.append(label)
+                continue
+            met = ours <= theirs if lower else ours >= theirs
+            ok &= met
+            parts.append(f"{label}: {fmt(ours)} vs {fmt(theirs)} ({'met' if met else 'not met'})")
+        parts += [f"{label}: not measured" for label in missing]
+        status = "MISS" if not ok else ("not measured" if missing else "PASS")
+        out.append({"target": name, "status": status, "detail": "; ".join(parts)})
+
+    def batch1(key: str, limit: float, peers: list[str]) -> list[tuple]:
+        row = rows.get(key)
+        ms, floor = _figure(row, "ms_per_token"), (row or {}).get("floor_ms")
+        checks = [(f"ms/token vs {limit:g}x its floor", ms, None if floor is None else limit * floor, True)]
+        return checks + [(f"ms/token vs {peer}", ms, _figure(rows.get(peer), "ms_per_token"), True) for peer in peers]
+
+    judge("batch-1 float32 decode <= 1.05x its floor, at least as fast as llama.cpp f32 and CTranslate2 float32",
+          batch1("fastgpt2", 1.05, ["llama.cpp f32", "CTranslate2 float32"]))
+    judge("batch-1 16-bit weights decode <= 1.1x its floor, at least as fast as llama.cpp f16",
+          batch1("fastgpt2 bfloat16", 1.1, ["llama.cpp f16"]))
+    judge("batch-1 int8 decode <= 1.15x its floor, at least as fast as llama.cpp q8_0 and CTranslate2 int8",
+          batch1("fastgpt2 int8", 1.15, ["llama.cpp q8_0", "CTranslate2 int8"]))
+
+    def scaled(key: str, field: str, factor: float, batch: int | None = None):
+        value = _figure(rows.get(key), field, batch)
+        return None if value is None else factor * value
+
+    batches = sizes["batch_sizes"]
+    judge(f"{' and '.join(map(str, batches))} concurrent float32 >= 2x transformers",
+          [(f"{b} concurrent tok/s vs 2x transformers", _figure(rows.get("fastgpt2"), "batch_tokens_per_s", b),
+            scaled("transformers", "batch_tokens_per_s", 2.0, b), False) for b in batches])
+    judge(f"prefill of {sizes['prefill_len']} tokens, float32, >= 1.3x transformers",
+          [("tok/s vs 1.3x transformers", _figure(rows.get("fastgpt2"), "prefill_tokens_per_s"),
+            scaled("transformers", "prefill_tokens_per_s", 1.3), False)])
+    judge(f"{' and '.join(map(str, batches))} concurrent int8 >= 1.2x CTranslate2 int8",
+          [(f"{b} concurrent tok/s vs 1.2x CTranslate2 int8", _figure(rows.get("fastgpt2 int8"), "batch_tokens_per_s", b),
+            scaled("CTranslate2 int8", "batch_tokens_per_s", 1.2, b), False) for b in batches])
+    judge(f"prefill of {sizes['prefill_len']} tokens, int8, at least CTranslate2 int8's",
+          [("tok/s vs CTranslate2 int8", _figure(rows.get("fastgpt2 int8"), "prefill_tokens_per_s"),
+            _figure(rows.get("CTranslate2 int8"), "prefill_tokens_per_s"), False)])
+    return out
+
+
 def _agreement_cell(row: dict) -> str:
     a = row.get("agreement")
     if row["skipped"]:
@@ -90,7 +160,8 @@ def table(report: dict) -> str:
         ms = r.get("ms_per_token")
         body.append([r["engine"], r["precision"], ms, r["floor_ms"],
                      r["floor_ms"] / ms if isinstance(ms, (int, float)) and ms else None,
-                     *(r["batch_tokens_per_s"][b] for b in sizes["batch_sizes"]), r.get("prefill_tokens_per_s"),
+                     *(_per_batch(r["batch_tokens_per_s"], b) for b in sizes["batch_sizes"]),
+                     r.get("prefill_tokens_per_s"),
                      _agreement_cell(r), _note(r)])
     return md_table(headers, body)
 
@@ -129,6 +200,9 @@ def render(report: dict) -> str:
                   f"{check['reference']}'s (argmax every step) up to each sequence's first difference. llama-bench "
                   f"returns no tokens, so llama.cpp is not checked.", ""]
     lines.append(table(report))
+    if report.get("targets"):
+        lines += ["", f"Targets on this CPU ({m['cpu_model']}, fastgpt2 kernels {m.get('cpu_kernels', '-')}):", "",
+                  *(f"- **{t['status']}** {t['target']}: {t['detail']}" for t in report["targets"])]
     return "\n".join(lines)
 
 
@@ -172,3 +246,27 @@ def plot(report: dict, path) -> str | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m fastgpt2.benchmarks.peers_report RESULT.json ...`: the targets of saved peers results."""
+    import json
+    import sys
+
+    paths = sys.argv[1:] if argv is None else argv
+    if not paths:
+        print("usage: python -m fastgpt2.benchmarks.peers_report bench/results/<...>-peers-<...>.json ...")
+        return 2
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            report = json.load(f)
+        if "rows" not in report or "sizes" not in report:
+            print(f"{path}: not a `fastgpt2 bench --peers` result (no rows)")
+            return 1
+        print(f"{path} ({report['machine']['cpu_model']}, fastgpt2 kernels {report['machine'].get('cpu_kernels', '-')}):")
+        print("\n".join(f"- **{t['status']}** {t['target']}: {t['detail']}" for t in targets(report)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
