@@ -115,7 +115,8 @@ def targets(report: dict) -> list[dict]:
           [("tok/s vs 1.3x transformers", _figure(rows.get("fastgpt2"), "prefill_tokens_per_s"),
             scaled("transformers", "prefill_tokens_per_s", 1.3), False)])
     judge(f"{' and '.join(map(str, batches))} concurrent int8 >= 1.2x CTranslate2 int8",
-          [(f"{b} concurrent tok/s vs 1.2x CTranslate2 int8", _figure(rows.get("fastgpt2 int8"), "batch_tokens_per_s", b),
+          [(f"{b} concurrent tok/s vs 1.2x CTranslate2 int8",
+            _figure(rows.get("fastgpt2 int8"), "batch_tokens_per_s", b),
             scaled("CTranslate2 int8", "batch_tokens_per_s", 1.2, b), False) for b in batches])
     judge(f"prefill of {sizes['prefill_len']} tokens, int8, at least CTranslate2 int8's",
           [("tok/s vs CTranslate2 int8", _figure(rows.get("fastgpt2 int8"), "prefill_tokens_per_s"),
@@ -263,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         if "rows" not in report or "sizes" not in report:
             print(f"{path}: not a `fastgpt2 bench --peers` result (no rows)")
             return 1
-        print(f"{path} ({report['machine']['cpu_model']}, fastgpt2 kernels {report['machine'].get('cpu_kernels', '-')}):")
+        machine = report["machine"]
+        print(f"{path} ({machine['cpu_model']}, fastgpt2 kernels {machine.get('cpu_kernels', '-')}):")
         print("\n".join(f"- **{t['status']}** {t['target']}: {t['detail']}" for t in targets(report)))
     return 0
 
