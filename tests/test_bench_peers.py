@@ -166,6 +166,10 @@ def test_tiny_run_end_to_end(monkeypatch, tmp_path, hide_ct2):
         assert ct2_rows[0]["agreement"]["lengths"] == [4]
     assert paths["md"].read_text().startswith("# CPU engines side by side")
     assert paths["json"].exists()
+    # llama.cpp is absent, so the targets naming it cannot pass; the written report carries every judgement.
+    judged = {t["target"]: t["status"] for t in report["targets"]}
+    assert len(judged) == 7 and judged[next(t for t in judged if t.startswith("batch-1 float32"))] != "PASS"
+    assert "Targets on this CPU" in paths["md"].read_text()
     assert peers_report.plot(report, paths["png"]) in (None, "plot skipped: matplotlib is not installed "
                                                             "(pip install -e '.[bench]')")
 
