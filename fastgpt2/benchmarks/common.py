@@ -183,6 +183,11 @@ def fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}g}"
 
 
+def target_lines(targets: list[dict]) -> list[str]:
+    """A report's judged targets ({'target', 'status', 'detail'}) as markdown list items."""
+    return [f"- **{t['status']}** {t['target']}: {t['detail']}" for t in targets]
+
+
 def md_table(headers: list[str], rows: list[list]) -> str:
     """A GitHub markdown table; cells go through fmt()."""
     cells = [[fmt(c) for c in row] for row in rows]

@@ -233,7 +233,7 @@ def render(report: dict) -> str:
         "",
         "## Targets",
         "",
-        *(f"- **{t['status']}** {t['target']}: {t['detail']}" for t in report["targets"]),
+        *common.target_lines(report["targets"]),
         "",
         "## Results",
         "",

@@ -203,7 +203,7 @@ def render(report: dict) -> str:
     lines.append(table(report))
     if report.get("targets"):
         lines += ["", f"Targets on this CPU ({m['cpu_model']}, fastgpt2 kernels {m.get('cpu_kernels', '-')}):", "",
-                  *(f"- **{t['status']}** {t['target']}: {t['detail']}" for t in report["targets"])]
+                  *common.target_lines(report["targets"])]
     return "\n".join(lines)
 
 
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         machine = report["machine"]
         print(f"{path} ({machine['cpu_model']}, fastgpt2 kernels {machine.get('cpu_kernels', '-')}):")
-        print("\n".join(f"- **{t['status']}** {t['target']}: {t['detail']}" for t in targets(report)))
+        print("\n".join(common.target_lines(targets(report))))
     return 0
 
 
