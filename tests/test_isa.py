@@ -78,6 +78,16 @@ def test_forcing_an_unknown_or_unrunnable_variant_fails_at_import_with_one_clear
     assert old.stderr.strip().splitlines()[-1] == ("RuntimeError: FASTGPT2_CPU_ISA=avx512_vnni: this CPU cannot run "
                                                    "the avx512_vnni kernels, it lacks avx512_vnni, avx512_bf16")
 
+    # The console command says the same in one line, status 2, before any subcommand runs.
+    cli = "import sys; from fastgpt2.cli import main; sys.exit(main(['info']))"
+    for env, message in ((dict(FASTGPT2_CPU_ISA="avx9000"), "FASTGPT2_CPU_ISA='avx9000' is not a CPU kernel variant"),
+                         (dict(FASTGPT2_CPU_ISA="avx512_vnni", _FASTGPT2_HIDE_CPU_FEATURES="avx512_vnni"),
+                          "FASTGPT2_CPU_ISA=avx512_vnni: this CPU cannot run the avx512_vnni kernels, it lacks")):
+        said = _run(cli, **env)
+        assert said.returncode == 2 and said.stdout == "", said.stderr
+        assert len(said.stderr.strip().splitlines()) == 1, said.stderr
+        assert said.stderr.startswith(f"fastgpt2: error: {message}"), said.stderr
+
 
 @x86_only
 def test_without_avx2_the_torch_path_runs_and_says_so_once():

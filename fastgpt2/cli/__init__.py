@@ -36,6 +36,13 @@ def _subcommand_modules():
 
 
 def main(argv=None) -> int:
+    try:
+        # FASTGPT2_CPU_ISA is checked when the kernels are imported, which building the parser does: a bad value is
+        # the user's problem, said in one line like any other.
+        import fastgpt2.kernels.native  # noqa: F401
+    except (ValueError, RuntimeError) as exc:
+        print(f"fastgpt2: error: {exc}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
