@@ -7,6 +7,7 @@ from fastgpt2.model.attention import AttentionMetadata
 from fastgpt2.engine.cuda_graphs import DecodeGraphs
 from fastgpt2.model.gpt2 import GPT2
 from fastgpt2.engine.cpu_step import CpuStep
+from fastgpt2.engine.host_memory import zeros_on_huge_pages
 from fastgpt2.engine.scheduler import SchedulerOutput
 
 
@@ -24,10 +25,11 @@ class ModelRunner:
         c = model.config
         self.device = model.wte.weight.device
         # One pool for every layer: (n_layer, 2, num_blocks, block_size, n_head, head_dim). Zero-filled so that the
-        # padding a gather may read past a sequence's end is never NaN.
-        self.kv_cache = torch.zeros(
-            c.n_layer, 2, num_blocks, block_size, c.n_head, c.head_dim, dtype=model.wte.weight.dtype, device=self.device
-        )
+        # padding a gather may read past a sequence's end is never NaN. On CPU on huge pages (host_memory.py).
+        shape = (c.n_layer, 2, num_blocks, block_size, c.n_head, c.head_dim)
+        dtype = model.wte.weight.dtype
+        self.kv_cache = (zeros_on_huge_pages(shape, dtype) if self.device.type == "cpu"
+                         else torch.zeros(shape, dtype=dtype, device=self.device))
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(c.n_layer)]
         self.scale = 1.0 / c.head_dim ** 0.5
         # On CPU (float32, extension built, not turned off) every step runs the C++ step: bitwise batch-invariant.
