@@ -145,6 +145,16 @@ def test_type_errors_are_bugs_not_user_errors(monkeypatch, capsys):
         main(["info"])
 
 
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
+    # `fastgpt2 info | head -0`: the reader closes the pipe before the command writes (it is still importing);
+    # no traceback, status 1 as other tools give.
+    child = subprocess.Popen([sys.executable, "-m", "fastgpt2", "info"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, cwd=tmp_path)
+    child.stdout.close()
+    _, err = child.communicate(timeout=300)
+    assert child.returncode == 1 and b"Traceback" not in err, err.decode()
+
+
 def _tokens(n: int) -> str:
     """A text of exactly n GPT-2 tokens."""
     return "a" + " a" * (n - 1)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -37,13 +38,15 @@ def _subcommand_modules():
 
 def main(argv=None) -> int:
     try:
-        # FASTGPT2_CPU_ISA is checked when the kernels are imported, which building the parser does: a bad value is
-        # the user's problem, said in one line like any other.
-        import fastgpt2.kernels.native  # noqa: F401
+        parser = build_parser()
     except (ValueError, RuntimeError) as exc:
+        # Building the parser imports the kernels, which check FASTGPT2_CPU_ISA: a bad value is the user's problem,
+        # said in one line like any other. Anything else is a bug and keeps its traceback.
+        if not str(exc).startswith("FASTGPT2_CPU_ISA"):
+            raise
         print(f"fastgpt2: error: {exc}", file=sys.stderr)
         return 2
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as exc:
@@ -53,6 +56,11 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`fastgpt2 info | head -3`): stop quietly, as other command-line tools do; stdout goes
+        # to /dev/null so that the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
