@@ -2,12 +2,12 @@
 
 A decode step's attention reads every sequence's K/V blocks from memory, blocks scattered over a pool of hundreds of
 MB to GBs. On 4 KiB pages each block (16 tokens x 3 KB for GPT-2 small) spans a dozen pages and the page walks, not
-the bytes, bound the reads: the C++ attention of 64 decode queries at context 112, blocks in random order and the
-pool out of cache, took 15 ms on 4 KiB pages and 3.4-4.6 ms on huge pages (one Intel Xeon, 2 threads). torch.zeros
+the bytes, bound the reads: the C++ attention of 64 decode queries at context 112, blocks in random order and the pool
+out of cache, took 15 ms on 4 KiB pages and 3.4-4.6 ms on huge pages (one Intel Xeon, AVX-512, 2 threads). torch.zeros
 gives 4 KiB pages wherever transparent huge pages are in "madvise" mode (a common default), so the pool asks for them
-itself. End to end on the same Xeon (random 124M weights, float32, greedy, two engines in one process alternated, the
-same tokens from both): 64 concurrent requests decode 691 -> 776 tokens/s at contexts 16-80 and 286 -> 314 at
-400-432, 16 concurrent 603 -> 640, one request 67 -> 71; a 512-token prompt's prefill 363 -> 349 ms (medians).
+itself. End to end on the same Intel Xeon (AVX-512; random 124M weights, float32, greedy, two engines in one process
+alternated, the same tokens from both): 64 concurrent requests decode 691 -> 776 tokens/s at contexts 16-80 and 286 ->
+314 at 400-432, 16 concurrent 603 -> 640, one request 67 -> 71; a 512-token prompt's prefill 363 -> 349 ms (medians).
 """
 from __future__ import annotations
 
@@ -26,8 +26,7 @@ def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     on a host whose memory the kernel had to compact for huge pages). Where the platform has no such advice (not
     Linux) or the mapping fails, plain torch.zeros; where the kernel gives no huge pages, the usual pages. The tensor
     keeps its mapping alive; it cannot be resized."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    nbytes = math.prod(shape) * itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
     if advice is None or nbytes < HUGE_PAGE_BYTES:
         return torch.zeros(shape, dtype=dtype)
