@@ -141,6 +141,14 @@ PYBIND11_MODULE(FASTGPT2_MODULE_NAME, m) {
       },
       "Internal (tests, benchmarks): (rows the fast top-p path decided, rows it handed to the exact path) so far.");
   m.def(
+      "_sampler_window_stats",
+      [] {
+        const fastgpt2::FastPathStats stats = fastgpt2::fast_path_stats();
+        return py::make_tuple(stats.narrow_tried, stats.narrow_missed);
+      },
+      "Internal (tests): (rows the fast top-p path tried in a window narrower than its bracket, rows of those it "
+      "decided in the bracket's window or handed over) so far.");
+  m.def(
       "_exp32_of_gaps",
       [](const py::array_t<float, py::array::c_style | py::array::forcecast>& gaps) {
         py::array_t<float> out(gaps.size());

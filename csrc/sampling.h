@@ -54,10 +54,13 @@ struct RowCandidates {
 };
 
 // How many rows the fast top-p path (float32 exp, checked margins) decided, and how many it handed to the exact path,
-// since the module was loaded (all threads).
+// since the module was loaded (all threads); and how many rows it tried in a window narrower than the bracket, and
+// how many of those it went on to decide in the bracket's window (or to hand over).
 struct FastPathStats {
   int64_t decided;
   int64_t deferred;
+  int64_t narrow_tried;
+  int64_t narrow_missed;
 };
 FastPathStats fast_path_stats();
 

@@ -18,6 +18,7 @@ bool fast_path_applies(int64_t top_k, double top_p, double min_p, int64_t vocab_
 }
 
 std::atomic<int64_t> fast_rows_decided{0}, fast_rows_deferred{0};
+std::atomic<int64_t> narrow_windows_tried{0}, narrow_windows_missed{0};
 
 // Steps 1-7 for a top-p-only row with the float32 exp (exp32_of_gap): about half the exact path's arithmetic and
 // memory. Every sum it compares carries a bound on its error against exact arithmetic; a decision is taken only
@@ -49,43 +50,81 @@ bool sample_top_p_fast(const float* x, int64_t vocab_size, const RowScan& scan, 
   const Bracket bracket = bracket_mass(ws.count.data(), top_p * total32, inv_scale, slack);
   // With top-p close to 1 the lower bounds may never reach the target (they lose up to a bucket's width of every
   // token's e): the window then ends two buckets past the estimated crossing instead (checked like any window).
-  const int last = bracket.last < BUCKET_TINY
-                       ? bracket.last + 1
-                       : estimated_crossing(ws.count.data(), top_p * total32, inv_scale) + 2;
-  const int first = std::max(bracket.first - 1, 0);
-  if (last >= BUCKET_TINY) return false;
+  const bool bracketed = bracket.last < BUCKET_TINY;
+  const int wide_first = std::max(bracket.first - 1, 0);
+  const int crossing = !bracketed || bracket.last + 1 - wide_first > 3
+                           ? estimated_crossing(ws.count.data(), top_p * total32, inv_scale) : -1;
+  const int wide_last = bracketed ? bracket.last + 1 : crossing + 2;
+  if (wide_last >= BUCKET_TINY) return false;
   double* block_mass = ws.block_mass.data();
-  const FastWindow sums = fast_window_pass(ws, x, scan.max, bucket_scale, vocab_size, first, last, ws.list, block_mass);
-  double window = 0.0;
-  for (const RankedToken& t : ws.list) window += t.e;
-  const double above = sums.above, below = std::max(total32 - above - sums.window_e32, 0.0);
-  // Error bounds on e32 against the exact e: a token above the window has gap < (first + 1) / scale (its float32
-  // bucket index is < first); one below it has gap <= min(full range, EXP32_GAP_MAX), or its e32 is 0 and its exact
-  // e < EXP32_TINY. `above` also carries the block sums' float32 rounding, which reaches `below` through the
-  // subtraction with the weight p + (1 - p) = 1.
-  const double eps_above_exp = EXP32_REL_ERROR + EXP32_GAP_ERROR * (first + 1) * inv_scale;
-  const double eps_above = eps_above_exp + FAST_BLOCK_SUM_ERROR;
-  const double eps_below = EXP32_REL_ERROR + EXP32_GAP_ERROR * std::min(full_range, double{EXP32_GAP_MAX});
-  const double rounding = 4.0 * (vocab_size + BLOCK) * 0x1p-53 * (above + window + below);  // float64 sums
-  // The boundary: the first window token (rank order) whose inclusive window mass reaches tau, taken only when tau
-  // lies farther than the bound from both its masses. The first attempt gets `below` by subtraction; where that
-  // bound is too wide (it carries the block sums' rounding of all of `above`, which dominates when p is close to 1),
-  // the second sums `below` directly, whose rounding then enters with the weight 1 - p only.
+  // The window's pass and the boundary's decision (below). Returns whether the boundary was decided in [first, last].
+  int first = 0, last = 0;
+  double above = 0.0, eps_above = 0.0, rounding = 0.0;
   Hit boundary{};
+  auto decide_in = [&](int window_first, int window_last) {
+    first = window_first, last = window_last;
+    const FastWindow sums = fast_window_pass(ws, x, scan.max, bucket_scale, vocab_size, first, last, ws.list,
+                                             block_mass);
+    double window = 0.0;
+    for (const RankedToken& t : ws.list) window += t.e;
+    above = sums.above;
+    const double below = std::max(total32 - above - sums.window_e32, 0.0);
+    // Error bounds on e32 against the exact e: a token above the window has gap < (first + 1) / scale (its float32
+    // bucket index is < first); one below it has gap <= min(full range, EXP32_GAP_MAX), or its e32 is 0 and its
+    // exact e < EXP32_TINY. `above` also carries the block sums' float32 rounding, which reaches `below` through the
+    // subtraction with the weight p + (1 - p) = 1.
+    const double eps_above_exp = EXP32_REL_ERROR + EXP32_GAP_ERROR * (first + 1) * inv_scale;
+    eps_above = eps_above_exp + FAST_BLOCK_SUM_ERROR;
+    const double eps_below = EXP32_REL_ERROR + EXP32_GAP_ERROR * std::min(full_range, double{EXP32_GAP_MAX});
+    rounding = 4.0 * (vocab_size + BLOCK) * 0x1p-53 * (above + window + below);  // float64 sums
+    // The boundary: the first window token (rank order) whose inclusive window mass reaches tau, taken only when
+    // tau lies farther than the bound from both its masses. The first attempt gets `below` by subtraction; where
+    // that bound is too wide (it carries the block sums' rounding of all of `above`, which dominates when p is
+    // close to 1), the second sums `below` directly, whose rounding then enters with the weight 1 - p only.
+    for (int attempt = 0; attempt < 2; ++attempt) {
+      const double below_mass = attempt == 0 ? below : fast_mass_below(ws, padded, last);
+      const double sum_error = attempt == 0 ? FAST_BLOCK_SUM_ERROR * above
+                                            : FAST_BLOCK_SUM_ERROR * ((1.0 - top_p) * above + top_p * below_mass);
+      const double bound = 1.01 * ((1.0 - top_p) * eps_above_exp * above + sum_error +
+                                   top_p * eps_below * below_mass + top_p * vocab_size * EXP32_TINY) + rounding;
+      const double tau = top_p * (window + below_mass) - (1.0 - top_p) * above;
+      if (!(tau > bound && tau < window - bound)) {
+        if (tau < -bound || tau > window + bound) return false;  // outside this window whatever the rounding
+        continue;
+      }
+      boundary = resolve(ws.list, {0, 0.0}, 0, tau, 0, ws);
+      if (boundary.found && boundary.incl.mass - tau > bound && tau - (boundary.incl.mass - boundary.token.e) > bound)
+        return true;
+    }
+    return false;
+  };
+  // The bracket holds the boundary for certain but is wide: its bounds take every token at its bucket's top or
+  // bottom, a relative spread of one bucket's width over all the mass above, so it spans ~14 buckets (~320 tokens)
+  // on N(0, 3) logits at top-p 0.9 and ~120 buckets at 0.99. Each window token costs a listing and a kept test that
+  // branch on the data, an exp and a rank. The estimated crossing (each token at its bucket's middle) is off by more
+  // than one bucket in ~5% of N(0, 3) rows at 0.9, and by more than 7 in ~10% at 0.99; so where it holds less than
+  // half the bracket's tokens, a window of 1/16 of the bracket's width each side of it (at least one bucket) is
+  // tried first, and the bracket's window where that one does not decide. Either decision is checked, so the token
+  // is the same. Measured per row of 50257 on an Intel Xeon (AVX-512), 64 different rows in turn, one thread,
+  // before -> after: N(0, 3) logits at top-p 0.9 41.3 -> 38.5 us, at 0.99 129 -> 57 us; N(0, 1) 48.4 -> 42.6 us;
+  // Zipf-like rows 50.5 -> 44.8 us; peaked rows (N(0, 8), Gumbel) and N(0, 3) at 0.3 unchanged.
+  const int half = std::max(1, (wide_last - wide_first) / 16);
+  const int narrow_first = std::max(wide_first, crossing - half), narrow_last = std::min(wide_last, crossing + half);
+  auto tokens_in = [&](int from, int to) {
+    int64_t n = 0;
+    for (int b = from; b <= to; ++b) n += ws.count[b];
+    return n;
+  };
+  const bool narrower = crossing >= 0 && narrow_first <= narrow_last &&
+                        (narrow_first > wide_first || narrow_last < wide_last) &&
+                        2 * tokens_in(narrow_first, narrow_last) < tokens_in(wide_first, wide_last) - 32;
   bool decided = false;
-  for (int attempt = 0; attempt < 2 && !decided; ++attempt) {
-    const double below_mass = attempt == 0 ? below : fast_mass_below(ws, padded, last);
-    const double sum_error = attempt == 0 ? FAST_BLOCK_SUM_ERROR * above
-                                          : FAST_BLOCK_SUM_ERROR * ((1.0 - top_p) * above + top_p * below_mass);
-    const double bound = 1.01 * ((1.0 - top_p) * eps_above_exp * above + sum_error + top_p * eps_below * below_mass +
-                                 top_p * vocab_size * EXP32_TINY) + rounding;
-    const double tau = top_p * (window + below_mass) - (1.0 - top_p) * above;
-    if (!(tau > bound && tau < window - bound)) continue;
-    boundary = resolve(ws.list, {0, 0.0}, 0, tau, 0, ws);
-    decided = boundary.found && boundary.incl.mass - tau > bound &&
-              tau - (boundary.incl.mass - boundary.token.e) > bound;
+  if (narrower) {
+    narrow_windows_tried.fetch_add(1, std::memory_order_relaxed);
+    decided = decide_in(narrow_first, narrow_last);
+    if (!decided) narrow_windows_missed.fetch_add(1, std::memory_order_relaxed);
   }
-  if (!decided) return false;
+  if (!decided && !decide_in(wide_first, wide_last)) return false;
   const Cut cut{boundary.token.e, boundary.token.id};
 
   // Step 7 on the kept set: every token above the window (e32) and the window's tokens up to the cut (exact e).
@@ -153,8 +192,9 @@ Exp32Bound exp32_bound() {
 }
 
 FastPathStats fast_path_stats() {
-  return {sampling_detail::fast_rows_decided.load(std::memory_order_relaxed),
-          sampling_detail::fast_rows_deferred.load(std::memory_order_relaxed)};
+  using namespace sampling_detail;
+  return {fast_rows_decided.load(std::memory_order_relaxed), fast_rows_deferred.load(std::memory_order_relaxed),
+          narrow_windows_tried.load(std::memory_order_relaxed), narrow_windows_missed.load(std::memory_order_relaxed)};
 }
 
 }  // namespace fastgpt2

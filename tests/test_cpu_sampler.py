@@ -375,6 +375,34 @@ def test_fast_top_p_path_equals_exact_path(scale):
 
 @pytest.mark.isa_variants
 @needs_extension
+def test_the_fast_path_narrow_window_and_its_fallback_draw_the_exact_paths_tokens():
+    """The fast top-p path first looks for the boundary in a window around its estimated crossing, narrower than the
+    bracket that holds it for certain, and goes on to the bracket where that window does not decide. Rows of N(0, 3)
+    logits at top-p 0.9 and 0.99 (wide brackets) take both routes; every draw must be the exact path's, and the
+    narrow windows must both decide rows and miss some (so that the fallback ran)."""
+    from fastgpt2.kernels.native import _C
+
+    g = torch.Generator().manual_seed(23)
+    num_rows, vocab_size = 256, 50257
+    logits = torch.randn(num_rows, vocab_size, generator=g) * 3.0  # (B, V) float32
+    top_k = torch.zeros(num_rows, dtype=torch.int64)
+    top_p = torch.tensor([0.9, 0.99] * (num_rows // 2), dtype=torch.float64)
+    uniform = torch.rand(num_rows, dtype=torch.float64, generator=g)
+    rows_before, windows_before = _C._sampler_fast_path_stats(), _C._sampler_window_stats()
+    fast = cpu_sampler.topk_topp_minp_sample(logits, top_k, top_p, torch.zeros(num_rows), uniform, num_threads=1)
+    decided, _ = (after - start for after, start in zip(_C._sampler_fast_path_stats(), rows_before))
+    tried, missed = (after - start for after, start in zip(_C._sampler_window_stats(), windows_before))
+    exact = cpu_sampler.topk_topp_minp_sample(logits, top_k, top_p, torch.full((num_rows,), 1e-300), uniform,
+                                              num_threads=1)  # min_p > 0 keeps every token here: the exact path
+    assert torch.equal(fast, exact)
+    assert decided >= num_rows * 3 // 4, f"the fast path decided only {decided} of {num_rows} rows"
+    assert tried >= num_rows // 2, f"only {tried} of {num_rows} rows tried a narrow window"
+    assert 1 <= missed < tried // 4, f"{missed} of {tried} narrow windows missed"
+    assert len(set(fast.tolist())) > num_rows // 2  # varied draws
+
+
+@pytest.mark.isa_variants
+@needs_extension
 @pytest.mark.parametrize("vocab_size", [7, 33, 1000, 50257])
 def test_a_row_scanned_by_the_row_before_is_sampled_as_alone(vocab_size):
     """The fast path's pass over a row scans the next row of its thread on the way (max, smallest finite value, NaN
