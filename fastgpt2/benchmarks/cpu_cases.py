@@ -211,11 +211,14 @@ def sampling(batches: tuple[int, ...], repeats: int) -> dict:
     try:
         for batch in batches:
             g = torch.Generator().manual_seed(batch)
-            logits = torch.randn(batch, 50257, generator=g) * 3.0  # (B, V) float32, a peaked-ish distribution
-            args = (logits, torch.zeros(batch, dtype=torch.int64), torch.full((batch,), 0.9),
-                    torch.zeros(batch), torch.rand(batch, dtype=torch.float64, generator=g))
-
             calls = max(1, 16 // batch)  # one timing covers >= 16 rows, so a 100 us call is not lost in timer noise
+            # Every call samples different logits, as every decode step does: the sampler's passes branch on the data,
+            # and the same row timed again and again lets the branch predictors learn it (on the Intel Xeon (AVX-512),
+            # 64 different rows took 42-44 us per row where 64 copies of one took 38).
+            # (B, V) float32, a peaked-ish distribution, calls + 1 of them: the untimed call takes the last.
+            logits = [torch.randn(batch, 50257, generator=g) * 3.0 for _ in range(calls + 1)]
+            params = (torch.zeros(batch, dtype=torch.int64), torch.full((batch,), 0.9), torch.zeros(batch),
+                      torch.rand(batch, dtype=torch.float64, generator=g))
 
             # Each timing starts with one untimed call. On a shared (virtualised) host, whatever runs first after tens
             # of milliseconds of other work pays a one-off delay that grows with that work, whatever it does (measured
@@ -225,18 +228,17 @@ def sampling(batches: tuple[int, ...], repeats: int) -> dict:
             # fastgpt2's 16 calls of ~50 us, a few per cent on the others'.
             def timer(fn):
                 def run() -> float:
-                    fn()
+                    fn(logits[calls])
                     start = time.perf_counter()
-                    for _ in range(calls):
-                        fn()
+                    for i in range(calls):
+                        fn(logits[i])
                     return (time.perf_counter() - start) / calls
                 return run
 
-            fns = {"fastgpt2.reference": timer(lambda: reference.topk_topp_minp_sample(*args)),
-                   "transformers": timer(lambda: torch.multinomial(
-                       torch.softmax(warper(None, logits), dim=-1), 1))}
+            fns = {"fastgpt2.reference": timer(lambda x: reference.topk_topp_minp_sample(x, *params)),
+                   "transformers": timer(lambda x: torch.multinomial(torch.softmax(warper(None, x), dim=-1), 1))}
             if cpu_sampler is not None:
-                fns = {"fastgpt2.cpu_sampler": timer(lambda: cpu_sampler.topk_topp_minp_sample(*args)), **fns}
+                fns = {"fastgpt2.cpu_sampler": timer(lambda x: cpu_sampler.topk_topp_minp_sample(x, *params)), **fns}
             raw = alternate(fns, warmup=2, repeats=repeats)
             results[batch] = {"us_per_row": {k: median(v) * 1e6 / batch for k, v in raw.items()}, "raw_s": raw}
     finally:
