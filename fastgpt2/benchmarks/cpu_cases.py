@@ -211,12 +211,15 @@ def sampling(batches: tuple[int, ...], repeats: int) -> dict:
     try:
         for batch in batches:
             g = torch.Generator().manual_seed(batch)
-            calls = max(1, 16 // batch)  # one timing covers >= 16 rows, so a 100 us call is not lost in timer noise
-            # Every call samples different logits, as every decode step does: the sampler's passes branch on the data,
-            # and the same row timed again and again lets the branch predictors learn it (on the Intel Xeon (AVX-512),
-            # 64 different rows took 42-44 us per row where 64 copies of one took 38).
+            calls = max(1, 16 // batch)  # one timing averages >= 16 rows
+            # Every call samples different logits, freshly written, as in decoding, where the LM head has just written
+            # them: each is copied into one buffer right before its (separately timed) call. The sampler's passes
+            # branch on the data, and one row timed over and over lets the branch predictors learn it (on the Intel
+            # Xeon (AVX-512), 64 different rows took 42-44 us per row where 64 copies of one took 38); rows read
+            # from memory instead of the cache add ~20 us per row at batch 1.
             # (B, V) float32, a peaked-ish distribution, calls + 1 of them: the untimed call takes the last.
             logits = [torch.randn(batch, 50257, generator=g) * 3.0 for _ in range(calls + 1)]
+            work = torch.empty(batch, 50257)
             params = (torch.zeros(batch, dtype=torch.int64), torch.full((batch,), 0.9), torch.zeros(batch),
                       torch.rand(batch, dtype=torch.float64, generator=g))
 
@@ -228,11 +231,15 @@ def sampling(batches: tuple[int, ...], repeats: int) -> dict:
             # fastgpt2's 16 calls of ~50 us, a few per cent on the others'.
             def timer(fn):
                 def run() -> float:
-                    fn(logits[calls])
-                    start = time.perf_counter()
+                    work.copy_(logits[calls])
+                    fn(work)
+                    elapsed = 0.0
                     for i in range(calls):
-                        fn(logits[i])
-                    return (time.perf_counter() - start) / calls
+                        work.copy_(logits[i])
+                        start = time.perf_counter()
+                        fn(work)
+                        elapsed += time.perf_counter() - start
+                    return elapsed / calls
                 return run
 
             fns = {"fastgpt2.reference": timer(lambda x: reference.topk_topp_minp_sample(x, *params)),
