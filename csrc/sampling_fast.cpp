@@ -47,13 +47,12 @@ bool sample_top_p_fast(const float* x, int64_t vocab_size, const RowScan& scan, 
   // The bracket only guides where the window lies (the decision below is checked): bounds as in plan_row, widened
   // by the float32 exp's error.
   const double slack = buckets.slack + 4 * EXP32_REL_ERROR;
-  const Bracket bracket = bracket_mass(ws.count.data(), top_p * total32, inv_scale, slack);
+  int crossing = BUCKET_TINY;
+  const Bracket bracket = bracket_mass(ws.count.data(), top_p * total32, inv_scale, slack, &crossing);
   // With top-p close to 1 the lower bounds may never reach the target (they lose up to a bucket's width of every
   // token's e): the window then ends two buckets past the estimated crossing instead (checked like any window).
   const bool bracketed = bracket.last < BUCKET_TINY;
   const int wide_first = std::max(bracket.first - 1, 0);
-  const int crossing = !bracketed || bracket.last + 1 - wide_first > 3
-                           ? estimated_crossing(ws.count.data(), top_p * total32, inv_scale) : -1;
   const int wide_last = bracketed ? bracket.last + 1 : crossing + 2;
   if (wide_last >= BUCKET_TINY) return false;
   double* block_mass = ws.block_mass.data();
@@ -115,7 +114,7 @@ bool sample_top_p_fast(const float* x, int64_t vocab_size, const RowScan& scan, 
     for (int b = from; b <= to; ++b) n += ws.count[b];
     return n;
   };
-  const bool narrower = crossing >= 0 && narrow_first <= narrow_last &&
+  const bool narrower = narrow_first <= narrow_last &&
                         (narrow_first > wide_first || narrow_last < wide_last) &&
                         2 * tokens_in(narrow_first, narrow_last) < tokens_in(wide_first, wide_last) - 32;
   bool decided = false;

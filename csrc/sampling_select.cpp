@@ -57,39 +57,38 @@ Hit resolve(const std::vector<RankedToken>& tokens, Walk before, int64_t need_co
   return {false, {}, before};
 }
 
-Bracket bracket_mass(const int32_t* count, double target, double inv_scale, double slack) {
-  const double ratio = std::exp(-inv_scale);
+Bracket bracket_mass(const int32_t* count, double target, double inv_scale, double slack, int* crossing) {
+  const double ratio = std::exp(-inv_scale), half_ratio = std::exp(-0.5 * inv_scale);
   double e_top = 1.0;  // exp(-b / scale)
   // Bounds on the mass of buckets < b. The max itself has e = 1 exactly (bucket 0): the lower bound counts it so,
   // which lets it reach targets close to the total on peaked rows (else it loses a bucket's width of the max's e).
   double upper = 0.0, lower = 1.0 - ratio * (1.0 - slack);
+  // The estimate: each token at its bucket's middle e, the max at e = 1 (at the top of bucket 0).
+  double middle = 1.0 - half_ratio;
+  bool bracketed = false, crossed = crossing == nullptr;
   Bracket bracket{0, BUCKET_TINY, 1.0 + slack, 0.0};
   for (int b = 0; b <= BUCKET_TINY; ++b) {
-    const double e_hi = e_top * (1.0 + slack);
-    const double e_lo = b == BUCKET_TINY ? 0.0 : e_top * ratio * (1.0 - slack);
-    if (upper < target) bracket = {b, BUCKET_TINY, e_hi, 0.0};
-    upper += count[b] * e_hi;
-    lower += count[b] * e_lo;
-    if (lower >= target) {
-      bracket.last = b;
-      bracket.e_below = e_lo * (1.0 - slack);
-      break;
+    if (!bracketed) {
+      const double e_hi = e_top * (1.0 + slack);
+      const double e_lo = b == BUCKET_TINY ? 0.0 : e_top * ratio * (1.0 - slack);
+      if (upper < target) bracket = {b, BUCKET_TINY, e_hi, 0.0};
+      upper += count[b] * e_hi;
+      lower += count[b] * e_lo;
+      if (lower >= target) {
+        bracket.last = b;
+        bracket.e_below = e_lo * (1.0 - slack);
+        bracketed = true;
+      }
     }
+    if (!crossed && b < BUCKET_TINY) {
+      middle += count[b] * (e_top * half_ratio);
+      if (middle >= target) *crossing = b, crossed = true;
+    }
+    if (bracketed && crossed) break;
     e_top *= ratio;
   }
+  if (!crossed) *crossing = BUCKET_TINY;
   return bracket;
-}
-
-int estimated_crossing(const int32_t* count, double target, double inv_scale) {
-  const double ratio = std::exp(-inv_scale);
-  double e_mid = std::exp(-0.5 * inv_scale);  // exp(-(b + 1/2) / scale)
-  double mass = 1.0 - e_mid;  // the max itself has e = 1 exactly, at the top of bucket 0 (peaked rows hinge on it)
-  for (int b = 0; b < BUCKET_TINY; ++b) {
-    mass += count[b] * e_mid;
-    if (mass >= target) return b;
-    e_mid *= ratio;
-  }
-  return BUCKET_TINY;
 }
 
 }  // namespace sampling_detail

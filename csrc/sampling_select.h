@@ -39,14 +39,12 @@ struct Bracket {
 };
 
 // The bracket of the top-p boundary: target is top_p * (sum of e); count is the bucket histogram; inv_scale the
-// width of a linear bucket in x; slack the relative rounding allowed on each bound.
-Bracket bracket_mass(const int32_t* count, double target, double inv_scale, double slack);
-
-// The bucket where the mass of the linear buckets, each token counted at its bucket's middle e (the max at e = 1),
-// first reaches target; BUCKET_TINY if it never does. An estimate, not a bound: the fast path uses it where
-// bracket_mass's lower bounds (every token at its bucket's bottom) never reach a target close to the total, and
-// checks its outcome.
-int estimated_crossing(const int32_t* count, double target, double inv_scale);
+// width of a linear bucket in x; slack the relative rounding allowed on each bound. With `crossing`, also the bucket
+// where the mass of the linear buckets, each token counted at its bucket's middle e (the max at e = 1), first reaches
+// target (BUCKET_TINY if it never does): an estimate, not a bound, which the fast path centres a narrower window on
+// (and where the lower bounds, every token at its bucket's bottom, never reach a target close to the total), and
+// whose outcome it checks.
+Bracket bracket_mass(const int32_t* count, double target, double inv_scale, double slack, int* crossing = nullptr);
 
 }  // namespace sampling_detail
 }  // namespace fastgpt2
