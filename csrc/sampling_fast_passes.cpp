@@ -103,7 +103,15 @@ int64_t fast_exp_loop512(const float* x, int64_t vocab_size, float max, float bu
     if (LIMIT) {
       list16(b0);
       list16(b1);
-      count_listed(num_listed - COUNT_LAG);
+      // 32 listed buckets at a time, once that many wait past the lag: a count of however many there are took a
+      // loop whose trip count changed every step, and its exits were mispredicted (on an Intel Xeon, AVX-512, 64
+      // different rows each: Gumbel(0, 2) logits 30.6 -> 27.3 us per row, N(0, 4) at top-p 0.9 47.9 -> 35.8,
+      // N(0, 3) at 0.5 40.1 -> 34.8; rows that count every token unchanged).
+      if (num_listed - COUNT_LAG - num_counted >= 32) {
+#pragma GCC unroll 16
+        for (int q = 0; q < 32; q += 2) ++count[listed[num_counted + q]], ++odd[listed[num_counted + q + 1]];
+        num_counted += 32;
+      }
     } else if (j >= COUNT_LAG) {
       count_buckets(bucket + j - COUNT_LAG, 32, count, odd);
     }
