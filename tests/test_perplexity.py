@@ -146,6 +146,9 @@ def test_bad_input_is_refused(llm):
     with pytest.raises(ValueError, match="nothing to score"):
         llm.perplexity("x", stride=8, use_tqdm=False)
     assert llm.perplexity("x", stride=8, prepend_eos=True, use_tqdm=False).num_tokens == 1
+    for prepend_eos in (False, True):  # an empty text is refused as such, whatever prepend_eos says
+        with pytest.raises(ValueError, match="the text is empty"):
+            llm.perplexity("", stride=8, prepend_eos=prepend_eos, use_tqdm=False)
     with pytest.raises(ValueError, match="token id 60000"):
         llm.perplexity([1, 2, 60000], stride=8, use_tqdm=False)
     with pytest.raises(TypeError):

@@ -67,8 +67,10 @@ def text_perplexity(engine: LLMEngine, text, stride: int = 512, prepend_eos: boo
     scored = document_logprobs(engine, documents, stride, prepend_eos, use_tqdm=use_tqdm)
     num_tokens = sum(n for _, n in scored)
     if num_tokens == 0:
+        if not any(documents):
+            raise ValueError("the text is empty (no tokens): there is nothing to score")
         raise ValueError("the text has nothing to score: without prepend_eos the first token is only context; pass a "
-                         "longer text or prepend_eos=True")
+                         "longer text or prepend_eos=True (--prepend-eos on the command line)")
     total_nll = -math.fsum(lp for lp, _ in scored)
     mean_nll = total_nll / num_tokens
     return PerplexityResult(perplexity=math.exp(mean_nll) if mean_nll < 709.0 else math.inf, mean_nll=mean_nll,
