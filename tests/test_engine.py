@@ -280,6 +280,41 @@ def test_logits_processor_bias_penalties_and_min_tokens(tiny_dir):
     assert stop_id not in out.token_ids[:4] and len(out.token_ids) >= 5
 
 
+def test_sampler_torch_work_runs_on_one_thread_and_restores_the_count(tiny_dir):
+    """On the CPU the sampler's per-row torch work (processors, penalties, temperature) runs on one torch thread, so
+    that OpenMP's threads do not spin on after it into the next step; the thread count is restored after every step,
+    and after a processor that raises. The tokens are those of the same requests sampled as before (seeded draws at
+    temperature != 1 are compared with the reference in test_batch_invariance.py)."""
+    llm = LLM(str(tiny_dir), device="cpu")
+    before = torch.get_num_threads()
+    if before < 2:
+        torch.set_num_threads(2)
+    try:
+        threads = torch.get_num_threads()
+        seen = []
+
+        def spy(generated_ids, logits):
+            seen.append(torch.get_num_threads())
+            return logits
+
+        params = SamplingParams(temperature=0.7, repetition_penalty=1.3, seed=9, max_tokens=6, ignore_eos=True,
+                                logits_processors=[spy])
+        out = llm.generate([[11, 22, 33], [5, 6]], params, use_tqdm=False)
+        assert all(len(o.outputs[0].token_ids) == 6 for o in out)
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == threads
+
+        def boom(generated_ids, logits):
+            raise RuntimeError("processor failed")
+
+        with pytest.raises(RuntimeError, match="processor failed"):
+            llm.generate([[11, 22, 33]], SamplingParams(temperature=0.7, max_tokens=3, logits_processors=[boom]),
+                         use_tqdm=False)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.skipif(not native.HAS_EXTENSION, reason="C++ extension not built")
 def test_plain_greedy_rows_are_picked_in_the_step(tiny_dir, monkeypatch):
     """Greedy requests that read nothing but the argmax get their tokens from the C++ step's LM head epilogue (no
