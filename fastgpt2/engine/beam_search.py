@@ -17,6 +17,7 @@ from fastgpt2.engine.outputs import CompletionOutput, RequestOutput
 from fastgpt2.engine.sampling_params import SamplingParams
 from fastgpt2.engine.scheduler import SchedulerOutput
 from fastgpt2.engine.sequence import Sequence, SequenceStatus
+from fastgpt2.engine.torch_threads import OneTorchThread
 
 _NEG = -1.0e9  # transformers' stand-in for minus infinity: blocked candidates and empty finished slots
 
@@ -186,12 +187,14 @@ def beam_search(engine, prompts: list, params: BeamSearchParams) -> list[Request
         first_token = time.perf_counter()
         active = searches
         while active:
-            logprobs = torch.log_softmax(logits[:, :engine.vocab_size], dim=-1)  # never a padding id
-            row = 0
-            for search in active:
-                num_beams = len(search.beams)
-                chosen = search.step(logprobs[row:row + num_beams])
-                row += num_beams
+            with OneTorchThread(logits.device):  # the step's torch work on one thread (see OneTorchThread)
+                logprobs = torch.log_softmax(logits[:, :engine.vocab_size], dim=-1)  # never a padding id
+                steps, row = [], 0
+                for search in active:
+                    num_beams = len(search.beams)
+                    steps.append(search.step(logprobs[row:row + num_beams]))
+                    row += num_beams
+            for search, chosen in zip(active, steps):
                 if search.done:
                     for seq in search.beams:
                         _release(engine, seq, live)
@@ -255,7 +258,7 @@ def _decode(engine, seqs: list[Sequence]) -> torch.Tensor:
         for seq in chunk:
             seq.num_computed_tokens += 1
             bm.commit(seq)
-    return torch.cat(out)
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def _reform(engine, search: PromptBeams, chosen: list[tuple[int, int]], live: set) -> None:

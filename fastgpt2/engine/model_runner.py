@@ -9,6 +9,7 @@ from fastgpt2.model.gpt2 import GPT2
 from fastgpt2.engine.cpu_step import CpuStep
 from fastgpt2.engine.host_memory import zeros_on_huge_pages
 from fastgpt2.engine.scheduler import SchedulerOutput
+from fastgpt2.engine.torch_threads import OneTorchThread
 
 
 def kv_bytes_per_block(model: GPT2, block_size: int) -> int:
@@ -53,9 +54,11 @@ class ModelRunner:
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if copies:
-            src = torch.tensor([s for s, _ in copies], device=self.device)
-            dst = torch.tensor([d for _, d in copies], device=self.device)
-            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+            # One torch thread on the CPU: the C++ step follows at once, and OpenMP's threads would spin into it.
+            with OneTorchThread(self.device):
+                src = torch.tensor([s for s, _ in copies], device=self.device)
+                dst = torch.tensor([d for _, d in copies], device=self.device)
+                self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
     def prepare(self, sched: SchedulerOutput, sample_mask: list[bool], prompt_rows: list[range] | None = None):
         """Packed token ids (N,), positions (N,), attention metadata, the packed index of each row whose logits are

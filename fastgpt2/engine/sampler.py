@@ -17,36 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from fastgpt2.engine.sequence import Sequence
+from fastgpt2.engine.torch_threads import OneTorchThread
 from fastgpt2.kernels import dispatch
-
-
-class _OneTorchThread:
-    """Runs the torch operations of its block on the calling thread alone when the logits are on the CPU.
-
-    A CPU torch operation on a logits row (50257 values: past torch's grain of 32768) runs as an OpenMP parallel
-    region, after which OpenMP's idle threads spin for milliseconds (GNU OpenMP's default wait policy), taking a core
-    from the C++ step that follows: on 2 cores (Intel Xeon, random 124M, one request, top-p 0.9) a temperature of 0.8
-    cost 2.4 ms per token more than 1.0 and a repetition penalty of 1.2 2.9 ms, against 0.6 and 1.1 ms with
-    OMP_WAIT_POLICY=PASSIVE. One thread computes the same values (these operations do not split a row's arithmetic
-    between threads). The count is restored afterwards, whatever happens in the block."""
-
-    __slots__ = ("on_cpu", "threads")
-
-    def __init__(self, device: torch.device):
-        self.on_cpu = device.type == "cpu"
-        self.threads = 1
-
-    def __enter__(self):
-        if self.on_cpu:
-            self.threads = torch.get_num_threads()
-            if self.threads > 1:
-                torch.set_num_threads(1)
-        return self
-
-    def __exit__(self, *exc_info):
-        if self.on_cpu and self.threads > 1:
-            torch.set_num_threads(self.threads)
-        return False
 
 
 @dataclass(slots=True)
@@ -71,7 +43,7 @@ class Sampler:
         if any(s.params.logprobs is not None for s in seqs):
             # On all threads: at 16 rows and more this costs more on one thread than OpenMP's spinning afterwards.
             raw_logprobs = torch.log_softmax(logits, dim=-1)
-        with _OneTorchThread(logits.device):
+        with OneTorchThread(logits.device):
             logits = self._apply_processors_and_penalties(logits, seqs)
         greedy = [s.params.greedy for s in seqs]
         if all(greedy):
@@ -153,7 +125,7 @@ class Sampler:
         else:
             # In place, as the penalties above: a new (B, V) tensor each step cost ~0.7 ms more at 16 rows (its pages
             # faulted in anew). Greedy rows are divided by 1, which leaves them as they were for the argmax below.
-            with _OneTorchThread(device):
+            with OneTorchThread(device):
                 scaled = logits.div_(torch.tensor(temps, dtype=logits.dtype, device=device)[:, None]).contiguous()
         sampled = dispatch.get("topk_topp_minp_sample", device)(scaled, top_k, top_p, min_p, uniform.to(device))
         if any(greedy):
