@@ -90,6 +90,14 @@ def test_sampled_decode_case_samples_in_both_systems():
     greedy = cpu_cases.decode(s, 2, 2, 4, repeats=1)
     assert {t for t, _, _ in seen["fastgpt2"]} == {0.0} and {d for d, *_ in seen["transformers"]} == {False}
     assert sampled["top_p"] == 0.9 and greedy["top_p"] is None
-    rows = {r[0] for r in cpu_report._rows({"batch": {2: greedy}, "sampled": {2: sampled}})}
+    seen["fastgpt2"].clear(), seen["transformers"].clear()
+    settings = cpu_cases.decode(s, 1, 2, 4, repeats=1, top_p=0.9,
+                                sampling={"temperature": 0.8, "repetition_penalty": 1.2})
+    assert set(seen["fastgpt2"]) == {(0.8, 0.9, 0)} and set(seen["transformers"]) == {(True, 0.8, 0.9, 0)}
+    assert settings["sampling"] == {"temperature": 0.8, "repetition_penalty": 1.2}
+    rows = {r[0] for r in cpu_report._rows({"batch": {2: greedy}, "sampled": {2: sampled},
+                                            "sampled_settings": {"1": settings}})}
     assert rows == {"decode, 2 concurrent (4-token prompts, N=2)",
-                    "decode, 2 concurrent, top-p 0.9 sampling (4-token prompts, N=2)"}
+                    "decode, 2 concurrent, top-p 0.9 sampling (4-token prompts, N=2)",
+                    "decode, 1 concurrent, top-p 0.9, temperature 0.8, repetition penalty 1.2 sampling "
+                    "(4-token prompts, N=2)"}

@@ -34,14 +34,23 @@ class Systems:
 
 
 # -- one timed call of each system ----------------------------------------------------------------------------------
-def fastgpt2_call(s: Systems, batch: int, prompt_len: int, max_tokens: int, top_p: float | None = None):
+def _sampling(top_p: float | None, sampling: dict | None) -> dict:
+    """The sampling settings both systems use: none (greedy), or temperature 1 with top_p, updated by `sampling`
+    (temperature, repetition_penalty)."""
+    return {} if top_p is None else {"temperature": 1.0, "top_p": top_p, **(sampling or {})}
+
+
+def fastgpt2_call(s: Systems, batch: int, prompt_len: int, max_tokens: int, top_p: float | None = None,
+                  sampling: dict | None = None):
     """A callable that submits `batch` fresh prompts at once (greedy, or with top_p: sampling at temperature 1 with
-    that top-p; ignore_eos) and returns its seconds."""
+    that top-p, or with the settings of `sampling` (temperature, repetition_penalty); ignore_eos) and returns its
+    seconds."""
+    mode = _sampling(top_p, sampling)
 
     def run() -> float:
         prompts = s.prompts(batch, prompt_len)
-        params = (SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True) if top_p is None
-                  else SamplingParams(temperature=1.0, top_p=top_p, max_tokens=max_tokens, ignore_eos=True))
+        params = (SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True) if not mode
+                  else SamplingParams(**mode, max_tokens=max_tokens, ignore_eos=True))
         start = time.perf_counter()
         outs = s.llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - start
@@ -51,11 +60,12 @@ def fastgpt2_call(s: Systems, batch: int, prompt_len: int, max_tokens: int, top_
     return run
 
 
-def hf_call(s: Systems, model, batch: int, prompt_len: int, max_new_tokens: int, top_p: float | None = None):
+def hf_call(s: Systems, model, batch: int, prompt_len: int, max_new_tokens: int, top_p: float | None = None,
+            sampling: dict | None = None):
     """A callable that runs transformers' generate on a (batch, prompt_len) batch (greedy, or with top_p: sampling at
-    temperature 1 with that top-p and no top-k) and returns its seconds."""
-    mode = (dict(do_sample=False) if top_p is None
-            else dict(do_sample=True, temperature=1.0, top_p=top_p, top_k=0))
+    temperature 1 with that top-p and no top-k, or with the settings of `sampling`) and returns its seconds."""
+    mode = _sampling(top_p, sampling)
+    mode = dict(do_sample=False) if not mode else dict(do_sample=True, top_k=0, **mode)
 
     def run() -> float:
         ids = torch.tensor(s.prompts(batch, prompt_len), device=model.device)  # (batch, prompt_len), no padding
@@ -84,17 +94,18 @@ def _hf_models(s: Systems, with_fp32: bool) -> dict:
 
 # -- cases ----------------------------------------------------------------------------------------------------------
 def decode(s: Systems, batch: int, num_tokens: int, prompt_len: int, repeats: int, with_fp32: bool = False,
-           extra: dict | None = None, top_p: float | None = None) -> dict:
+           extra: dict | None = None, top_p: float | None = None, sampling: dict | None = None) -> dict:
     """Decode speed with `batch` concurrent requests, prefill excluded; greedy, or with top_p every system samples at
-    temperature 1 with that top-p (as vLLM's throughput benchmark samples).
+    temperature 1 with that top-p (as vLLM's throughput benchmark samples), or with `sampling`'s temperature and
+    repetition_penalty as well.
 
     extra: more systems, name -> make(max_new_tokens) returning a timed call like fastgpt2_call's (peers.py).
     Per system: time T(1) of generating 1 new token and T(N+1) of N+1 new tokens (both include the same prefill), so
     one decode step costs (median T(N+1) - median T(1)) / N; tokens/s = batch / that.
     """
-    makers = {"fastgpt2": lambda m: fastgpt2_call(s, batch, prompt_len, m, top_p)}
+    makers = {"fastgpt2": lambda m: fastgpt2_call(s, batch, prompt_len, m, top_p, sampling)}
     for name, model in _hf_models(s, with_fp32).items():
-        makers[name] = lambda m, model=model: hf_call(s, model, batch, prompt_len, m, top_p)
+        makers[name] = lambda m, model=model: hf_call(s, model, batch, prompt_len, m, top_p, sampling)
     makers.update(extra or {})
     for make in makers.values():  # warm-up: same shapes, fewer tokens
         make(min(num_tokens + 1, 8))()
@@ -112,7 +123,7 @@ def decode(s: Systems, batch: int, num_tokens: int, prompt_len: int, repeats: in
         systems[name] = {"ms_per_step": step_s * 1e3, "tokens_per_s": batch / step_s,
                          "best_ms_per_step": best_s * 1e3, "best_tokens_per_s": batch / best_s}
     return {"batch": batch, "num_tokens": num_tokens, "prompt_len": prompt_len, "repeats": repeats, "top_p": top_p,
-            "method": "(median T(N+1 new tokens) - median T(1 new token)) / N; prefill excluded",
+            "sampling": dict(sampling or {}), "method": "(median T(N+1 new tokens) - median T(1 new token)) / N; prefill excluded",
             "systems": systems, "raw_s": raw}
 
 

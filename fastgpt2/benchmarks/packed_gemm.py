@@ -10,7 +10,8 @@
 5. The same on both cores (2 threads each) at 64 and 512 tokens: the packed GEMM's pool kept between calls as within
    a model step (forward's repeats), MKL's OpenMP threads as torch keeps them between calls; wall-clock medians.
 
-Timings of 1-4 are thread_time medians, the storages alternating within each repeat (A B C A B C ...).
+Timings of 1-4 are thread_time medians, the storages alternating within each repeat (A B C A B C ...); in 4 and 5
+each timing follows an untimed run of the same callable (see _versus_mkl).
 """
 from __future__ import annotations
 
@@ -37,14 +38,17 @@ def _timed(fn, clock=time.thread_time) -> float:
     return clock() - start
 
 
-def alternate(fns: dict, repeats: int, clock=time.thread_time) -> dict:
+def alternate(fns: dict, repeats: int, clock=time.thread_time, settle: bool = False) -> dict:
     """Median seconds of each callable (by `clock`: the calling thread's CPU time unless told), run in turn within
-    each repeat after one warm-up round."""
+    each repeat after one warm-up round. settle: each timed call follows an untimed call of the same callable, so that
+    it does not pay for the threads the previous one left behind (see _versus_mkl)."""
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if settle:
+                fn()
             times[name].append(_timed(fn, clock))
     return {name: float(np.median(t)) for name, t in times.items()}
 
@@ -99,13 +103,19 @@ def int8_gemm(repeats: int, rng) -> None:
 def _versus_mkl(packed, w, x, y, reps: int, repeats: int, clock, peak: float, peak_label: str) -> dict:
     """One row of sections 4 and 5: `packed` (reps products of x (T, K) by w (N, K) into y) alternated with reps of
     MKL's sgemm in both operand orders; prints GFLOP/s, the ratio to MKL's better order and the share of `peak`.
-    Returns the median seconds of each."""
+    Returns the median seconds of each.
+
+    Each timing follows an untimed run of the same callable: after its parallel regions torch's OpenMP threads spin
+    for milliseconds (GNU OpenMP's default wait policy), and the packed GEMM's pool lingers 200 us, each taking a core
+    from whatever runs next. Timed right after MKL's sgemm, the packed GEMM on 2 threads ran 13% slower (768 x 768,
+    512 tokens, Intel Xeon: 239 against 275 GFLOP/s after itself), and MKL's 6% slower after the packed GEMM (277
+    against 296); the engine's step runs no MKL."""
     import torch
 
     fns = {"packed": packed,
            "mkl x@W.T": lambda: [torch.mm(x, w.t(), out=y) for _ in range(reps)],
            "mkl W@x.T": lambda: [torch.mm(w, x.t()) for _ in range(reps)]}
-    seconds = alternate(fns, repeats, clock)
+    seconds = alternate(fns, repeats, clock, settle=True)
     (tokens, cols), rows = x.shape, w.shape[0]
     gf = {k: 2.0 * rows * cols * tokens * reps / t / 1e9 for k, t in seconds.items()}
     best = max(gf["mkl x@W.T"], gf["mkl W@x.T"])
