@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import torch
 
+# Only OpenMP's idle threads spin, and only an OpenMP build lets the count change back and forth (torch's native
+# backend warns that it cannot once parallel work has started).
+_OPENMP = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
 
 class OneTorchThread:
     """Runs the torch operations of its block on the calling thread alone when `device` is the CPU.
@@ -18,7 +22,7 @@ class OneTorchThread:
     __slots__ = ("on_cpu", "threads")
 
     def __init__(self, device: torch.device):
-        self.on_cpu = device.type == "cpu"
+        self.on_cpu = _OPENMP and device.type == "cpu"
         self.threads = 1
 
     def __enter__(self):
