@@ -64,8 +64,8 @@ def hf_call(s: Systems, model, batch: int, prompt_len: int, max_new_tokens: int,
             sampling: dict | None = None):
     """A callable that runs transformers' generate on a (batch, prompt_len) batch (greedy, or with top_p: sampling at
     temperature 1 with that top-p and no top-k, or with the settings of `sampling`) and returns its seconds."""
-    mode = _sampling(top_p, sampling)
-    mode = dict(do_sample=False) if not mode else dict(do_sample=True, top_k=0, **mode)
+    settings = _sampling(top_p, sampling)
+    mode = dict(do_sample=True, top_k=0, **settings) if settings else dict(do_sample=False)
 
     def run() -> float:
         ids = torch.tensor(s.prompts(batch, prompt_len), device=model.device)  # (batch, prompt_len), no padding
@@ -123,7 +123,8 @@ def decode(s: Systems, batch: int, num_tokens: int, prompt_len: int, repeats: in
         systems[name] = {"ms_per_step": step_s * 1e3, "tokens_per_s": batch / step_s,
                          "best_ms_per_step": best_s * 1e3, "best_tokens_per_s": batch / best_s}
     return {"batch": batch, "num_tokens": num_tokens, "prompt_len": prompt_len, "repeats": repeats, "top_p": top_p,
-            "sampling": dict(sampling or {}), "method": "(median T(N+1 new tokens) - median T(1 new token)) / N; prefill excluded",
+            "sampling": dict(sampling or {}),
+            "method": "(median T(N+1 new tokens) - median T(1 new token)) / N; prefill excluded",
             "systems": systems, "raw_s": raw}
 
 
