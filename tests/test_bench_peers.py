@@ -149,7 +149,7 @@ def test_tiny_run_end_to_end(monkeypatch, tmp_path, hide_ct2):
         monkeypatch.setattr(peers_ct2, "available", lambda: (None, "ctranslate2 is not installed (hidden)"))
     monkeypatch.delenv("LLAMA_BENCH", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))  # no llama-bench: its rows say so
-    sizes = dict(peers.SIZES["quick"], decode_tokens=2, decode_repeats=1, batch_sizes=(2,), batch_tokens=2,
+    sizes = dict(peers.SIZES["quick"], decode_tokens=8, decode_repeats=3, batch_sizes=(2,), batch_tokens=2,
                  batch_repeats=1, prefill_len=16, prefill_repeats=1, check_prompts=2, check_tokens=4)
     config = GPT2Config(vocab_size=50257, n_positions=64, n_embd=64, n_layer=1, n_head=1)
     paths = {ext: tmp_path / f"peers.{ext}" for ext in ("md", "json", "png")}
