@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "logprobs.h"
 #include "sampling.h"
 
 namespace py = pybind11;
@@ -193,6 +194,55 @@ void argmax_rows_raw(uintptr_t logits_addr, int64_t num_rows, int64_t vocab_size
   py::gil_scoped_release release;
   argmax_rows(reinterpret_cast<const float*>(logits_addr), num_rows, vocab_size, stride_row,
               reinterpret_cast<int64_t*>(out_addr), num_threads);
+}
+
+// The entry point of fastgpt2.kernels.cpu_sampling.row_logprobs, which has checked the logits tensor (its address as
+// for topk_topp_minp_sample_raw): per row the logprob of targets[row] (an empty list: no targets; -1: none for that
+// row) and the top_n tokens with theirs, as (target logprobs, top ids, top logprobs) lists; None when a row holds a
+// NaN or +inf or is -inf everywhere (log_softmax is NaN there: the caller takes torch's).
+py::object logprob_rows_raw(uintptr_t logits_addr, int64_t num_rows, int64_t vocab_size, int64_t stride_row,
+                            const std::vector<int64_t>& targets, int64_t top_n, int num_threads) {
+  if (num_rows < 0 || vocab_size < 1 || (num_rows > 1 && stride_row < vocab_size) || num_threads < 1) {
+    throw py::value_error("logprobs need (rows, vocab) logits with vocab >= 1, non-overlapping rows and "
+                          "num_threads >= 1");
+  }
+  if (top_n < 0 || top_n > vocab_size) {
+    throw py::value_error("the number of top logprobs must be in [0, " + std::to_string(vocab_size) + "], got " +
+                          std::to_string(top_n));
+  }
+  const bool has_targets = !targets.empty();
+  if (has_targets && static_cast<int64_t>(targets.size()) != num_rows) {
+    throw py::value_error("targets must have one token id per logits row (" + std::to_string(num_rows) + "), got " +
+                          std::to_string(targets.size()));
+  }
+  for (size_t row = 0; row < targets.size(); ++row) {
+    if (targets[row] < -1 || targets[row] >= vocab_size) {
+      throw py::value_error("target token id " + std::to_string(targets[row]) + " (row " + std::to_string(row) +
+                            ") is outside the vocabulary [0, " + std::to_string(vocab_size) + ")");
+    }
+  }
+  std::vector<float> target_logprob(has_targets ? num_rows : 0);
+  std::vector<int64_t> top_ids(num_rows * top_n);
+  std::vector<float> top_logprobs(num_rows * top_n);
+  std::vector<int32_t> status(num_rows, kOk);
+  {
+    py::gil_scoped_release release;
+    logprob_rows(reinterpret_cast<const float*>(logits_addr), num_rows, vocab_size, stride_row,
+                 has_targets ? targets.data() : nullptr, top_n, target_logprob.data(), top_ids.data(),
+                 top_logprobs.data(), status.data(), num_threads);
+  }
+  if (std::any_of(status.begin(), status.end(), [](int32_t s) { return s != kOk; })) return py::none();
+  py::list ids(num_rows), values(num_rows);
+  for (int64_t row = 0; row < num_rows; ++row) {
+    py::list row_ids(top_n), row_values(top_n);
+    for (int64_t j = 0; j < top_n; ++j) {
+      row_ids[j] = py::int_(top_ids[row * top_n + j]);
+      row_values[j] = py::float_(top_logprobs[row * top_n + j]);
+    }
+    ids[row] = row_ids;
+    values[row] = row_values;
+  }
+  return py::make_tuple(py::cast(target_logprob), ids, values);
 }
 
 // Returns (ids (num_rows, max_count) int64 padded with -1, probs (num_rows, max_count) float32 padded with 0,

@@ -470,3 +470,81 @@ def test_argmax_is_torch_argmax(vocab_size):
     # Layouts the kernel does not take go to torch, with the same result.
     assert torch.equal(cpu_sampler.argmax(logits.t().contiguous().t()), want)
     assert torch.equal(cpu_sampler.argmax(logits.double()), want)
+
+
+def _one_ulp(values: torch.Tensor) -> torch.Tensor:
+    """float32 spacing at each value (float64 tensor): one unit in the last place."""
+    v = values.float().abs()
+    return (torch.nextafter(v, torch.full_like(v, float("inf"))) - v).double()
+
+
+@pytest.mark.isa_variants
+@needs_extension
+@pytest.mark.parametrize("vocab_size", [1, 7, 16, 17, 33, 1000, 50257])
+def test_row_logprobs_are_log_softmax_to_one_rounding(vocab_size):
+    """row_logprobs (the engine's logprobs without a (R, V) log_softmax): each target's and top-N logprob within one
+    float32 ulp of float64 log_softmax; top-N ids in (value descending, id ascending) order, rows with ties and -inf
+    included (top_n past the finite values takes -inf tokens by id); the same values bit for bit alone, in any batch,
+    on any thread count and with strided rows."""
+    g = torch.Generator().manual_seed(vocab_size)
+    logits = torch.randn(24, vocab_size, generator=g) * 3  # (R, V)
+    logits[1] = torch.round(logits[1])  # ties
+    logits[2, : vocab_size // 2] = float("-inf")
+    logits[3] = -1e4  # one value everywhere: every logprob -log(V)
+    logits[4] = logits[4] * 30  # peaked, far tails (exp underflows past -708)
+    top_n = min(vocab_size, 20)
+    targets = torch.randint(0, vocab_size, (24,), generator=g).tolist()
+    targets[5] = -1
+    exact = torch.log_softmax(logits.double(), dim=-1)  # (R, V)
+    got_targets, got_ids, got_values = cpu_sampler.row_logprobs(logits, targets, top_n)
+    assert len(got_targets) == len(got_ids) == len(got_values) == 24
+    for r in range(24):
+        if targets[r] < 0:
+            assert math.isnan(got_targets[r])
+        else:
+            want = exact[r, targets[r]]
+            assert got_targets[r] == want or abs(got_targets[r] - want) <= _one_ulp(want), (r, float(want))
+        # rank order: value descending, then id ascending
+        order = sorted(range(vocab_size), key=lambda i: (-float(logits[r, i]), i))[:top_n]
+        assert got_ids[r] == order, r
+        want = exact[r, order]
+        err = (torch.tensor(got_values[r], dtype=torch.float64) - want).abs()
+        finite = torch.isfinite(want)
+        assert bool((err[finite] <= _one_ulp(want[finite])).all()), r
+        assert all(v == float("-inf") for v, f in zip(got_values[r], finite.tolist()) if not f)
+    # Bitwise the same alone, in other batches, on other thread counts, and from strided rows.
+    wide = torch.zeros(24, vocab_size + 3)
+    wide[:, :vocab_size] = logits
+    for rows, threads, source in ((1, 1, logits), (7, 2, logits), (24, 3, wide[:, :vocab_size]), (24, 1, logits)):
+        for start in range(0, 24, rows):
+            part = source[start:start + rows]
+            t, i, v = cpu_sampler.row_logprobs(part, targets[start:start + rows], top_n, num_threads=threads)
+            n = part.shape[0]
+            assert i == got_ids[start:start + n] and v == got_values[start:start + n], (rows, threads)
+            assert [x for x in t if x == x] == [x for x in got_targets[start:start + n] if x == x], (rows, threads)
+
+
+@needs_extension
+def test_row_logprobs_edge_rows_and_bad_inputs():
+    """Rows whose log_softmax is NaN (a NaN, +inf, or -inf everywhere) give torch's values (the reference); no targets
+    and top_n = 0 are allowed; bad top_n, targets and shapes are one-line errors."""
+    logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(1))
+    for r, value in ((0, float("nan")), (1, float("inf"))):
+        bad = logits.clone()
+        bad[r, 7] = value
+        got = cpu_sampler.row_logprobs(bad, [3, 4, 5, 6], 2)
+        want = reference.row_logprobs(bad, [3, 4, 5, 6], 2)
+        assert got[1] == want[1] and np.allclose(got[0], want[0], equal_nan=True)
+    banned = logits.clone()
+    banned[2] = float("-inf")
+    assert math.isnan(cpu_sampler.row_logprobs(banned, [0, 0, 0, 0], 0)[0][2])
+    none, ids, values = cpu_sampler.row_logprobs(logits, None, 0)
+    assert none is None and ids == values == [[]] * 4
+    with pytest.raises(ValueError, match=r"the number of top logprobs must be in \[0, 100\], got 101"):
+        cpu_sampler.row_logprobs(logits, None, 101)
+    with pytest.raises(ValueError, match=r"target token id 100 \(row 1\) is outside the vocabulary \[0, 100\)"):
+        cpu_sampler.row_logprobs(logits, [0, 100, 0, 0], 1)
+    with pytest.raises(ValueError, match=r"targets must have one token id per logits row \(4\), got 3"):
+        cpu_sampler.row_logprobs(logits, [0, 0, 0], 1)
+    with pytest.raises(ValueError, match="logits must be a 2-D"):
+        cpu_sampler.row_logprobs(logits[0], None, 1)

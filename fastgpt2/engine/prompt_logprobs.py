@@ -9,6 +9,7 @@ import torch
 
 from fastgpt2.engine.scheduler import SchedulerOutput
 from fastgpt2.engine.sequence import Sequence
+from fastgpt2.kernels import dispatch
 
 
 def want_prompt_logprobs(seq: Sequence, first_token: int = 1) -> None:
@@ -47,13 +48,11 @@ def record_prompt_logprobs(sched: SchedulerOutput, rows: list[range], logits: to
     logits : (sum of len(rows), V) float32, the rows in that order. Columns past vocab_size (embedding padding) are
         dropped, as the sampler drops them; logprobs are those of the raw distribution (log_softmax of the logits).
     """
-    logprobs = torch.log_softmax(logits[:, :vocab_size], dim=-1)  # (R, vocab_size)
     wanted = [(seq, r) for seq, r in zip(sched.seqs, rows) if r]
-    targets = torch.tensor([seq.token_ids[p + 1] for seq, r in wanted for p in r], device=logits.device)
-    actual = logprobs.gather(1, targets[:, None])[:, 0].tolist()  # (R,)
+    targets = [seq.token_ids[p + 1] for seq, r in wanted for p in r]
     k = max(seq.params.prompt_logprobs or 0 for seq, _ in wanted)
-    top_values, top_ids = torch.topk(logprobs, k) if k else (logprobs[:, :0], targets[:, None][:, :0])  # (R, k)
-    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    # (R,) and (R, k) lists, without a (R, vocab_size) log_softmax (C++ on the CPU)
+    actual, top_ids, top_values = dispatch.row_logprobs(logits[:, :vocab_size], targets, k)
     i = 0
     for seq, r in wanted:
         num_top = seq.params.prompt_logprobs or 0

@@ -18,7 +18,7 @@ from fastgpt2.kernels.native import _C
 
 HAS_EXTENSION: bool = _C is not None
 
-__all__ = ["HAS_EXTENSION", "argmax", "topk_topp_minp_sample", "topk_topp_minp_select"]
+__all__ = ["HAS_EXTENSION", "argmax", "row_logprobs", "topk_topp_minp_sample", "topk_topp_minp_select"]
 
 
 @functools.cache
@@ -120,6 +120,31 @@ def argmax(logits: torch.Tensor, *, num_threads: int | None = None) -> torch.Ten
     _C._argmax_rows_raw(logits.data_ptr(), num_rows, vocab_size, logits.stride(0), out.data_ptr(),
                         _threads(num_threads))
     return out
+
+
+def row_logprobs(logits: torch.Tensor, targets: list[int] | None, top_n: int, *, num_threads: int | None = None):
+    """The logprobs the engine reports, without a (R, V) log_softmax: per row of (R, V) float32 CPU logits, the
+    logprob of targets[r] (a token id, or -1 for none: NaN) and the top_n tokens with theirs.
+
+    C++ when built (csrc/logprobs.h: the log-sum-exp in float64, each logprob one float32 rounding of x - lse; top-N
+    ties to the smaller id; rows over up to num_threads threads, default torch.get_num_threads()); the torch
+    reference (log_softmax, gather, topk) without the extension or where a row holds NaN or +inf or is -inf
+    everywhere.
+
+    Returns (target logprobs: R floats, or None when targets is None; top ids: R lists of top_n ints; top logprobs: R
+    lists of top_n floats, descending).
+    """
+    num_rows = _check_logits(logits)
+    if targets is not None and len(targets) != num_rows:
+        raise ValueError(f"targets must have one token id per logits row ({num_rows}), got {len(targets)}")
+    if _C is not None:
+        logits = _vocab_contiguous(logits.detach())
+        result = _C._logprob_rows_raw(logits.data_ptr(), num_rows, logits.shape[1], logits.stride(0),
+                                      [] if targets is None else targets, top_n, _threads(num_threads))
+        if result is not None:
+            target_logprobs, top_ids, top_logprobs = result
+            return (None if targets is None else target_logprobs), top_ids, top_logprobs
+    return reference.row_logprobs(logits, targets, top_n)
 
 
 def topk_topp_minp_sample(

@@ -63,6 +63,14 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.argmax(logits, dim=-1)
 
 
+def row_logprobs(logits: torch.Tensor, targets: list[int] | None, top_n: int):
+    """Per row of (R, V) logits, the logprob of targets[r] (-1: none) and the top_n tokens with theirs, as lists (see
+    cpu_sampling.row_logprobs): the C++ kernel for CPU logits, torch's log_softmax elsewhere."""
+    if logits.device.type == "cpu" and not force_reference():
+        return importlib.import_module("fastgpt2.kernels.cpu_sampling").row_logprobs(logits, targets, top_n)
+    return reference.row_logprobs(logits, targets, top_n)
+
+
 def cpu_kernel_info() -> dict:
     """For `fastgpt2 info`: the CPU's model name, the C++ kernel variant in use (None: the torch kernels, `why_not`
     says why), the variants built and those this CPU runs."""
