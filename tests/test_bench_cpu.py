@@ -95,9 +95,27 @@ def test_sampled_decode_case_samples_in_both_systems():
                                 sampling={"temperature": 0.8, "repetition_penalty": 1.2})
     assert set(seen["fastgpt2"]) == {(0.8, 0.9, 0)} and set(seen["transformers"]) == {(True, 0.8, 0.9, 0)}
     assert settings["sampling"] == {"temperature": 0.8, "repetition_penalty": 1.2}
+    # logprobs: fastgpt2 reports them; transformers returns its raw logits, turned into logprobs in the timed call
+    seen["fastgpt2"].clear(), seen["transformers"].clear()
+    asked = {"fastgpt2": [], "transformers": []}
+    spy_llm_settings, spy_hf_settings = s.llm.generate, s.hf.generate
+
+    def spy_llm_logprobs(prompts, params, **kw):
+        asked["fastgpt2"].append(params.logprobs)
+        return spy_llm_settings(prompts, params, **kw)
+
+    def spy_hf_logprobs(*args, **kw):
+        asked["transformers"].append((kw.get("output_logits"), kw.get("return_dict_in_generate"), "logprobs" in kw))
+        return spy_hf_settings(*args, **kw)
+
+    s.llm.generate, s.hf.generate = spy_llm_logprobs, spy_hf_logprobs
+    logprobs = cpu_cases.decode(s, 2, 2, 4, repeats=1, top_p=0.9, sampling={"logprobs": 5})
+    assert set(asked["fastgpt2"]) == {5} and set(asked["transformers"]) == {(True, True, False)}
+    assert set(seen["fastgpt2"]) == {(1.0, 0.9, 0)} and set(seen["transformers"]) == {(True, 1.0, 0.9, 0)}
     rows = {r[0] for r in cpu_report._rows({"batch": {2: greedy}, "sampled": {2: sampled},
-                                            "sampled_settings": {"1": settings}})}
+                                            "sampled_settings": {"1": settings}, "sampled_logprobs": {2: logprobs}})}
     assert rows == {"decode, 2 concurrent (4-token prompts, N=2)",
                     "decode, 2 concurrent, top-p 0.9 sampling (4-token prompts, N=2)",
                     "decode, 1 concurrent, top-p 0.9, temperature 0.8, repetition penalty 1.2 sampling "
-                    "(4-token prompts, N=2)"}
+                    "(4-token prompts, N=2)",
+                    "decode, 2 concurrent, top-p 0.9, logprobs 5 sampling (4-token prompts, N=2)"}

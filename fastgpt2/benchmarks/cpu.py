@@ -17,6 +17,9 @@ CASES = ("decode", "batch", "sampled", "prefill", "workload", "sampling", "perpl
 SAMPLED_TOP_P = 0.9  # the sampled case: temperature 1, top-p 0.9, the batch case's sizes
 # ... and one request sampled as many generation configs do (top-p 0.9 as well, prompts and tokens of the batch case)
 SAMPLED_SETTINGS = {"temperature": 0.8, "repetition_penalty": 1.2}
+# ... and the first batch size asking for the top-5 logprobs at every step (transformers: its raw logits of every step
+# through log_softmax, topk and a gather of the sampled tokens)
+SAMPLED_LOGPROBS = {"logprobs": 5}
 DECODE_PROMPT_LEN = 16  # the fixed prompt length of the batch-1 decode case
 # Sizes per mode. --quick must finish in < 3 minutes on 2 idle cores for 124M float32.
 SIZES = {
@@ -101,6 +104,11 @@ def _run_cases(systems, cases: list[str], sizes: dict, results: dict, save) -> N
             results["sampled_settings"] = {1: cpu_cases.decode(systems, 1, sizes["batch_tokens"],
                                                                sizes["batch_prompt_len"], sizes["batch_repeats"],
                                                                top_p=SAMPLED_TOP_P, sampling=SAMPLED_SETTINGS)}
+            save()
+            b = sizes["batch_sizes"][0]
+            results["sampled_logprobs"] = {b: cpu_cases.decode(systems, b, sizes["batch_tokens"],
+                                                               sizes["batch_prompt_len"], sizes["batch_repeats"],
+                                                               top_p=SAMPLED_TOP_P, sampling=SAMPLED_LOGPROBS)}
             save()
         elif case == "prefill":
             results["prefill"] = cpu_cases.prefill(systems, sizes["prefill_len"], sizes["prefill_repeats"])

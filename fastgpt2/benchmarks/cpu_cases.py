@@ -36,7 +36,7 @@ class Systems:
 # -- one timed call of each system ----------------------------------------------------------------------------------
 def _sampling(top_p: float | None, sampling: dict | None) -> dict:
     """The sampling settings both systems use: none (greedy), or temperature 1 with top_p, updated by `sampling`
-    (temperature, repetition_penalty)."""
+    (temperature, repetition_penalty, logprobs: the top-N logprobs and the sampled token's at every step)."""
     return {} if top_p is None else {"temperature": 1.0, "top_p": top_p, **(sampling or {})}
 
 
@@ -55,6 +55,7 @@ def fastgpt2_call(s: Systems, batch: int, prompt_len: int, max_tokens: int, top_
         outs = s.llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - start
         assert all(len(o.outputs[0].token_ids) == max_tokens for o in outs)
+        assert "logprobs" not in mode or all(len(o.outputs[0].logprobs) == max_tokens for o in outs)
         return elapsed
 
     return run
@@ -65,7 +66,10 @@ def hf_call(s: Systems, model, batch: int, prompt_len: int, max_new_tokens: int,
     """A callable that runs transformers' generate on a (batch, prompt_len) batch (greedy, or with top_p: sampling at
     temperature 1 with that top-p and no top-k, or with the settings of `sampling`) and returns its seconds."""
     settings = _sampling(top_p, sampling)
+    num_logprobs = settings.pop("logprobs", None)
     mode = dict(do_sample=True, top_k=0, **settings) if settings else dict(do_sample=False)
+    if num_logprobs is not None:  # the raw logits of every step, turned into logprobs inside the timed region
+        mode.update(output_logits=True, return_dict_in_generate=True)
 
     def run() -> float:
         ids = torch.tensor(s.prompts(batch, prompt_len), device=model.device)  # (batch, prompt_len), no padding
@@ -76,6 +80,13 @@ def hf_call(s: Systems, model, batch: int, prompt_len: int, max_new_tokens: int,
             start = time.perf_counter()
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  min_new_tokens=max_new_tokens, pad_token_id=EOS, **mode)
+            if num_logprobs is not None:  # per step: the top-N logprobs and the sampled token's, as fastgpt2 reports
+                logprobs = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)  # (batch, new, V)
+                top = torch.topk(logprobs, num_logprobs, dim=-1)
+                sampled = logprobs.gather(-1, out.sequences[:, prompt_len:, None])[..., 0]  # (batch, new)
+                out = out.sequences
+                assert top.indices.shape == (batch, max_new_tokens, num_logprobs)
+                assert sampled.shape == (batch, max_new_tokens)
             if cuda:
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - start

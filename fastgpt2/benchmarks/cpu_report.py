@@ -103,8 +103,8 @@ def _rows(res: dict) -> list[list]:
     for batch, r in sorted((res.get("batch") or {}).items(), key=lambda kv: int(kv[0])):
         rows.append([f"decode, {batch} concurrent{_shape(r)}", "tokens/s", r["systems"]["fastgpt2"]["tokens_per_s"],
                      r["systems"]["transformers"]["tokens_per_s"], _ratio(r, "tokens_per_s")])
-    sampled = [*sorted((res.get("sampled") or {}).items(), key=lambda kv: int(kv[0])),
-               *sorted((res.get("sampled_settings") or {}).items(), key=lambda kv: int(kv[0]))]
+    sampled = [item for key in ("sampled", "sampled_settings", "sampled_logprobs")
+               for item in sorted((res.get(key) or {}).items(), key=lambda kv: int(kv[0]))]
     for batch, r in sampled:
         settings = "".join(f", {k.replace('_', ' ')} {v:g}" for k, v in (r.get("sampling") or {}).items())
         rows.append([f"decode, {batch} concurrent, top-p {r['top_p']:g}{settings} sampling{_shape(r)}", "tokens/s",
@@ -185,7 +185,7 @@ def _noisy_series(res: dict, limit: float = 1.5) -> list[str]:
         series.update({f"decode {k}": v for k, v in res["decode"]["raw_s"].items()})
     for b, r in (res.get("batch") or {}).items():
         series.update({f"batch {b} {k}": v for k, v in r["raw_s"].items()})
-    for key in ("sampled", "sampled_settings"):
+    for key in ("sampled", "sampled_settings", "sampled_logprobs"):
         for b, r in (res.get(key) or {}).items():
             series.update({f"{key} {b} {k}": v for k, v in r["raw_s"].items()})
     if res.get("prefill"):
