@@ -548,3 +548,18 @@ def test_row_logprobs_edge_rows_and_bad_inputs():
         cpu_sampler.row_logprobs(logits, [0, 0, 0], 1)
     with pytest.raises(ValueError, match="logits must be a 2-D"):
         cpu_sampler.row_logprobs(logits[0], None, 1)
+
+
+def test_dispatch_row_logprobs_takes_every_dtype():
+    """dispatch.row_logprobs (the engine's entry): float32 CPU logits to the C++ pass, other dtypes to torch, the same
+    ids and values within float32 rounding (bf16 logits widened exactly)."""
+    from fastgpt2.kernels import dispatch
+
+    logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(2)) * 3
+    want = cpu_sampler.row_logprobs(logits, [1, 2, 3], 4)
+    for dtype in (torch.bfloat16, torch.float64):
+        x = logits.to(dtype)
+        got = dispatch.row_logprobs(x, [1, 2, 3], 4)
+        exact = reference.row_logprobs(x.double(), [1, 2, 3], 4)
+        assert got[1] == exact[1] and np.allclose(got[0], exact[0], atol=1e-5) and np.allclose(got[2], exact[2], atol=1e-5)
+    assert dispatch.row_logprobs(logits, [1, 2, 3], 4) == want

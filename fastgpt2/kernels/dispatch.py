@@ -65,8 +65,8 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 
 def row_logprobs(logits: torch.Tensor, targets: list[int] | None, top_n: int):
     """Per row of (R, V) logits, the logprob of targets[r] (-1: none) and the top_n tokens with theirs, as lists (see
-    cpu_sampling.row_logprobs): the C++ kernel for CPU logits, torch's log_softmax elsewhere."""
-    if logits.device.type == "cpu" and not force_reference():
+    cpu_sampling.row_logprobs): the C++ kernel for float32 CPU logits, torch's log_softmax elsewhere."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and not force_reference():
         return importlib.import_module("fastgpt2.kernels.cpu_sampling").row_logprobs(logits, targets, top_n)
     return reference.row_logprobs(logits, targets, top_n)
 
