@@ -561,5 +561,6 @@ def test_dispatch_row_logprobs_takes_every_dtype():
         x = logits.to(dtype)
         got = dispatch.row_logprobs(x, [1, 2, 3], 4)
         exact = reference.row_logprobs(x.double(), [1, 2, 3], 4)
-        assert got[1] == exact[1] and np.allclose(got[0], exact[0], atol=1e-5) and np.allclose(got[2], exact[2], atol=1e-5)
+        assert got[1] == exact[1]
+        assert np.allclose(got[0], exact[0], atol=1e-5) and np.allclose(got[2], exact[2], atol=1e-5)
     assert dispatch.row_logprobs(logits, [1, 2, 3], 4) == want
