@@ -37,10 +37,10 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         """logits: (B, V) float32, one row per sequence in seqs; modified in place (processors, penalties and
         temperature)."""
-        if self.vocab_size is not None and logits.shape[1] > self.vocab_size:
-            logits = logits[:, :self.vocab_size].contiguous()  # (B, vocab_size)
         wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         with OneTorchThread(logits.device):
+            if self.vocab_size is not None and logits.shape[1] > self.vocab_size:
+                logits = logits[:, :self.vocab_size].contiguous()  # (B, vocab_size)
             # The raw rows of the requests that want logprobs, before the steps below change the logits in place.
             raw = logits[wanted] if wanted else None  # (len(wanted), V)
             logits = self._apply_processors_and_penalties(logits, seqs)
