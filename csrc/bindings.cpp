@@ -22,8 +22,9 @@ void topk_topp_minp_sample_raw(uintptr_t logits_addr, int64_t num_rows, int64_t 
                                const std::vector<double>& uniform, uintptr_t out_addr, int num_threads);
 void argmax_rows_raw(uintptr_t logits_addr, int64_t num_rows, int64_t vocab_size, int64_t stride_row,
                      uintptr_t out_addr, int num_threads);
-py::object logprob_rows_raw(uintptr_t logits_addr, int64_t num_rows, int64_t vocab_size, int64_t stride_row,
-                            const std::vector<int64_t>& targets, int64_t top_n, int num_threads);
+py::object logprob_rows_raw(uintptr_t logits_addr, int64_t logits_rows, int64_t vocab_size, int64_t stride_row,
+                            const std::vector<int64_t>& rows, const std::vector<int64_t>& targets, int64_t top_n,
+                            int num_threads);
 py::tuple topk_topp_minp_select_checked(const py::array& logits, const py::array& top_k, const py::array& top_p,
                                         const py::array& min_p, int num_threads);
 // Defined in attention_launcher.cpp.
@@ -136,12 +137,12 @@ PYBIND11_MODULE(FASTGPT2_MODULE_NAME, m) {
         py::arg("logits_addr"), py::arg("num_rows"), py::arg("vocab_size"), py::arg("stride_row"), py::arg("out_addr"),
         py::arg("num_threads"));
   m.def("_logprob_rows_raw", &fastgpt2::logprob_rows_raw,
-        "Internal (fastgpt2.kernels.cpu_sampling.row_logprobs): per row of a checked float32 logits tensor "
-        "(address, rows, vocab, row stride), the logprob of its target (targets: one id per row, -1 for none, or "
-        "empty) and the top_n tokens with theirs: (target logprobs, top ids, top logprobs) lists, or None for a NaN, "
-        "+inf or all -inf row.",
-        py::arg("logits_addr"), py::arg("num_rows"), py::arg("vocab_size"), py::arg("stride_row"), py::arg("targets"),
-        py::arg("top_n"), py::arg("num_threads"));
+        "Internal (fastgpt2.kernels.cpu_sampling.row_logprobs): for the listed rows (empty: all) of a checked "
+        "float32 logits tensor (address, rows, vocab, row stride), the logprob of each row's target (targets: one id "
+        "per listed row, -1 for none, or empty) and the top_n tokens with theirs: (target logprobs, top ids, top "
+        "logprobs) lists, or None for a NaN, +inf or all -inf row.",
+        py::arg("logits_addr"), py::arg("logits_rows"), py::arg("vocab_size"), py::arg("stride_row"), py::arg("rows"),
+        py::arg("targets"), py::arg("top_n"), py::arg("num_threads"));
   m.def(
       "_sampler_fast_path_stats",
       [] {

@@ -104,11 +104,11 @@ float logprob_of(float x, double lse) { return static_cast<float>(static_cast<do
 
 }  // namespace
 
-void logprob_rows(const float* logits, int64_t num_rows, int64_t vocab_size, int64_t stride_row, const int64_t* targets,
-                  int64_t top_n, float* target_logprob, int64_t* top_ids, float* top_logprobs, int32_t* status,
-                  int num_threads) {
+void logprob_rows(const float* logits, const int64_t* rows, int64_t num_rows, int64_t vocab_size, int64_t stride_row,
+                  const int64_t* targets, int64_t top_n, float* target_logprob, int64_t* top_ids, float* top_logprobs,
+                  int32_t* status, int num_threads) {
   auto row_fn = [&](int64_t row) {
-    const float* x = logits + row * stride_row;
+    const float* x = logits + (rows != nullptr ? rows[row] : row) * stride_row;
     const RowScan scan = scan_row(x, vocab_size);
     const float inf = std::numeric_limits<float>::infinity();
     status[row] = scan.has_nan ? kNaN : scan.max == inf ? kPosInf : scan.max == -inf ? kNoFinite : kOk;

@@ -16,13 +16,14 @@
 
 namespace fastgpt2 {
 
-// logits (num_rows, vocab_size) with row stride stride_row (elements); targets (num_rows,) a token id per row or -1
-// (none), or null; for each row of status kOk: target_logprob[r] (NaN where the target is -1), top_ids (num_rows,
-// top_n) and top_logprobs (num_rows, top_n) in rank order. status[r] is a RowStatus (sampling.h): kNaN, kPosInf or
-// kNoFinite rows get nothing else (their log_softmax is NaN: the caller decides). Rows are split over up to
-// num_threads threads of the process-wide pool. The caller checks 0 <= top_n <= vocab_size and the targets' range.
-void logprob_rows(const float* logits, int64_t num_rows, int64_t vocab_size, int64_t stride_row, const int64_t* targets,
-                  int64_t top_n, float* target_logprob, int64_t* top_ids, float* top_logprobs, int32_t* status,
-                  int num_threads);
+// num_rows rows of logits (vocab_size floats each, row stride stride_row elements): row r is logits row rows[r], or
+// row r when rows is null. targets (num_rows,) a token id per row or -1 (none), or null; for each row of status kOk:
+// target_logprob[r] (NaN where the target is -1), top_ids (num_rows, top_n) and top_logprobs (num_rows, top_n) in rank
+// order. status[r] is a RowStatus (sampling.h): kNaN, kPosInf or kNoFinite rows get nothing else (their log_softmax is
+// NaN: the caller decides). Rows are split over up to num_threads threads of the process-wide pool. The caller checks
+// 0 <= top_n <= vocab_size and the targets' and rows' ranges.
+void logprob_rows(const float* logits, const int64_t* rows, int64_t num_rows, int64_t vocab_size, int64_t stride_row,
+                  const int64_t* targets, int64_t top_n, float* target_logprob, int64_t* top_ids, float* top_logprobs,
+                  int32_t* status, int num_threads);
 
 }  // namespace fastgpt2

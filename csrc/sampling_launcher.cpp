@@ -197,15 +197,24 @@ void argmax_rows_raw(uintptr_t logits_addr, int64_t num_rows, int64_t vocab_size
 }
 
 // The entry point of fastgpt2.kernels.cpu_sampling.row_logprobs, which has checked the logits tensor (its address as
-// for topk_topp_minp_sample_raw): per row the logprob of targets[row] (an empty list: no targets; -1: none for that
-// row) and the top_n tokens with theirs, as (target logprobs, top ids, top logprobs) lists; None when a row holds a
-// NaN or +inf or is -inf everywhere (log_softmax is NaN there: the caller takes torch's).
-py::object logprob_rows_raw(uintptr_t logits_addr, int64_t num_rows, int64_t vocab_size, int64_t stride_row,
-                            const std::vector<int64_t>& targets, int64_t top_n, int num_threads) {
-  if (num_rows < 0 || vocab_size < 1 || (num_rows > 1 && stride_row < vocab_size) || num_threads < 1) {
+// for topk_topp_minp_sample_raw): for the logits rows listed in rows (an empty list: every row, in order), the
+// logprob of targets[i] (an empty list: no targets; -1: none for that row) and the top_n tokens with theirs, as
+// (target logprobs, top ids, top logprobs) lists; None when a row holds a NaN or +inf or is -inf everywhere
+// (log_softmax is NaN there: the caller takes torch's).
+py::object logprob_rows_raw(uintptr_t logits_addr, int64_t logits_rows, int64_t vocab_size, int64_t stride_row,
+                            const std::vector<int64_t>& rows, const std::vector<int64_t>& targets, int64_t top_n,
+                            int num_threads) {
+  if (logits_rows < 0 || vocab_size < 1 || (logits_rows > 1 && stride_row < vocab_size) || num_threads < 1) {
     throw py::value_error("logprobs need (rows, vocab) logits with vocab >= 1, non-overlapping rows and "
                           "num_threads >= 1");
   }
+  for (size_t i = 0; i < rows.size(); ++i) {
+    if (rows[i] < 0 || rows[i] >= logits_rows) {
+      throw py::value_error("row " + std::to_string(rows[i]) + " is outside the logits' " +
+                            std::to_string(logits_rows) + " rows");
+    }
+  }
+  const int64_t num_rows = rows.empty() ? logits_rows : static_cast<int64_t>(rows.size());
   if (top_n < 0 || top_n > vocab_size) {
     throw py::value_error("the number of top logprobs must be in [0, " + std::to_string(vocab_size) + "], got " +
                           std::to_string(top_n));
@@ -227,9 +236,9 @@ py::object logprob_rows_raw(uintptr_t logits_addr, int64_t num_rows, int64_t voc
   std::vector<int32_t> status(num_rows, kOk);
   {
     py::gil_scoped_release release;
-    logprob_rows(reinterpret_cast<const float*>(logits_addr), num_rows, vocab_size, stride_row,
-                 has_targets ? targets.data() : nullptr, top_n, target_logprob.data(), top_ids.data(),
-                 top_logprobs.data(), status.data(), num_threads);
+    logprob_rows(reinterpret_cast<const float*>(logits_addr), rows.empty() ? nullptr : rows.data(), num_rows,
+                 vocab_size, stride_row, has_targets ? targets.data() : nullptr, top_n, target_logprob.data(),
+                 top_ids.data(), top_logprobs.data(), status.data(), num_threads);
   }
   if (std::any_of(status.begin(), status.end(), [](int32_t s) { return s != kOk; })) return py::none();
   py::list ids(num_rows), values(num_rows);

@@ -564,3 +564,17 @@ def test_dispatch_row_logprobs_takes_every_dtype():
         assert got[1] == exact[1]
         assert np.allclose(got[0], exact[0], atol=1e-5) and np.allclose(got[2], exact[2], atol=1e-5)
     assert dispatch.row_logprobs(logits, [1, 2, 3], 4) == want
+
+
+@needs_extension
+def test_row_logprobs_of_listed_rows_equal_those_rows_alone():
+    """rows=[...] computes the listed rows where they are (the sampler's unchanged rows, without a copy): bitwise the
+    values of the same rows passed alone; a row outside the logits is a one-line error."""
+    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(3)) * 2
+    rows = [4, 0, 5]
+    got = cpu_sampler.row_logprobs(logits, [7, 8, 9], 3, rows=rows)
+    assert got == cpu_sampler.row_logprobs(logits[rows], [7, 8, 9], 3)
+    with pytest.raises(ValueError, match="row 6 is outside the logits' 6 rows"):
+        cpu_sampler.row_logprobs(logits, None, 1, rows=[6])
+    with pytest.raises(ValueError, match=r"targets must have one token id per logits row \(2\), got 1"):
+        cpu_sampler.row_logprobs(logits, [1], 1, rows=[0, 1])

@@ -223,6 +223,32 @@ def test_logprobs_match_reference(tiny_dir, params):
             assert any(out.token_ids[i] != int(ref[i].argmax()) for i in range(len(out.token_ids)))
 
 
+def test_logprobs_of_changed_and_unchanged_rows_in_one_batch(tiny_dir):
+    """One batch mixing requests whose logits the sampler changes in place before the draw (temperature, penalty,
+    logit bias, min_tokens ban) with ones it leaves as they are (temperature 1, greedy): the sampler copies only the
+    former and reads the latter in place; every request's logprobs are still transformers' raw log_softmax (float32,
+    atol 1e-4)."""
+    llm = LLM(str(tiny_dir), device="cpu")
+    prompt = [1, 2, 3, 400, 5000]
+    common = dict(max_tokens=6, logprobs=4, ignore_eos=True, seed=5)
+    params = [SamplingParams(temperature=1.0, top_p=0.9, **common), SamplingParams(temperature=0.7, **common),
+              SamplingParams(temperature=0, **common), SamplingParams(repetition_penalty=1.4, **common),
+              SamplingParams(logit_bias={7: 3.0}, **common), SamplingParams(min_tokens=3, **common),
+              SamplingParams(temperature=1.0, **{**common, "logprobs": 0})]
+    outs = llm.generate([prompt] * len(params), params, use_tqdm=False)
+    hf = GPT2LMHeadModel.from_pretrained(tiny_dir).eval()
+    for p, o in zip(params, outs):
+        out = o.outputs[0]
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([prompt + out.token_ids])).logits[0].double(), dim=-1)
+        ref = ref[len(prompt) - 1:-1]
+        for step, (token, lp) in enumerate(zip(out.token_ids, out.logprobs)):
+            values, ids = torch.topk(ref[step], p.logprobs)
+            want = {int(i): float(v) for i, v in zip(ids, values)} | {token: float(ref[step, token])}
+            assert sorted(lp) == sorted(want), (p, step)
+            assert all(lp[i] == pytest.approx(v, abs=1e-4) for i, v in want.items()), (p, step)
+
+
 @pytest.mark.parametrize("kwargs,field", [
     ({"temperature": -0.1}, "temperature"), ({"temperature": float("nan")}, "temperature"),
     ({"top_p": 0.0}, "top_p"), ({"top_p": 40}, "top_p"), ({"top_k": -2}, "top_k"),

@@ -38,13 +38,16 @@ class Sampler:
         """logits: (B, V) float32, one row per sequence in seqs; modified in place (processors, penalties and
         temperature)."""
         wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        greedy = [s.params.greedy for s in seqs]
+        # Of the rows that want logprobs, those the steps below change in place are copied first (the logprobs are the
+        # raw distribution's); the others are read where they are after the draw (a temperature of 1 divides a row by
+        # 1, which leaves it bitwise as it was). A fresh (rows, V) copy costs ~1.4 ms at 64 rows on the Intel Xeon.
+        copied = [i for i in wanted if self._changes_row(seqs[i], greedy[i])]
         with OneTorchThread(logits.device):
             if self.vocab_size is not None and logits.shape[1] > self.vocab_size:
                 logits = logits[:, :self.vocab_size].contiguous()  # (B, vocab_size)
-            # The raw rows of the requests that want logprobs, before the steps below change the logits in place.
-            raw = logits[wanted] if wanted else None  # (len(wanted), V)
+            raw = logits[copied] if copied else None  # (len(copied), V)
             logits = self._apply_processors_and_penalties(logits, seqs)
-        greedy = [s.params.greedy for s in seqs]
         if all(greedy):
             next_ids = dispatch.argmax(logits)
         else:
@@ -54,11 +57,24 @@ class Sampler:
         if wanted:
             # The sampled tokens' logprobs and each row's top-N, without a (B, V) log_softmax (C++ on the CPU).
             top_n = max(seqs[i].params.logprobs for i in wanted)
-            sampled, top_ids, top_values = dispatch.row_logprobs(raw, [token_ids[i] for i in wanted], top_n)
-            for j, i in enumerate(wanted):
-                n = seqs[i].params.logprobs
-                out[i] = (sampled[j], dict(zip(top_ids[j][:n], top_values[j][:n])))
+            copied_set = set(copied)
+            in_place = [i for i in wanted if i not in copied_set]
+            for rows, source, index in ((copied, raw, None), (in_place, logits, in_place)):
+                if not rows:
+                    continue
+                sampled, top_ids, top_values = dispatch.row_logprobs(source, [token_ids[i] for i in rows], top_n,
+                                                                     rows=index)
+                for j, i in enumerate(rows):
+                    n = seqs[i].params.logprobs
+                    out[i] = (sampled[j], dict(zip(top_ids[j][:n], top_values[j][:n])))
         return SampleResult(token_ids, out)
+
+    def _changes_row(self, s: Sequence, greedy: bool) -> bool:
+        """Whether the steps before the draw change this row's logits in place (processors, logit bias, an active
+        min_tokens ban, penalties, a temperature other than 1)."""
+        p = s.params
+        return bool(p.logits_processors or p.logit_bias or s.num_output_tokens < p.min_tokens or p.needs_penalties
+                    or (not greedy and p.temperature != 1.0))
 
     def _apply_processors_and_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         vocab = logits.shape[1]

@@ -122,9 +122,11 @@ def argmax(logits: torch.Tensor, *, num_threads: int | None = None) -> torch.Ten
     return out
 
 
-def row_logprobs(logits: torch.Tensor, targets: list[int] | None, top_n: int, *, num_threads: int | None = None):
-    """The logprobs the engine reports, without a (R, V) log_softmax: per row of (R, V) float32 CPU logits, the
-    logprob of targets[r] (a token id, or -1 for none: NaN) and the top_n tokens with theirs.
+def row_logprobs(logits: torch.Tensor, targets: list[int] | None, top_n: int, *, rows: list[int] | None = None,
+                 num_threads: int | None = None):
+    """The logprobs the engine reports, without a (R, V) log_softmax: per row of (B, V) float32 CPU logits (or per
+    row listed in `rows`, in that order), the logprob of targets[i] (a token id, or -1 for none: NaN) and the top_n
+    tokens with theirs.
 
     C++ when built (csrc/logprobs.h: the log-sum-exp in float64, each logprob one float32 rounding of x - lse; top-N
     ties to the smaller id; rows over up to num_threads threads, default torch.get_num_threads()); the torch
@@ -132,19 +134,22 @@ def row_logprobs(logits: torch.Tensor, targets: list[int] | None, top_n: int, *,
     everywhere.
 
     Returns (target logprobs: R floats, or None when targets is None; top ids: R lists of top_n ints; top logprobs: R
-    lists of top_n floats, descending).
+    lists of top_n floats, descending), R = len(rows) or B.
     """
-    num_rows = _check_logits(logits)
+    num_rows = _check_logits(logits) if rows is None else len(rows)
+    if rows is not None:
+        _check_logits(logits)
     if targets is not None and len(targets) != num_rows:
         raise ValueError(f"targets must have one token id per logits row ({num_rows}), got {len(targets)}")
     if _C is not None:
         logits = _vocab_contiguous(logits.detach())
-        result = _C._logprob_rows_raw(logits.data_ptr(), num_rows, logits.shape[1], logits.stride(0),
-                                      [] if targets is None else targets, top_n, _threads(num_threads))
+        result = _C._logprob_rows_raw(logits.data_ptr(), logits.shape[0], logits.shape[1], logits.stride(0),
+                                      [] if rows is None else rows, [] if targets is None else targets, top_n,
+                                      _threads(num_threads))
         if result is not None:
             target_logprobs, top_ids, top_logprobs = result
             return (None if targets is None else target_logprobs), top_ids, top_logprobs
-    return reference.row_logprobs(logits, targets, top_n)
+    return reference.row_logprobs(logits if rows is None else logits[rows], targets, top_n)
 
 
 def topk_topp_minp_sample(

@@ -63,12 +63,13 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.argmax(logits, dim=-1)
 
 
-def row_logprobs(logits: torch.Tensor, targets: list[int] | None, top_n: int):
-    """Per row of (R, V) logits, the logprob of targets[r] (-1: none) and the top_n tokens with theirs, as lists (see
-    cpu_sampling.row_logprobs): the C++ kernel for float32 CPU logits, torch's log_softmax elsewhere."""
+def row_logprobs(logits: torch.Tensor, targets: list[int] | None, top_n: int, rows: list[int] | None = None):
+    """Per row of (B, V) logits (or per row listed in `rows`), the logprob of targets[i] (-1: none) and the top_n
+    tokens with theirs, as lists (see cpu_sampling.row_logprobs): the C++ kernel for float32 CPU logits, torch's
+    log_softmax elsewhere."""
     if logits.device.type == "cpu" and logits.dtype == torch.float32 and not force_reference():
-        return importlib.import_module("fastgpt2.kernels.cpu_sampling").row_logprobs(logits, targets, top_n)
-    return reference.row_logprobs(logits, targets, top_n)
+        return importlib.import_module("fastgpt2.kernels.cpu_sampling").row_logprobs(logits, targets, top_n, rows=rows)
+    return reference.row_logprobs(logits if rows is None else logits[rows], targets, top_n)
 
 
 def cpu_kernel_info() -> dict:
