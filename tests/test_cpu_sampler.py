@@ -524,10 +524,10 @@ def test_row_logprobs_are_log_softmax_to_one_rounding(vocab_size):
             assert [x for x in t if x == x] == [x for x in got_targets[start:start + n] if x == x], (rows, threads)
 
 
-@needs_extension
-def test_row_logprobs_edge_rows_and_bad_inputs():
+def test_row_logprobs_edge_rows_and_bad_inputs(sampler_path):
     """Rows whose log_softmax is NaN (a NaN, +inf, or -inf everywhere) give torch's values (the reference); no targets
-    and top_n = 0 are allowed; bad top_n, targets and shapes are one-line errors."""
+    and top_n = 0 are allowed; bad top_n, targets, rows and shapes are one-line errors, with the extension and on
+    the torch fallback alike."""
     logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(1))
     for r, value in ((0, float("nan")), (1, float("inf"))):
         bad = logits.clone()
@@ -548,6 +548,13 @@ def test_row_logprobs_edge_rows_and_bad_inputs():
         cpu_sampler.row_logprobs(logits, [0, 0, 0], 1)
     with pytest.raises(ValueError, match="logits must be a 2-D"):
         cpu_sampler.row_logprobs(logits[0], None, 1)
+    with pytest.raises(ValueError, match="row 4 is outside the logits' 4 rows"):
+        cpu_sampler.row_logprobs(logits, [0], 1, rows=[4])
+    with pytest.raises(ValueError, match=r"target token id -2 \(row 0\) is outside the vocabulary"):
+        cpu_sampler.row_logprobs(logits, [-2, 0, 0, 0], 1)
+    got = cpu_sampler.row_logprobs(logits, [5, -1], 3, rows=[2, 0])
+    want = reference.row_logprobs(logits[[2, 0]], [5, -1], 3)
+    assert got[1] == want[1] and np.allclose(got[0], want[0], equal_nan=True, atol=1e-5)
 
 
 def test_dispatch_row_logprobs_takes_every_dtype():

@@ -136,19 +136,29 @@ def row_logprobs(logits: torch.Tensor, targets: list[int] | None, top_n: int, *,
     Returns (target logprobs: R floats, or None when targets is None; top ids: R lists of top_n ints; top logprobs: R
     lists of top_n floats, descending), R = len(rows) or B.
     """
-    num_rows = _check_logits(logits) if rows is None else len(rows)
-    if rows is not None:
-        _check_logits(logits)
+    logits_rows = _check_logits(logits)
+    num_rows = logits_rows if rows is None else len(rows)
+    vocab_size = logits.shape[1]
     if targets is not None and len(targets) != num_rows:
         raise ValueError(f"targets must have one token id per logits row ({num_rows}), got {len(targets)}")
     if _C is not None:
         logits = _vocab_contiguous(logits.detach())
-        result = _C._logprob_rows_raw(logits.data_ptr(), logits.shape[0], logits.shape[1], logits.stride(0),
+        result = _C._logprob_rows_raw(logits.data_ptr(), logits_rows, vocab_size, logits.stride(0),
                                       [] if rows is None else rows, [] if targets is None else targets, top_n,
                                       _threads(num_threads))
         if result is not None:
             target_logprobs, top_ids, top_logprobs = result
             return (None if targets is None else target_logprobs), top_ids, top_logprobs
+    else:  # the extension's checks, for the torch fallback (same messages)
+        _warn_no_extension()
+        if not 0 <= top_n <= vocab_size:
+            raise ValueError(f"the number of top logprobs must be in [0, {vocab_size}], got {top_n}")
+        for row in rows or []:
+            if not 0 <= row < logits_rows:
+                raise ValueError(f"row {row} is outside the logits' {logits_rows} rows")
+        for i, t in enumerate(targets or []):
+            if not -1 <= t < vocab_size:
+                raise ValueError(f"target token id {t} (row {i}) is outside the vocabulary [0, {vocab_size})")
     return reference.row_logprobs(logits if rows is None else logits[rows], targets, top_n)
 
 
