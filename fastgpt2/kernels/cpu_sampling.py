@@ -159,7 +159,7 @@ def row_logprobs(logits: torch.Tensor, targets: list[int] | None, top_n: int, *,
         for i, t in enumerate(targets or []):
             if not -1 <= t < vocab_size:
                 raise ValueError(f"target token id {t} (row {i}) is outside the vocabulary [0, {vocab_size})")
-    return reference.row_logprobs(logits if rows is None else logits[rows], targets, top_n)
+    return reference.row_logprobs(logits, targets, top_n, rows)
 
 
 def topk_topp_minp_sample(

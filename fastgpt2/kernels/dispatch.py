@@ -69,7 +69,7 @@ def row_logprobs(logits: torch.Tensor, targets: list[int] | None, top_n: int, ro
     log_softmax elsewhere."""
     if logits.device.type == "cpu" and logits.dtype == torch.float32 and not force_reference():
         return importlib.import_module("fastgpt2.kernels.cpu_sampling").row_logprobs(logits, targets, top_n, rows=rows)
-    return reference.row_logprobs(logits if rows is None else logits[rows], targets, top_n)
+    return reference.row_logprobs(logits, targets, top_n, rows)
 
 
 def cpu_kernel_info() -> dict:

@@ -90,12 +90,13 @@ def topk_topp_minp_sample(
     return sample_from_mask(logits, sampling_mask(logits, top_k, top_p, min_p), uniform)
 
 
-def row_logprobs(logits: torch.Tensor, targets: list[int] | None, top_n: int):
-    """Per row of (R, V) logits, log_softmax's value at targets[r] (-1: none for that row, NaN) and its top_n tokens.
+def row_logprobs(logits: torch.Tensor, targets: list[int] | None, top_n: int, rows: list[int] | None = None):
+    """Per row of (B, V) logits (or per row listed in `rows`, R of them), log_softmax's value at targets[r] (-1: none
+    for that row, NaN) and its top_n tokens.
 
     Returns (target logprobs: list of R floats, or None when targets is None; top ids: R lists of top_n ints; top
     logprobs: R lists of top_n floats, descending)."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (R, V)
+    logprobs = torch.log_softmax((logits if rows is None else logits[rows]).float(), dim=-1)  # (R, V)
     target_logprobs = None
     if targets is not None:
         index = torch.tensor([max(t, 0) for t in targets], dtype=torch.int64, device=logits.device)
