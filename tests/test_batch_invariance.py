@@ -26,6 +26,9 @@ pytestmark = pytest.mark.skipif(not native.HAS_EXTENSION, reason="C++ extension 
 # Token counts per step that cross every switch point: 1..5 (the 3/2/1-token GEMV blocks), 11/12/13 (the former GEMM
 # switch), 16/17 (a query tile), 33, 64.
 STEP_SIZES = [1, 2, 3, 4, 5, 11, 12, 13, 16, 17, 33, 64]
+# And the GEMM's split of a step's tokens over the threads (from 48 per thread; the engine's pool has
+# torch.get_num_threads() threads): 100 and 130 tokens on two.
+STEP_TOKENS = STEP_SIZES + [100, 130]
 
 
 # -- 1. attention ----------------------------------------------------------------------------------------------------
@@ -155,9 +158,9 @@ def test_step_logits_and_kv_do_not_depend_on_the_rest_of_the_step(name):
                for s in range(0, length, chunk)]
         check(pool, torch.cat(out))
 
-    # Packed with other sequences' decodes and chunks, the step holding STEP_SIZES tokens in all; the target's tokens
+    # Packed with other sequences' decodes and chunks, the step holding STEP_TOKENS tokens in all; the target's tokens
     # first, last or in the middle.
-    for i, size in enumerate(STEP_SIZES):
+    for i, size in enumerate(STEP_TOKENS):
         pool = _Pool(model, 8, seed=0)
         step = CpuStep(model, pool.kv)
         out, s = [], 0

@@ -11,9 +11,10 @@ from fastgpt2.kernels import native
 pytestmark = pytest.mark.skipif(not native.HAS_EXTENSION, reason="C++ extension not built")
 
 # Row counts with and without a partial last panel of 16; K from 8 to the 124M MLP's 3072; token counts that cross
-# every tile size (8 tokens per AVX-512 tile, 6 per AVX2 tile), the token-block size and the K-block size.
+# every tile size (8 tokens per AVX-512 tile, 6 per AVX2 tile), the token-block size, the K-block size and the split
+# of the tokens over 2 threads (from 96 tokens).
 SHAPES = [(37, 16), (100, 64), (64, 72), (2304, 768), (768, 3072)]
-TOKENS = [1, 2, 3, 5, 6, 7, 8, 9, 12, 13, 16, 17, 25, 64, 97]
+TOKENS = [1, 2, 3, 5, 6, 7, 8, 9, 12, 13, 16, 17, 25, 64, 95, 97, 130, 200]
 
 
 def _reference(w, x, b, epilogue, y0):
@@ -82,9 +83,10 @@ def test_bitwise_batch_invariant(rows, cols, dtype):
         gemm.forward(x, full, b, epilogue, 2)
         for i, t in enumerate(TOKENS):
             for offset in {0, max(TOKENS) - t}:  # the batch's first rows, and its last rows
-                part = y0[offset:offset + t].copy()
-                gemm.forward(x[offset:offset + t].copy(), part, b, epilogue, i % 3)
-                assert np.array_equal(part, full[offset:offset + t]), (t, offset, epilogue)
+                for threads in {i % 3, 2}:
+                    part = y0[offset:offset + t].copy()
+                    gemm.forward(x[offset:offset + t].copy(), part, b, epilogue, threads)
+                    assert np.array_equal(part, full[offset:offset + t]), (t, offset, epilogue, threads)
 
 
 def test_bfloat16_storage_equals_rounded_float32_weights():
@@ -157,7 +159,7 @@ def test_int8_is_the_w8a8_chain_over_blocks(rows, cols):
     b = rng.standard_normal(rows, dtype=np.float32)
     q8 = native._C.PackedLinear(w, "int8")
     assert q8.weight_dtype == "int8"
-    for t in [1, 3, 7, 13, 64]:
+    for t in [1, 3, 7, 13, 64, 104]:
         x = rng.standard_normal((t, cols), dtype=np.float32)
         x[0, :32] = 0  # a zero activation block: scale 0
         want = _w8a8_chain(w, x)
