@@ -1,6 +1,7 @@
 """ModelRunner: the one place that turns a scheduled batch into tensors and runs the model over the paged KV cache."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from fastgpt2.model.attention import AttentionMetadata
@@ -60,10 +61,10 @@ class ModelRunner:
                 dst = torch.tensor([d for _, d in copies], device=self.device)
                 self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
-    def prepare(self, sched: SchedulerOutput, sample_mask: list[bool], prompt_rows: list[range] | None = None):
-        """Packed token ids (N,), positions (N,), attention metadata, the packed index of each row whose logits are
-        wanted (the sampled rows, then the prompt_rows (per sequence, positions of its chunk) in order), and each
-        token's sequence index (N,) int32 into meta's block tables (decodes' rows, then prefills')."""
+    def _step_lists(self, sched: SchedulerOutput, sample_mask: list[bool], prompt_rows: list[range] | None):
+        """The step as Python lists: packed token ids, positions and KV slots (N,), each token's sequence index (N,),
+        the packed index of each row whose logits are wanted (the sampled rows, then the prompt_rows (per sequence,
+        positions of its chunk) in order), each sequence's query length and context length, and its block table."""
         bs = self.block_size
         token_ids, positions, slots, logits_indices, prompt_indices, seq_index = [], [], [], [], [], []
         q_lens, seq_lens, tables = [], [], []
@@ -81,10 +82,22 @@ class ModelRunner:
             q_lens.append(n)
             seq_lens.append(start + n)
             tables.append(table)
+        return token_ids, positions, slots, seq_index, logits_indices + prompt_indices, q_lens, seq_lens, tables
+
+    @staticmethod
+    def _padded_tables(tables: list[list[int]]) -> list[list[int]]:
+        max_blocks = max(len(t) for t in tables)
+        return [t + [0] * (max_blocks - len(t)) for t in tables]
+
+    def prepare(self, sched: SchedulerOutput, sample_mask: list[bool], prompt_rows: list[range] | None = None):
+        """Packed token ids (N,), positions (N,), attention metadata, the packed index of each row whose logits are
+        wanted (the sampled rows, then the prompt_rows (per sequence, positions of its chunk) in order), and each
+        token's sequence index (N,) int32 into meta's block tables (decodes' rows, then prefills')."""
+        token_ids, positions, slots, seq_index, rows, q_lens, seq_lens, tables = self._step_lists(
+            sched, sample_mask, prompt_rows)
         nd = sched.num_decodes
         dev = self.device
-        max_blocks = max(len(t) for t in tables)
-        table_tensor = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32, device=dev)
+        table_tensor = torch.tensor(self._padded_tables(tables), dtype=torch.int32, device=dev)
         seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
         cu = [0]
         for n in q_lens[nd:]:
@@ -103,10 +116,17 @@ class ModelRunner:
         )
         ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        return (ids, pos, meta, torch.tensor(logits_indices + prompt_indices, dtype=torch.long, device=dev),
+        return (ids, pos, meta, torch.tensor(rows, dtype=torch.long, device=dev),
                 torch.tensor(seq_index, dtype=torch.int32, device=dev), table_tensor)
 
-    @torch.inference_mode()
+    def prepare_cpu(self, sched: SchedulerOutput, sample_mask: list[bool], prompt_rows: list[range] | None = None):
+        """The C++ step's inputs as numpy arrays (CpuStep.run_arrays), with no torch operation: token ids, positions,
+        slots (N,) int64, sequence index (N,) int32, block tables (S, max_blocks) int32, logits rows (R,) int64."""
+        token_ids, positions, slots, seq_index, rows, _, _, tables = self._step_lists(sched, sample_mask, prompt_rows)
+        return (np.array(token_ids, dtype=np.int64), np.array(positions, dtype=np.int64),
+                np.array(slots, dtype=np.int64), np.array(seq_index, dtype=np.int32),
+                np.array(self._padded_tables(tables), dtype=np.int32), np.array(rows, dtype=np.int64))
+
     def run(self, sched: SchedulerOutput, sample_mask: list[bool], prompt_rows: list[range] | None = None,
             greedy_limit: int | None = None) -> torch.Tensor | None:
         """Run one step; returns float32 logits (num_sampled + num_prompt_rows, vocab): the rows in sample_mask,
@@ -114,12 +134,17 @@ class ModelRunner:
         fuses_greedy): the sampled rows' greedy tokens (num_sampled,) int64 instead, each the argmax over ids
         [0, greedy_limit) of the logits it would have returned."""
         self.copy_blocks(sched.block_copies)
-        ids, pos, meta, logits_indices, seq_index, tables = self.prepare(sched, sample_mask, prompt_rows)
         if self.cpu_step is not None:  # every CPU step: prefill chunks, decodes, prompt-logprob rows
-            out = self.cpu_step(ids, pos, meta.slot_mapping, seq_index, tables, logits_indices, greedy_limit)
-            return out if len(logits_indices) else None
+            out = self.cpu_step.run_arrays(*self.prepare_cpu(sched, sample_mask, prompt_rows), greedy_limit)
+            return out if len(out) else None
         if greedy_limit is not None:
             raise ValueError("greedy_limit needs the C++ CPU step (ModelRunner.fuses_greedy)")
+        return self._run_torch(sched, sample_mask, prompt_rows)
+
+    @torch.inference_mode()
+    def _run_torch(self, sched: SchedulerOutput, sample_mask: list[bool], prompt_rows: list[range] | None):
+        """run() with the torch model (CUDA, or a CPU without the C++ step)."""
+        ids, pos, meta, logits_indices, seq_index, tables = self.prepare(sched, sample_mask, prompt_rows)
         # On CUDA, a step of decodes only, each sampled, replays a captured graph when it fits.
         decode_only = (meta.num_prefills == 0 and len(logits_indices) == meta.num_decode_tokens
                        and not any(prompt_rows or ()))
