@@ -97,7 +97,8 @@ class CpuStep:
                    greedy_limit: int | None = None) -> torch.Tensor:
         """__call__ on numpy arrays of the same dtypes and shapes, which ModelRunner.prepare_cpu builds without a torch
         operation: a batch-1 greedy step on a 2-core Intel Xeon took 15.95 ms with the tensors of prepare() and their
-        conversions, 14.88 ms without (one process, alternated). Returns a torch tensor."""
+        conversions and 14.88 ms without in a slow spell of the host (one process, alternated), the same in a faster
+        one (~13.6 ms). Returns a torch tensor."""
         num_threads = torch.get_num_threads()
         greedy = greedy_limit is not None
         num_rows = len(logits_indices)
