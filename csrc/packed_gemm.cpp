@@ -199,20 +199,22 @@ void pack_all(ThreadPool* pool, const float* x, int64_t ldx, int64_t num_tokens,
     for (int64_t i = 0; i < tiling.num_tiles; ++i) tile(i);
 }
 
-// From how many tokens per thread packed_linear splits a product's tokens over the pool rather than its panels: each
-// thread then packs its own share of X (it stays in that core's L2) and sweeps every panel over it, where with the
-// panels split each thread's sweep reads every token block of X, half of it packed by the other core, again for each
-// of its guided tasks. Both threads read all the weights, from the cache they share (a token block's reuse of them is
-// unchanged). Measured on one Intel Xeon (AVX-512), 2 threads, float32, the four 124M shapes, the old and the new
-// split alternated in one process: 512 tokens 1.02-1.03x as fast, 256 1.04x, 128 1.05x, 96 1.02x, 80 the same, 64
-// 0.98x and 32 0.92x (there the weights, not X, are what each thread has to stream); 124M's prefill in the engine
-// 512 tokens 1.02-1.03x, 96-128 tokens 1.06-1.12x, 64 concurrent decodes unchanged; bfloat16 weights 1.01-1.02x.
-// int8 (packed_gemm_q8.cpp) keeps the panel split: split by tokens it ran 7-9% slower at 96-512 tokens. Which thread
+// From how many tokens per thread packed_linear (AVX-512) splits a product's tokens over the pool rather than its
+// panels: each thread then packs its own share of X (it stays in that core's L2) and sweeps every panel over it, where
+// with the panels split each thread's sweep reads every token block of X, half of it packed by the other core, again
+// for each of its guided tasks. Both threads read all the weights, from the cache they share (a token block's reuse of
+// them is unchanged). Measured on one Intel Xeon (AVX-512), 2 threads, float32, the four 124M shapes, the old and the
+// new split alternated in one process: 512 tokens 1.02-1.03x as fast, 256 1.04x, 128 1.05x, 96 1.02x, 80 the same, 64
+// 0.98x and 32 0.92x (there the weights, not X, are what each thread has to stream); 124M's prefill in the engine 512
+// tokens 1.02-1.03x, 96-128 tokens 1.06-1.12x, 64 concurrent decodes unchanged; bfloat16 weights 1.01-1.02x. int8
+// (packed_gemm_q8.cpp) keeps the panel split: split by tokens it ran 7-9% slower at 96-512 tokens. So do the AVX2
+// kernels (6-token x 1-panel tiles): with the AVX2 variant forced on the same Xeon, prefill 200 tokens 0.97x, 512
+// 1.01x, 1,000 1.02x (8 alternations each), no gain to take to the AVX2-only CPUs (Zen 3, unmeasured). Which thread
 // computes a token changes no value.
 constexpr int64_t kSplitTokensPerThread = 48;
 
 inline bool splits_tokens(const ThreadPool& pool, int64_t num_tokens) {
-  return pool.num_threads() > 1 && num_tokens >= kSplitTokensPerThread * pool.num_threads();
+  return kLanes == 16 && pool.num_threads() > 1 && num_tokens >= kSplitTokensPerThread * pool.num_threads();
 }
 
 // fn(t0, t1) for one share of the tokens per thread of the pool: whole tiles of `tile` tokens (as Tiling cuts

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(not native.HAS_EXTENSION, reason="C++ extension 
 # Token counts per step that cross every switch point: 1..5 (the 3/2/1-token GEMV blocks), 11/12/13 (the former GEMM
 # switch), 16/17 (a query tile), 33, 64.
 STEP_SIZES = [1, 2, 3, 4, 5, 11, 12, 13, 16, 17, 33, 64]
-# And the GEMM's split of a step's tokens over the threads (from 48 per thread; the engine's pool has
+# And the AVX-512 GEMM's split of a step's tokens over the threads (from 48 per thread; the engine's pool has
 # torch.get_num_threads() threads): 100 and 130 tokens on two.
 STEP_TOKENS = STEP_SIZES + [100, 130]
 

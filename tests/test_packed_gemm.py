@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(not native.HAS_EXTENSION, reason="C++ extension 
 
 # Row counts with and without a partial last panel of 16; K from 8 to the 124M MLP's 3072; token counts that cross
 # every tile size (8 tokens per AVX-512 tile, 6 per AVX2 tile), the token-block size, the K-block size and the split
-# of the tokens over 2 threads (from 96 tokens).
+# of the tokens over 2 threads (AVX-512 variants, from 96 tokens).
 SHAPES = [(37, 16), (100, 64), (64, 72), (2304, 768), (768, 3072)]
 TOKENS = [1, 2, 3, 5, 6, 7, 8, 9, 12, 13, 16, 17, 25, 64, 95, 97, 130, 200]
 
