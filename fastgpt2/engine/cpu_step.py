@@ -124,10 +124,3 @@ class CpuStep:
             call(start, end, logits_indices[rows] - start, part)
             out[rows] = part
         return torch.from_numpy(out)
-        for start in range(0, n, cap):
-            end = min(start + cap, n)
-            rows = ((logits_indices >= start) & (logits_indices < end)).nonzero()[:, 0]
-            part = torch.empty((len(rows),) + tuple(out.shape[1:]), dtype=out.dtype)
-            call(start, end, logits_indices[rows] - start, part)
-            out[rows] = part
-        return out

@@ -1,4 +1,5 @@
-"""ModelRunner: the one place that turns a scheduled batch into tensors and runs the model over the paged KV cache."""
+"""ModelRunner: the one place that turns a scheduled batch into the model's inputs (tensors, or numpy arrays for the
+C++ CPU step) and runs the model over the paged KV cache."""
 from __future__ import annotations
 
 import numpy as np
