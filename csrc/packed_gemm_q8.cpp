@@ -96,6 +96,44 @@ inline float quantize_block(const float* v, int8_t* q, int32_t* sum) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), bytes);
   *sum = _mm512_reduce_add_epi32(_mm512_add_epi32(r[0], r[1]));
   return d;
+#elif defined(FASTGPT2_AVX2)
+  // The same operations on 4 vectors of 8, where a scalar loop called roundf per value: the four int8 GEMMs of a
+  // 124M layer 1.09x faster at 64 and at 512 tokens (one Intel Xeon, 2 threads, AVX2 kernels forced; the same bits).
+  const __m256 sign = _mm256_set1_ps(-0.0f), big = _mm256_set1_ps(std::numeric_limits<float>::max());
+  __m256 a[4], m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+  for (int h = 0; h < 4; ++h) {
+    a[h] = _mm256_loadu_ps(v + 8 * h);
+    const __m256 abs = _mm256_andnot_ps(sign, a[h]);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(abs, big, _CMP_NLE_UQ));
+    m = _mm256_max_ps(m, abs);
+  }
+  if (_mm256_movemask_ps(bad)) {
+    *sum = 0;  // NaN or inf: q all zero
+    return quantize_q8_block(v, q);
+  }
+  m = _mm256_max_ps(m, _mm256_permute2f128_ps(m, m, 1));
+  m = _mm256_max_ps(m, _mm256_permute_ps(m, 0x4e));
+  const float amax = _mm_cvtss_f32(_mm256_castps256_ps128(_mm256_max_ps(m, _mm256_permute_ps(m, 0xb1))));
+  const float d = amax / 127.0f;
+  const __m256 id = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
+  __m256i r[4];
+  for (int h = 0; h < 4; ++h) {
+    const __m256 y = _mm256_mul_ps(a[h], id);
+    const __m256 t = _mm256_round_ps(y, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    // roundf: away from zero at .5 (y - t is exact).
+    const __m256 up = _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_sub_ps(y, t)), _mm256_set1_ps(0.5f), _CMP_GE_OQ);
+    const __m256 one = _mm256_or_ps(_mm256_set1_ps(1.0f), _mm256_and_ps(y, sign));
+    r[h] = _mm256_cvttps_epi32(_mm256_add_ps(t, _mm256_and_ps(up, one)));
+  }
+  // int32 -> int8 in token order: the packs interleave 128-bit lanes, one permutation restores the order.
+  const __m256i words = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                      _mm256_permutevar8x32_epi32(words, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  const __m256i total = _mm256_add_epi32(_mm256_add_epi32(r[0], r[1]), _mm256_add_epi32(r[2], r[3]));
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));
+  *sum = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(2, 3, 0, 1))));
+  return d;
 #else
   const float d = quantize_q8_block(v, q);
   int32_t total = 0;
