@@ -17,12 +17,20 @@ namespace sampling_detail {
 bool try_top_p_fast(const float* x, int64_t vocab_size, const RowScan& scan, int64_t top_k, double top_p, double min_p,
                     double uniform, const float* next_row, Workspace& ws, int64_t* token);
 
-// The fast top-p path's pass: e32 = exp32_of_gap(max - x) into ws.e32 and each token's bucket and the count
-// histogram as exp_pass<true> stores them, except that the counts of buckets >= count_limit may be left at 0 (they
-// are exact below it). Returns the sum of e32 in float64. read V floats; write V floats + V uint16 and the count
-// histogram.
-double fast_exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, float bucket_scale, int count_limit,
-                     const float* next_row, Workspace& ws);
+// How the fast exp pass counts the tokens' buckets: all of them, only those below its count_limit (AVX-512: the
+// buckets listed by a compress, then counted), or none, fast_count_pass counting them after it.
+enum class CountMode { kAll, kBelowLimit, kAfter };
+
+// The fast top-p path's pass: e32 = exp32_of_gap(max - x) into ws.e32 and each token's bucket as exp_pass<true>
+// stores them (the padding: e32 0, bucket BUCKET_PAD), and with kAll or kBelowLimit the count histogram (kBelowLimit:
+// the counts of buckets >= count_limit may be left at 0; they are exact below it). Returns the sum of e32 in
+// float64. read V floats; write padded V floats + padded V uint16 and the count histogram.
+double fast_exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, float bucket_scale, CountMode mode,
+                     int count_limit, const float* next_row, Workspace& ws);
+
+// After a kAfter pass: the count histogram of the stored buckets, exact below count_limit (buckets >= it may be left
+// at 0; all are counted when count_limit > NUM_LINEAR_BUCKETS). read padded V uint16.
+void fast_count_pass(Workspace& ws, int64_t vocab_size, int count_limit);
 
 constexpr double FAST_BLOCK_SUM_ERROR = 6.1e-8;  // one float32 rounding (2^-24), with a margin
 

@@ -17,9 +17,25 @@ namespace {
 constexpr int64_t kScanAhead = 512;
 
 #if defined(FASTGPT2_AVX2) && !defined(FASTGPT2_AVX512)
-// The AVX2 loop of fast_exp_pass over whole groups of 16 tokens (the bucket and count steps as in exp_loop); returns
-// the number of tokens done and adds the sum of e32 to *total.
-template <bool CLAMP>
+// AVX2's stand-in for a compress: for each 8-bit mask, the lanes it selects in order (then zeros), for
+// _mm256_permutevar8x32_epi32.
+struct Compress8 {
+  alignas(32) int32_t lanes[256][8];
+  constexpr Compress8() : lanes() {
+    for (int m = 0; m < 256; ++m) {
+      int k = 0;
+      for (int b = 0; b < 8; ++b)
+        if (m >> b & 1) lanes[m][k++] = b;
+    }
+  }
+};
+constexpr Compress8 kCompress8{};
+#endif
+
+#if defined(FASTGPT2_AVX2) && !defined(FASTGPT2_AVX512)
+// The AVX2 loop of fast_exp_pass over whole groups of 16 tokens (the bucket and, with COUNT, the count steps as in
+// exp_loop); returns the number of tokens done and adds the sum of e32 to *total.
+template <bool CLAMP, bool COUNT>
 int64_t fast_exp_loop(const float* x, int64_t vocab_size, float max, float bucket_scale, const float* next_row,
                       MinMaxScan<false>* next_scan, Workspace& ws, int32_t* odd, double* total) {
   static_assert(MinMaxScan<false>::kStep == 16, "the next row is scanned in this loop's steps");
@@ -45,10 +61,12 @@ int64_t fast_exp_loop(const float* x, int64_t vocab_size, float max, float bucke
     sum1 = _mm256_add_pd(sum1, _mm256_cvtps_pd(_mm_loadu_ps(e32 + j + 4)));
     sum0 = _mm256_add_pd(sum0, _mm256_cvtps_pd(_mm_loadu_ps(e32 + j + 8)));
     sum1 = _mm256_add_pd(sum1, _mm256_cvtps_pd(_mm_loadu_ps(e32 + j + 12)));
-    if (j >= COUNT_LAG) count_buckets(bucket + j - COUNT_LAG, 16, count, odd);
+    if (COUNT && j >= COUNT_LAG) count_buckets(bucket + j - COUNT_LAG, 16, count, odd);
   }
-  const int64_t uncounted = std::max<int64_t>(j - COUNT_LAG, 0);
-  count_buckets(bucket + uncounted, j - uncounted, count, odd);
+  if (COUNT) {
+    const int64_t uncounted = std::max<int64_t>(j - COUNT_LAG, 0);
+    count_buckets(bucket + uncounted, j - uncounted, count, odd);
+  }
   *total += hsum(_mm256_add_pd(sum0, sum1));
   return j;
 }
@@ -57,14 +75,16 @@ int64_t fast_exp_loop(const float* x, int64_t vocab_size, float max, float bucke
 #ifdef FASTGPT2_AVX512
 // The AVX-512 loop of fast_exp_pass over whole groups of 16 tokens, 32 per step: the exp and the buckets on 16 lanes,
 // the same counting as the AVX2 loop.
-// With LIMIT, only the tokens of buckets < count_limit are counted: their buckets are packed (a compress per 16 tokens)
-// into ws.listed and counted from there, so that the far tail costs no increment (the increments' stores bound this
-// loop: ~9 of its ~20 us per row of 50257 when every token is counted).
-template <bool CLAMP, bool LIMIT>
+// kAll counts every token, kAfter none; with kBelowLimit (LIMIT), only the tokens of buckets < count_limit are
+// counted: their buckets are packed (a compress per 16 tokens) into ws.listed and counted from there, so that the far
+// tail costs no increment (the increments' stores bound this loop: ~9 of its ~20 us per row of 50257 when every token
+// is counted).
+template <bool CLAMP, CountMode MODE>
 int64_t fast_exp_loop512(const float* x, int64_t vocab_size, float max, float bucket_scale, const float* next_row,
                          MinMaxScan<false>* next_scan, int64_t* next_scan_end, Workspace& ws, int32_t* odd,
                          uint32_t count_limit, double* total) {
   static_assert(MinMaxScan<false>::kStep == 32, "the next row is scanned in this loop's steps");
+  constexpr bool LIMIT = MODE == CountMode::kBelowLimit;
   float* e32 = ws.e32.data();
   uint16_t* bucket = ws.bucket.data();
   int32_t* count = ws.count.data();
@@ -112,7 +132,7 @@ int64_t fast_exp_loop512(const float* x, int64_t vocab_size, float max, float bu
         for (int q = 0; q < 32; q += 2) ++count[listed[num_counted + q]], ++odd[listed[num_counted + q + 1]];
         num_counted += 32;
       }
-    } else if (j >= COUNT_LAG) {
+    } else if (MODE == CountMode::kAll && j >= COUNT_LAG) {
       count_buckets(bucket + j - COUNT_LAG, 32, count, odd);
     }
   }
@@ -131,7 +151,7 @@ int64_t fast_exp_loop512(const float* x, int64_t vocab_size, float max, float bu
   if (LIMIT) {
     count_listed(num_listed);
     if (num_counted < num_listed) ++count[listed[num_counted]];
-  } else {
+  } else if (MODE == CountMode::kAll) {
     const int64_t uncounted = std::max<int64_t>(j - COUNT_LAG, 0);
     count_buckets(bucket + uncounted, j - uncounted, count, odd);
   }
@@ -142,14 +162,17 @@ int64_t fast_exp_loop512(const float* x, int64_t vocab_size, float max, float bu
 
 }  // namespace
 
-double fast_exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, float bucket_scale, int count_limit,
-                     const float* next_row, Workspace& ws) {
+double fast_exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, float bucket_scale, CountMode mode,
+                     int count_limit, const float* next_row, Workspace& ws) {
   float* e32 = ws.e32.data();
   uint16_t* bucket = ws.bucket.data();
   int32_t* count = ws.count.data();
   int32_t odd[NUM_BUCKETS];
-  std::fill(count, count + NUM_BUCKETS, 0);
-  std::fill(odd, odd + NUM_BUCKETS, 0);
+  const bool counting = mode != CountMode::kAfter;
+  if (counting) {
+    std::fill(count, count + NUM_BUCKETS, 0);
+    std::fill(odd, odd + NUM_BUCKETS, 0);
+  }
   // The next row's scan (scan_row's values), made on the way by the vector loops and handed over in ws (the row loop
   // clears ws.next_scanned before each row).
   MinMaxScan<false> next_scan;
@@ -159,29 +182,28 @@ double fast_exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, fl
   int64_t j = 0;
   const bool clamp = scan.has_neg_inf || static_cast<double>(scan.max) - scan.min_finite > EXP32_GAP_MAX;
 #if defined(FASTGPT2_AVX512)
-  // Limiting the counts costs a compress per 16 tokens (~5 us per row of 50257) and saves the increments of the
-  // tokens past the limit (~9 us for all of them): it is taken where a sample of 256 tokens (every V/256-th) has
-  // fewer than 40% of them below the limit. Measured per row: peaked rows and Gumbel(0, 2) logits 28 -> 22 us;
-  // N(0, 3) logits at top-p 0.9 (60% below the limit) 31 -> 34 us, hence the sample.
-  const uint32_t limit = static_cast<uint32_t>(count_limit);
-  bool limited = false;
-  if (count_limit < NUM_LINEAR_BUCKETS && vocab_size >= 4096) {
-    int below_limit = 0;
-    const int64_t stride = vocab_size / 256;
-    for (int64_t i = 0; i < 256; ++i) below_limit += bucket_of(x[i * stride], max, bucket_scale) < limit;
-    limited = below_limit < 256 * 2 / 5;
-  }
-  if (limited) ws.listed_at_least(vocab_size + 16);
-  auto loop = [&](auto clamp_c, auto limited_c) {
-    return fast_exp_loop512<decltype(clamp_c)::value, decltype(limited_c)::value>(
-        x, vocab_size, max, bucket_scale, next_row, &next_scan, &next_scan_end, ws, odd, limit, &total);
+  if (mode == CountMode::kBelowLimit) ws.listed_at_least(vocab_size + 16);
+  auto loop = [&](auto clamp_c, auto mode_c) {
+    return fast_exp_loop512<decltype(clamp_c)::value, decltype(mode_c)::value>(
+        x, vocab_size, max, bucket_scale, next_row, &next_scan, &next_scan_end, ws, odd,
+        static_cast<uint32_t>(count_limit), &total);
   };
   using T = std::true_type;
   using F = std::false_type;
-  j = clamp ? (limited ? loop(T{}, T{}) : loop(T{}, F{})) : (limited ? loop(F{}, T{}) : loop(F{}, F{}));
+  using All = std::integral_constant<CountMode, CountMode::kAll>;
+  using Below = std::integral_constant<CountMode, CountMode::kBelowLimit>;
+  using After = std::integral_constant<CountMode, CountMode::kAfter>;
+  if (mode == CountMode::kAll) j = clamp ? loop(T{}, All{}) : loop(F{}, All{});
+  else if (mode == CountMode::kBelowLimit) j = clamp ? loop(T{}, Below{}) : loop(F{}, Below{});
+  else j = clamp ? loop(T{}, After{}) : loop(F{}, After{});
 #elif defined(FASTGPT2_AVX2)
-  j = clamp ? fast_exp_loop<true>(x, vocab_size, max, bucket_scale, next_row, &next_scan, ws, odd, &total)
-            : fast_exp_loop<false>(x, vocab_size, max, bucket_scale, next_row, &next_scan, ws, odd, &total);
+  auto loop = [&](auto clamp_c, auto count_c) {
+    return fast_exp_loop<decltype(clamp_c)::value, decltype(count_c)::value>(x, vocab_size, max, bucket_scale,
+                                                                             next_row, &next_scan, ws, odd, &total);
+  };
+  using T = std::true_type;
+  using F = std::false_type;
+  j = counting ? (clamp ? loop(T{}, T{}) : loop(F{}, T{})) : (clamp ? loop(T{}, F{}) : loop(F{}, F{}));
   next_scan_end = j;
 #endif
 #if defined(FASTGPT2_AVX2)
@@ -195,11 +217,48 @@ double fast_exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, fl
   for (; j < vocab_size; ++j) {
     e32[j] = exp32_of_gap(max - x[j]);
     total += e32[j];
-    bucket_and_count(x, j, max, bucket_scale, bucket, count);
+    store_bucket(x, j, max, bucket_scale, bucket);
+    if (counting) ++count[bucket[j]];
+  }
+  if (counting) finish_histogram(count, odd, bucket, vocab_size);
+  const int64_t padded = (vocab_size + BLOCK - 1) / BLOCK * BLOCK;
+  std::fill(bucket + vocab_size, bucket + padded, static_cast<uint16_t>(BUCKET_PAD));
+  std::fill(e32 + vocab_size, e32 + padded, 0.0f);
+  return total;
+}
+
+void fast_count_pass(Workspace& ws, int64_t vocab_size, int count_limit) {
+  uint16_t* bucket = ws.bucket.data();
+  int32_t* count = ws.count.data();
+  int32_t odd[NUM_BUCKETS];
+  std::fill(count, count + NUM_BUCKETS, 0);
+  std::fill(odd, odd + NUM_BUCKETS, 0);
+  const int64_t padded = (vocab_size + BLOCK - 1) / BLOCK * BLOCK;
+  if (count_limit > NUM_LINEAR_BUCKETS) {  // every bucket: the tiny bucket's copies too
+    const int64_t whole = vocab_size / 4 * 4;
+    count_buckets(bucket, whole, count, odd);
+    for (int64_t j = whole; j < vocab_size; ++j) ++count[bucket[j]];
+  } else {
+    // The buckets below the limit listed (the padding's and the tiny bucket's are past it), then counted in pairs.
+    uint32_t* ids = ws.listed_at_least(padded + 16);
+    int64_t n = 0, j = 0;
+#if defined(FASTGPT2_AVX2) && !defined(FASTGPT2_AVX512)
+    const __m256i limit_v = _mm256_set1_epi32(count_limit);
+    for (; j < padded; j += 8) {
+      const __m256i b = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bucket + j)));
+      const int m = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(limit_v, b)));
+      const __m256i order = _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompress8.lanes[m]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(ids + n), _mm256_permutevar8x32_epi32(b, order));
+      n += __builtin_popcount(m);
+    }
+#endif
+    for (; j < padded; ++j)
+      if (bucket[j] < count_limit) ids[n++] = bucket[j];
+    int64_t i = 0;
+    for (; i + 2 <= n; i += 2) ++count[ids[i]], ++odd[ids[i + 1]];
+    if (i < n) ++count[ids[i]];
   }
   finish_histogram(count, odd, bucket, vocab_size);
-  std::fill(e32 + vocab_size, e32 + (vocab_size + BLOCK - 1) / BLOCK * BLOCK, 0.0f);
-  return total;
 }
 
 FastWindow fast_window_pass(Workspace& ws, const float* x, float max, float bucket_scale, int64_t vocab_size,

@@ -23,11 +23,16 @@ inline void count_buckets(const uint16_t* bucket, int64_t n, int32_t* count, int
   }
 }
 
-// The portable loops' bucket of token j, stored and counted (a tiny token as one of the tiny bucket's copies).
-inline void bucket_and_count(const float* x, int64_t j, float max, float bucket_scale, uint16_t* bucket,
-                             int32_t* count) {
+// The portable loops' bucket of token j, stored (a tiny token as one of the tiny bucket's copies).
+inline void store_bucket(const float* x, int64_t j, float max, float bucket_scale, uint16_t* bucket) {
   const uint32_t b = bucket_of(x[j], max, bucket_scale);
   bucket[j] = static_cast<uint16_t>(b == BUCKET_TINY ? BUCKET_TINY + (j % NUM_TINY_LANES) : b);
+}
+
+// The same, and counted.
+inline void bucket_and_count(const float* x, int64_t j, float max, float bucket_scale, uint16_t* bucket,
+                             int32_t* count) {
+  store_bucket(x, j, max, bucket_scale, bucket);
   ++count[bucket[j]];
 }
 
