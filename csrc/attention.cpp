@@ -242,7 +242,7 @@ inline void accumulate(const float* p, const float* v, int64_t n, int64_t stride
   for (int64_t t = 0; t < n; ++t) axpy(p[t], v + t * stride, out, head_dim);
 }
 
-#if defined(FASTGPT2_AVX2) && !defined(FASTGPT2_AVX512)
+#ifdef FASTGPT2_AVX2
 // The horizontal sums of a[0..3] (lane u: hsum(a[u]), bit for bit: hsum's order ((x0 + x4) + (x2 + x6)) + ((x1 + x5) +
 // (x3 + x7)) in each lane), in one tree: 9 shuffles and 4 additions where four hsums take 12 and 12 (the prefill's
 // attention on one Intel Xeon core with the AVX2 kernels forced: 1.03-1.08x).
@@ -285,13 +285,8 @@ inline void score_block(const float* q, const float* k, int64_t n, int64_t strid
         a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * stride + i), a2);
         a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * stride + i), a3);
       }
-#ifdef FASTGPT2_AVX512
-      scores[t] = hsum(a0) * scale, scores[t + 1] = hsum(a1) * scale;
-      scores[t + 2] = hsum(a2) * scale, scores[t + 3] = hsum(a3) * scale;
-#else
       const __m256 a[4] = {a0, a1, a2, a3};
       _mm_storeu_ps(scores + t, _mm_mul_ps(sum4(a), _mm_set1_ps(scale)));
-#endif
     }
   }
 #endif

@@ -51,9 +51,9 @@ CountMode count_mode(const float* x, int64_t vocab_size, float max, float bucket
   __m256 sum = _mm256_setzero_ps();
   for (int i = 0; i < 256; i += 8) sum = _mm256_add_ps(sum, exp32_of_gap8<true>(_mm256_load_ps(gap + i)));
   const double mass = 1.0 + hsum(sum) * (static_cast<double>(vocab_size) / 256);  // 1: the max's e, rarely sampled
-  const uint32_t estimated_limit = static_cast<uint32_t>(count_limit_of(vocab_size, top_p, mass, bucket_scale));
+  const int estimated_limit = count_limit_of(vocab_size, top_p, mass, bucket_scale);
   int below = 0;
-  for (int64_t i = 0; i < 256; ++i) below += bucket_of(x[i * stride], max, bucket_scale) < estimated_limit;
+  for (int i = 0; i < 256; ++i) below += gap[i] * bucket_scale < static_cast<float>(estimated_limit);
   return below < 256 * 45 / 100 ? CountMode::kAfter : CountMode::kAll;
 #else
   static_cast<void>(x), static_cast<void>(max), static_cast<void>(bucket_scale), static_cast<void>(top_p);

@@ -28,8 +28,8 @@ enum class CountMode { kAll, kBelowLimit, kAfter };
 double fast_exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, float bucket_scale, CountMode mode,
                      int count_limit, const float* next_row, Workspace& ws);
 
-// After a kAfter pass: the count histogram of the stored buckets, exact below count_limit (buckets >= it may be left
-// at 0; all are counted when count_limit > NUM_LINEAR_BUCKETS). read padded V uint16.
+// After a kAfter pass: the count histogram of the stored buckets, exact below count_limit <= NUM_LINEAR_BUCKETS
+// (buckets >= it are left at 0). read padded V uint16.
 void fast_count_pass(Workspace& ws, int64_t vocab_size, int count_limit);
 
 constexpr double FAST_BLOCK_SUM_ERROR = 6.1e-8;  // one float32 rounding (2^-24), with a margin

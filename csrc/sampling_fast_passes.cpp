@@ -233,31 +233,25 @@ void fast_count_pass(Workspace& ws, int64_t vocab_size, int count_limit) {
   int32_t odd[NUM_BUCKETS];
   std::fill(count, count + NUM_BUCKETS, 0);
   std::fill(odd, odd + NUM_BUCKETS, 0);
+  // The buckets below the limit listed (the padding's and the tiny bucket's are past it), then counted in pairs.
   const int64_t padded = (vocab_size + BLOCK - 1) / BLOCK * BLOCK;
-  if (count_limit > NUM_LINEAR_BUCKETS) {  // every bucket: the tiny bucket's copies too
-    const int64_t whole = vocab_size / 4 * 4;
-    count_buckets(bucket, whole, count, odd);
-    for (int64_t j = whole; j < vocab_size; ++j) ++count[bucket[j]];
-  } else {
-    // The buckets below the limit listed (the padding's and the tiny bucket's are past it), then counted in pairs.
-    uint32_t* ids = ws.listed_at_least(padded + 16);
-    int64_t n = 0, j = 0;
+  uint32_t* ids = ws.listed_at_least(padded + 16);
+  int64_t n = 0, j = 0;
 #if defined(FASTGPT2_AVX2) && !defined(FASTGPT2_AVX512)
-    const __m256i limit_v = _mm256_set1_epi32(count_limit);
-    for (; j < padded; j += 8) {
-      const __m256i b = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bucket + j)));
-      const int m = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(limit_v, b)));
-      const __m256i order = _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompress8.lanes[m]));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(ids + n), _mm256_permutevar8x32_epi32(b, order));
-      n += __builtin_popcount(m);
-    }
-#endif
-    for (; j < padded; ++j)
-      if (bucket[j] < count_limit) ids[n++] = bucket[j];
-    int64_t i = 0;
-    for (; i + 2 <= n; i += 2) ++count[ids[i]], ++odd[ids[i + 1]];
-    if (i < n) ++count[ids[i]];
+  const __m256i limit_v = _mm256_set1_epi32(count_limit);
+  for (; j < padded; j += 8) {
+    const __m256i b = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bucket + j)));
+    const int m = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(limit_v, b)));
+    const __m256i order = _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompress8.lanes[m]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(ids + n), _mm256_permutevar8x32_epi32(b, order));
+    n += __builtin_popcount(m);
   }
+#endif
+  for (; j < padded; ++j)
+    if (bucket[j] < count_limit) ids[n++] = bucket[j];
+  int64_t i = 0;
+  for (; i + 2 <= n; i += 2) ++count[ids[i]], ++odd[ids[i + 1]];
+  if (i < n) ++count[ids[i]];
   finish_histogram(count, odd, bucket, vocab_size);
 }
 
