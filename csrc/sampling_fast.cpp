@@ -91,7 +91,8 @@ bool sample_top_p_fast(const float* x, int64_t vocab_size, const RowScan& scan, 
   const double total32 = fast_exp_pass(x, vocab_size, scan, bucket_scale, mode, prior_limit, next_row, ws);
   if (mode == CountMode::kAfter) {
     // The exact total is at least total32 less e32's error (relative error below EXP32_REL_ERROR + EXP32_GAP_ERROR *
-    // EXP32_GAP_MAX < 6e-6; the tokens set to 0 have e < EXP32_TINY each) and at least 1.
+    // EXP32_GAP_MAX < 6e-6, and the pair sums' FAST_BLOCK_SUM_ERROR; the tokens set to 0 have e < EXP32_TINY each) and
+    // at least 1.
     const double total_low = std::max(1.0, total32 * (1.0 - 1e-5) - vocab_size * EXP32_TINY);
     fast_count_pass(ws, vocab_size, count_limit_of(vocab_size, top_p, total_low, bucket_scale));
   }
@@ -133,7 +134,9 @@ bool sample_top_p_fast(const float* x, int64_t vocab_size, const RowScan& scan, 
     // close to 1), the second sums `below` directly, whose rounding then enters with the weight 1 - p only.
     for (int attempt = 0; attempt < 2; ++attempt) {
       const double below_mass = attempt == 0 ? below : fast_mass_below(ws, padded, last);
-      const double sum_error = attempt == 0 ? FAST_BLOCK_SUM_ERROR * above
+      // The float32 pair sums' rounding: of `above` (weight 1: (1 - p) directly, p through `below`) and, the first
+      // time, of total32 (weight p, through `below`); the second time `below` is summed directly.
+      const double sum_error = attempt == 0 ? FAST_BLOCK_SUM_ERROR * (above + top_p * total32)
                                             : FAST_BLOCK_SUM_ERROR * ((1.0 - top_p) * above + top_p * below_mass);
       const double bound = 1.01 * ((1.0 - top_p) * eps_above_exp * above + sum_error +
                                    top_p * eps_below * below_mass + top_p * vocab_size * EXP32_TINY) + rounding;

@@ -23,8 +23,10 @@ enum class CountMode { kAll, kBelowLimit, kAfter };
 
 // The fast top-p path's pass: e32 = exp32_of_gap(max - x) into ws.e32 and each token's bucket as exp_pass<true>
 // stores them (the padding: e32 0, bucket BUCKET_PAD), and with kAll or kBelowLimit the count histogram (kBelowLimit:
-// the counts of buckets >= count_limit may be left at 0; they are exact below it). Returns the sum of e32 in
-// float64. read V floats; write padded V floats + padded V uint16 and the count histogram.
+// the counts of buckets >= count_limit may be left at 0; they are exact below it). Returns the sum of e32, the vector
+// loops' tokens added in float32 pairs and then in float64 (relative error < FAST_BLOCK_SUM_ERROR, as the block sums;
+// the pairs save a third of the sum's conversions and additions). read V floats; write padded V floats + padded V
+// uint16 and the count histogram.
 double fast_exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, float bucket_scale, CountMode mode,
                      int count_limit, const float* next_row, Workspace& ws);
 

@@ -51,16 +51,17 @@ int64_t fast_exp_loop(const float* x, int64_t vocab_size, float max, float bucke
       _mm_prefetch(reinterpret_cast<const char*>(next_row + j + kScanAhead), _MM_HINT_T0);
       next_scan->step(next_row + j);
     }
+    __m256 e[2];
     for (int g = 0; g < 2; ++g) {
       const __m256 t = _mm256_sub_ps(max_f, _mm256_loadu_ps(x + j + 8 * g));  // the gap, >= 0 (+inf for -inf)
-      _mm256_storeu_ps(e32 + j + 8 * g, exp32_of_gap8<CLAMP>(t));
+      e[g] = exp32_of_gap8<CLAMP>(t);
+      _mm256_storeu_ps(e32 + j + 8 * g, e[g]);
       store_buckets8(bucket + j + 8 * g, t, scale_f, tiny_lanes);
     }
-    // The float64 sum reloads the stored e32 as halves (a load is cheaper than a lane extract here).
-    sum0 = _mm256_add_pd(sum0, _mm256_cvtps_pd(_mm_loadu_ps(e32 + j)));
-    sum1 = _mm256_add_pd(sum1, _mm256_cvtps_pd(_mm_loadu_ps(e32 + j + 4)));
-    sum0 = _mm256_add_pd(sum0, _mm256_cvtps_pd(_mm_loadu_ps(e32 + j + 8)));
-    sum1 = _mm256_add_pd(sum1, _mm256_cvtps_pd(_mm_loadu_ps(e32 + j + 12)));
+    // The total: the two groups added in float32 (one rounding, see fast_exp_pass), then in float64.
+    const __m256 pair = _mm256_add_ps(e[0], e[1]);
+    sum0 = _mm256_add_pd(sum0, _mm256_cvtps_pd(_mm256_castps256_ps128(pair)));
+    sum1 = _mm256_add_pd(sum1, _mm256_cvtps_pd(_mm256_extractf128_ps(pair, 1)));
     if (COUNT && j >= COUNT_LAG) count_buckets(bucket + j - COUNT_LAG, 16, count, odd);
   }
   if (COUNT) {
@@ -90,7 +91,7 @@ int64_t fast_exp_loop512(const float* x, int64_t vocab_size, float max, float bu
   int32_t* count = ws.count.data();
   const __m512 max_f = _mm512_set1_ps(max), scale_f = _mm512_set1_ps(bucket_scale);
   const __m512i tiny_lanes = tiny_lanes16();
-  __m512d sum[4] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd()};
+  __m512d sum[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()};
   const __m512i limit_v = _mm512_set1_epi32(static_cast<int32_t>(count_limit));
   uint32_t* listed = ws.listed.data();
   int64_t num_listed = 0, num_counted = 0;
@@ -116,10 +117,9 @@ int64_t fast_exp_loop512(const float* x, int64_t vocab_size, float max, float bu
     _mm512_storeu_ps(e32 + j + 16, e1);
     const __m512i b0 = bucket16(t0, scale_f, tiny_lanes), b1 = bucket16(t1, scale_f, tiny_lanes);
     store_buckets32(bucket + j, b0, b1);
-    sum[0] = _mm512_add_pd(sum[0], low_pd(e0));
-    sum[1] = _mm512_add_pd(sum[1], high_pd(e0));
-    sum[2] = _mm512_add_pd(sum[2], low_pd(e1));
-    sum[3] = _mm512_add_pd(sum[3], high_pd(e1));
+    const __m512 pair = _mm512_add_ps(e0, e1);  // the total: one float32 rounding (see fast_exp_pass), then float64
+    sum[0] = _mm512_add_pd(sum[0], low_pd(pair));
+    sum[1] = _mm512_add_pd(sum[1], high_pd(pair));
     if (LIMIT) {
       list16(b0);
       list16(b1);
@@ -155,7 +155,7 @@ int64_t fast_exp_loop512(const float* x, int64_t vocab_size, float max, float bu
     const int64_t uncounted = std::max<int64_t>(j - COUNT_LAG, 0);
     count_buckets(bucket + uncounted, j - uncounted, count, odd);
   }
-  *total += _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(sum[0], sum[1]), _mm512_add_pd(sum[2], sum[3])));
+  *total += _mm512_reduce_add_pd(_mm512_add_pd(sum[0], sum[1]));
   return j;
 }
 #endif
