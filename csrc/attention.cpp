@@ -327,10 +327,7 @@ float exp_and_sum(float* scores, int64_t n) {
   __m256 m = neg_inf;
   for (; t < full; t += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(scores + t));
   const __m256 last = _mm256_blendv_ps(neg_inf, _mm256_maskload_ps(scores + full, tail), tail_f);
-  m = _mm256_max_ps(m, last);
-  m = _mm256_max_ps(m, _mm256_permute2f128_ps(m, m, 1));
-  m = _mm256_max_ps(m, _mm256_permute_ps(m, 0x4e));
-  const __m256 max_v = _mm256_max_ps(m, _mm256_permute_ps(m, 0xb1));  // the max in every lane
+  const __m256 max_v = hmax_all(_mm256_max_ps(m, last));
   __m256 acc = _mm256_setzero_ps();
   for (t = 0; t < full; t += 8) {
     const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(scores + t), max_v));

@@ -111,9 +111,7 @@ inline float quantize_block(const float* v, int8_t* q, int32_t* sum) {
     *sum = 0;  // NaN or inf: q all zero
     return quantize_q8_block(v, q);
   }
-  m = _mm256_max_ps(m, _mm256_permute2f128_ps(m, m, 1));
-  m = _mm256_max_ps(m, _mm256_permute_ps(m, 0x4e));
-  const float amax = _mm_cvtss_f32(_mm256_castps256_ps128(_mm256_max_ps(m, _mm256_permute_ps(m, 0xb1))));
+  const float amax = _mm_cvtss_f32(_mm256_castps256_ps128(hmax_all(m)));
   const float d = amax / 127.0f;
   const __m256 id = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
   __m256i r[4];

@@ -220,9 +220,12 @@ double fast_exp_pass(const float* x, int64_t vocab_size, const RowScan& scan, fl
     store_bucket(x, j, max, bucket_scale, bucket);
     if (counting) ++count[bucket[j]];
   }
-  if (counting) finish_histogram(count, odd, bucket, vocab_size);
   const int64_t padded = (vocab_size + BLOCK - 1) / BLOCK * BLOCK;
-  std::fill(bucket + vocab_size, bucket + padded, static_cast<uint16_t>(BUCKET_PAD));
+  if (counting) {
+    finish_histogram(count, odd, bucket, vocab_size);  // the padding's buckets too
+  } else {
+    std::fill(bucket + vocab_size, bucket + padded, static_cast<uint16_t>(BUCKET_PAD));
+  }
   std::fill(e32 + vocab_size, e32 + padded, 0.0f);
   return total;
 }

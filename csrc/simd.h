@@ -76,6 +76,13 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// The largest of v's 8 lanes, in every lane (each step _mm256_max_ps(m, shuffled m)).
+inline __m256 hmax_all(__m256 m) {
+  m = _mm256_max_ps(m, _mm256_permute2f128_ps(m, m, 1));
+  m = _mm256_max_ps(m, _mm256_permute_ps(m, 0x4e));
+  return _mm256_max_ps(m, _mm256_permute_ps(m, 0xb1));
+}
+
 inline double hsum(__m256d v) {
   const __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
   return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
